@@ -8,7 +8,6 @@ import numpy as np
 from . import _validation as V
 from ._arrays import to_native
 from ._results import Assignment, OTResult
-from ._solver import sinkhorn_loop
 
 __all__ = ["sinkhorn", "balanced_assign"]
 
@@ -19,7 +18,7 @@ def _backend(native, n_threads):
     if native.device == "cuda":
         from ._cuda import CUDABackend  # lazy: CuPy is optional
 
-        return CUDABackend(stream=native.stream)
+        return CUDABackend(dtype=native.dtype, stream=native.stream)
     from ._cpu import CPUBackend
 
     return CPUBackend(n_threads)
@@ -57,8 +56,8 @@ def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n
         Xs, logb_s = X, logb
     V.matrix_values(backend.check(Xs, forbidden), Xs.shape, name, forbidden, alpha,
                     native.dtype)
-    sol = sinkhorn_loop(backend, Xs, alpha, loga, logb_s, rho_a=rho_a, rho_b=rho_b, g0=g0,
-                        tol=tol, max_iter=max_iter, n_iter=n_iter, want_labels=want_labels)
+    sol = backend.solve(Xs, alpha, loga, logb_s, rho_a=rho_a, rho_b=rho_b, g0=g0, tol=tol,
+                        max_iter=max_iter, n_iter=n_iter, want_labels=want_labels)
     if keep is not None:
         g = xp.full(K, -math.inf)
         g[keep] = sol.g

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
+from ._solver import sinkhorn_loop
 
 
 class CPUBackend:
@@ -24,6 +25,10 @@ class CPUBackend:
 
     def column_update(self, g, logb, col, colmax, log_n_rows, rho_b):
         return _core.column_update(g, logb, col, colmax, log_n_rows, rho_b)
+
+    def solve(self, X, alpha, loga, logb, **kw):
+        """The generic Sinkhorn loop over this backend's primitives (see _solver.py)."""
+        return sinkhorn_loop(self, X, alpha, loga, logb, **kw)
 
     def plan(self, X, alpha, f, g):
         """exp(alpha X + f_i + g_y), computed a block of rows at a time in float64 and
