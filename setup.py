@@ -8,8 +8,27 @@ import os
 import sys
 import tempfile
 
+import shutil
+
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+# CUDA kernel sources shipped inside the package (sinkhorn_ot/cuda/), compiled at run time by
+# NVRTC through CuPy: the wheel needs no CUDA toolkit.  The checkout keeps them in csrc/.
+_CUDA_SOURCES = ["csrc/cuda/sinkhorn_cuda.cu", "csrc/common/sinkhorn_math.h"]
+
+
+class BuildPy(build_py):
+    """Copy the CUDA sources into the built package (wheel); editable installs read csrc/."""
+
+    def run(self):
+        super().run()
+        dest = os.path.join(self.build_lib, "sinkhorn_ot", "cuda")
+        os.makedirs(dest, exist_ok=True)
+        here = os.path.dirname(os.path.abspath(__file__))
+        for src in _CUDA_SOURCES:
+            shutil.copy2(os.path.join(here, src), dest)
 
 
 def _openmp_flags(compiler):
@@ -61,5 +80,5 @@ setup(
             extra_compile_args=opt,
         )
     ],
-    cmdclass={"build_ext": BuildExt},
+    cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
 )

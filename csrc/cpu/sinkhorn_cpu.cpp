@@ -209,7 +209,12 @@ inline void lse_row(const double* x, int64_t K, double a, double f, double* M, d
     lse_row_f64(x, K, a, f, M, Z);
 }
 
-int resolve_threads(int n_threads) { return n_threads > 0 ? n_threads : max_threads(); }
+// Threads for a pass over N x K: as asked, else OpenMP's default, but no more than one per
+// 32k entries -- waking a team costs more than a small pass (and much more on a busy machine).
+int resolve_threads(int n_threads, int64_t N, int64_t K) {
+    int64_t nt = n_threads > 0 ? n_threads : std::min<int64_t>(max_threads(), N * K / 32768);
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, N)));
+}
 
 int thread_id() {
 #ifdef _OPENMP
@@ -261,7 +266,7 @@ template <class T>
 bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
                 const double* loga, double rho_a, PassOut& out, int n_threads,
                 const std::function<bool()>& interrupted) {
-    int nt = static_cast<int>(std::min<int64_t>(resolve_threads(n_threads), std::max<int64_t>(N, 1)));
+    int nt = resolve_threads(n_threads, N, K);
     std::vector<T> gT(g, g + K);
     // Per-thread column accumulators, combined in thread order so results are reproducible.
     std::vector<std::vector<double>> col(nt), colmax(nt);
@@ -304,7 +309,7 @@ bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
 template <class T>
 bool column_lse(const T* X, int64_t N, int64_t K, double alpha, const double* f, double* L,
                 int n_threads, const std::function<bool()>& interrupted) {
-    int nt = static_cast<int>(std::min<int64_t>(resolve_threads(n_threads), std::max<int64_t>(N, 1)));
+    int nt = resolve_threads(n_threads, N, K);
     std::vector<std::vector<T>> M(nt);
     std::vector<std::vector<double>> Z(nt);
     Interrupt intr(interrupted);
@@ -335,7 +340,7 @@ bool column_lse(const T* X, int64_t N, int64_t K, double alpha, const double* f,
 
 template <class T>
 CheckOut check_matrix(const T* X, int64_t N, int64_t K, double forbidden, int n_threads) {
-    int nt = static_cast<int>(std::min<int64_t>(resolve_threads(n_threads), std::max<int64_t>(N, 1)));
+    int nt = resolve_threads(n_threads, N, K);
     const T forb = static_cast<T>(forbidden);
     std::vector<std::vector<unsigned char>> col_ok(nt);
     std::vector<CheckOut> part(nt);

@@ -8,6 +8,7 @@ import numpy as np
 from . import _validation as V
 from ._arrays import to_native
 from ._results import Assignment, OTResult
+from ._solver import solve
 
 __all__ = ["sinkhorn", "balanced_assign"]
 
@@ -24,10 +25,27 @@ def _backend(native, n_threads):
     return CPUBackend(n_threads)
 
 
+def _checked(comm, check, *args):
+    """``check(*args)``; with ``comm``, an error on any rank is raised on every rank."""
+    if comm is None:
+        return check(*args)
+    from .distributed import agreed
+
+    return agreed(comm, check, *args)
+
+
 def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n_threads,
-           want_labels, balanced):
+           want_labels, balanced, comm=None, acceleration="anderson", eps_scaling=True):
     """Validate, dispatch on the array family, run the loop; returns what the public
     functions wrap into results."""
+    if comm is not None:  # a block of rows per process: validation agreed across ranks
+        from .distributed import _solve_sharded
+
+        return _solve_sharded(M, name, alpha=alpha, a=a, b=b, rho_a=rho_a, rho_b=rho_b,
+                              tol=tol, max_iter=max_iter, n_iter=n_iter, init=init,
+                              n_threads=n_threads, want_labels=want_labels,
+                              balanced=balanced, comm=comm, acceleration=acceleration,
+                              eps_scaling=eps_scaling)
     native = to_native(M, name)
     n_threads = V.positive_int(n_threads, "n_threads", allow_none=True)
     max_iter = V.positive_int(max_iter, "max_iter")
@@ -40,6 +58,13 @@ def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n
     wb, logb = V.marginal(b, K, "b", xp)
     if balanced:
         V.balanced_totals(wa, wb)
+    # KL-relaxed sides use the reference measure a b^T (POT's reg_type="kl"): the optimum has
+    # f_i = log a_i - rho_a LSE_y(S_iy + g_y) (and likewise g); the kernels compute
+    # rho_a (loga_i - LSE_y(...)), so they are handed log a / rho_a.
+    if rho_a != 1.0:
+        loga = loga / rho_a
+    if rho_b != 1.0:
+        logb = logb / rho_b
     tol = _DEFAULT_TOL[native.dtype] * float(wa.sum()) if tol is None else \
         V.positive_scalar(tol, "tol")
     g0 = V.init_potential(init, K, xp)
@@ -54,10 +79,12 @@ def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n
         g0 = None if g0 is None else g0[keep]
     else:
         Xs, logb_s = X, logb
-    V.matrix_values(backend.check(Xs, forbidden), Xs.shape, name, forbidden, alpha,
-                    native.dtype)
-    sol = backend.solve(Xs, alpha, loga, logb_s, rho_a=rho_a, rho_b=rho_b, g0=g0, tol=tol,
-                        max_iter=max_iter, n_iter=n_iter, want_labels=want_labels)
+    check = backend.check(Xs, forbidden)
+    V.matrix_values(check, Xs.shape, name, forbidden, alpha, native.dtype)
+    sol = solve(backend, Xs, alpha, loga, logb_s, rho_a=rho_a, rho_b=rho_b, g0=g0, tol=tol,
+                max_iter=max_iter, n_iter=n_iter, want_labels=want_labels,
+                acceleration=acceleration, eps_scaling=eps_scaling,
+                max_abs=float(check["max_abs"]))
     if keep is not None:
         g = xp.full(K, -math.inf)
         g[keep] = sol.g
@@ -65,6 +92,10 @@ def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n
         if want_labels:
             sol.labels = keep[sol.labels]
     return native, backend, X, sol
+
+
+def _to_host(arr):
+    return arr.get() if hasattr(arr, "get") and not isinstance(arr, np.ndarray) else arr
 
 
 def _common(native, backend, X, alpha, sol, cost):
@@ -79,7 +110,8 @@ def _common(native, backend, X, alpha, sol, cost):
 
 
 def sinkhorn(C, a=None, b=None, *, reg, tol=None, max_iter=1000, n_iter=None, init=None,
-             n_threads=None) -> OTResult:
+             acceleration="anderson", eps_scaling=True, n_threads=None,
+             comm=None) -> OTResult:
     r"""Entropic optimal transport between ``a`` and ``b`` for the cost ``C``.
 
     Solves
@@ -114,8 +146,25 @@ def sinkhorn(C, a=None, b=None, *, reg, tol=None, max_iter=1000, n_iter=None, in
         Run exactly this many iterations and ignore ``tol`` (SwAV and DINOv2 use 3).
     init : OTResult or array of shape (m,), optional
         Warm start from a previous result or its column potential ``g``.
+    acceleration : {"anderson", None}, default "anderson"
+        Anderson mixing of ``g`` (memory 5), guarded by the dual objective: a step that
+        lowers it is rejected and replaced by a plain step.  Used on balanced problems
+        solved to ``tol``; fixed ``n_iter`` always runs plain (SwAV-exact) iterations.
+    eps_scaling : bool or int, default True
+        Epsilon scaling when solving to ``tol`` without ``init``: first solve at
+        ``1/reg`` divided by 4 and 16 (True: up to 2 stages; an int sets the count) to a
+        loose tolerance, each stage warm-starting the next.  Cuts the iterations on peaked
+        problems by about 10x; ``n_iter`` counts the passes of every stage.
     n_threads : int, optional
-        CPU threads (default: OpenMP's default).
+        CPU threads (default: OpenMP's default, one per 32k entries at most).
+    comm : optional
+        Rows split across processes (see :mod:`sinkhorn_ot.distributed`): an mpi4py
+        communicator, a ``torch.distributed`` process group, ``"torch"`` (the default
+        group), or a :class:`sinkhorn_ot.distributed.Comm`.  ``C`` and ``a`` are then this
+        process's block of rows (any size, zero included; ``a`` defaults to ``1/n`` over all
+        processes' rows) and every other argument must be the same on every process.
+        ``f`` and ``plan()`` cover this block; ``g``, ``err``, ``n_iter``, ``converged``
+        and ``cost`` are global.
 
     Returns
     -------
@@ -137,16 +186,18 @@ def sinkhorn(C, a=None, b=None, *, reg, tol=None, max_iter=1000, n_iter=None, in
     M. Cuturi, "Sinkhorn distances: lightspeed computation of optimal transport", NeurIPS
     2013.
     """
-    reg = V.positive_scalar(reg, "reg")
+    reg = _checked(comm, V.positive_scalar, reg, "reg")
     alpha = -1.0 / reg
     native, backend, X, sol = _solve(
         C, "C", alpha=alpha, a=a, b=b, rho_a=1.0, rho_b=1.0, tol=tol, max_iter=max_iter,
-        n_iter=n_iter, init=init, n_threads=n_threads, want_labels=False, balanced=True)
+        n_iter=n_iter, init=init, n_threads=n_threads, want_labels=False, balanced=True,
+        comm=comm, acceleration=acceleration, eps_scaling=eps_scaling)
     return OTResult(**_common(native, backend, X, alpha, sol, sol.qx))
 
 
-def balanced_assign(logP, lam=25.0, *, b=None, tol=None, max_iter=1000, n_iter=None,
-                    init=None, n_threads=None) -> Assignment:
+def balanced_assign(logP, lam=25.0, *, b=None, size_penalty=None, hard="argmax", tol=None,
+                    max_iter=1000, n_iter=None, init=None, acceleration="anderson",
+                    eps_scaling=True, n_threads=None, comm=None) -> Assignment:
     r"""Equipartitioned self-labelling (SeLa): cluster assignments with prescribed sizes.
 
     Finds ``Q = diag(alpha) P^lam diag(beta)`` solving
@@ -169,15 +220,44 @@ def balanced_assign(logP, lam=25.0, *, b=None, tol=None, max_iter=1000, n_iter=N
     lam : float, default 25.0
         Inverse entropic regularisation (SeLa uses 25); larger is closer to hard labels.
     b : array of float, shape (K,), optional
-        Cluster proportions (sum 1), uniform ``1/K`` by default.
-    tol, max_iter, n_iter, init, n_threads
+        Cluster proportions (sum 1), uniform ``1/K`` by default; a non-uniform prior (e.g.
+        SeLaVi's Gaussian or Zipf proportions) pins the soft cluster masses to ``b``.
+    size_penalty : float, optional
+        Relaxed mode for data whose classes are imbalanced: the cluster masses are free,
+        held near ``b`` by the penalty ``size_penalty * KL(Q^T 1 || b)`` (generalised KL)
+        instead of the constraint ``Q^T 1 = b``; sample marginals stay exact.  This is
+        :func:`sinkhorn_unbalanced` with ``reg = 1/lam`` and ``reg_m = (inf,
+        size_penalty)``: each column update is scaled by ``rho = size_penalty /
+        (size_penalty + 1/lam)``.  It is in the units of ``-logP`` per unit mass: the masses
+        ``c`` trade ``size_penalty * KL(c || b)`` against the mean log-probability.  Small
+        values (``<< 1``) approach the plain argmax (no protection against collapse),
+        large ones (``>> 1``) the balanced solution; about 0.1 to 1 lets a 10:1 imbalance
+        through while still preventing collapse.  ``None`` (default): sizes exact.
+    hard : {"argmax", "exact", "greedy"}, default "argmax"
+        How ``labels`` are made from the plan.  ``"argmax"``: the argmax of each row of the
+        plan (free, from the last pass; sizes near but not exactly ``N * b``, and far from
+        it when ``logP`` is diffuse).  ``"exact"``: the hard assignment of least cost
+        ``sum_i -logP[i, y_i]`` whose sizes equal :func:`target_sizes` ``(N, b)`` exactly
+        (differ by at most one for uniform ``b``; else the largest-remainder rounding of
+        ``N * b``), by the exact LP (:func:`emd`): small problems only, ``N * K`` at most
+        ``EMD_MAX_ENTRIES``, checked before any work.  ``"greedy"``: the same sizes, never
+        exceeded, for any N: samples propose their best cluster with room left (plan score
+        ``lam * logP + g``) and clusters accept in decreasing plan probability; close to
+        the exact optimum once the plan has converged.  The hard modes need prescribed
+        sizes (not with ``size_penalty``) and run on the host for ``"exact"``.
+    tol, max_iter, n_iter, init, acceleration, eps_scaling, n_threads
         As in :func:`sinkhorn`.
+    comm : optional
+        As in :func:`sinkhorn`: ``logP`` is this process's block of samples; ``labels`` and
+        ``f`` cover the block, ``sizes`` counts every process's samples.  Only with
+        ``hard="argmax"`` and without ``size_penalty``.
 
     Returns
     -------
     Assignment
-        ``labels`` (N,) int64, ``sizes`` (K,), potentials ``f``, ``g``, ``n_iter``,
-        ``err``, ``converged``, ``cost = <Q, -logP>`` and ``plan()``.
+        ``labels`` (N,) int64 (per ``hard``), ``sizes`` (K,) (their counts), potentials
+        ``f``, ``g``, ``n_iter``, ``err``, ``converged``, ``cost = <Q, -logP>`` of the soft
+        plan and ``plan()``.
 
     Examples
     --------
@@ -194,13 +274,43 @@ def balanced_assign(logP, lam=25.0, *, b=None, tol=None, max_iter=1000, n_iter=N
     Y. M. Asano, C. Rupprecht, A. Vedaldi, "Self-labelling via simultaneous clustering and
     representation learning", ICLR 2020.
     """
-    lam = V.positive_scalar(lam, "lam")
+    lam = _checked(comm, V.positive_scalar, lam, "lam")
+    rho_b = 1.0
+    if size_penalty is not None:
+        size_penalty = V.positive_scalar(size_penalty, "size_penalty")
+        rho_b = size_penalty / (size_penalty + 1.0 / lam)
+    if hard not in ("argmax", "exact", "greedy"):
+        raise ValueError(f"hard must be 'argmax', 'exact' or 'greedy', got {hard!r}")
+    if hard != "argmax" and (size_penalty is not None or comm is not None):
+        raise ValueError(f"hard={hard!r} needs prescribed cluster sizes on one process: "
+                         "not available with size_penalty or comm")
+    if hard == "exact":  # refuse an oversized LP before any work
+        from ._lp import check_size
+
+        shape = getattr(logP, "shape", None) or np.shape(logP)
+        if len(shape) == 2:
+            check_size(int(shape[0]), int(shape[1]))
     native, backend, X, sol = _solve(
-        logP, "logP", alpha=lam, a=None, b=b, rho_a=1.0, rho_b=1.0, tol=tol,
+        logP, "logP", alpha=lam, a=None, b=b, rho_a=1.0, rho_b=rho_b, tol=tol,
         max_iter=max_iter, n_iter=n_iter, init=init, n_threads=n_threads, want_labels=True,
-        balanced=True)
+        balanced=size_penalty is None, comm=comm, acceleration=acceleration,
+        eps_scaling=eps_scaling)
     xp = backend.xp
+    if hard != "argmax":
+        from . import _hard
+
+        targets = _hard.target_sizes(X.shape[0],
+                                     _to_host(V.marginal(b, X.shape[1], "b", xp)[0]))
+        if hard == "exact":
+            sol.labels = xp.asarray(_hard.exact_labels(_to_host(X), targets))
+        else:
+            sol.labels = _hard.greedy_labels(xp, X, lam, sol.f, sol.g, sol.labels,
+                                             xp.asarray(targets))
     sizes = xp.bincount(sol.labels, minlength=X.shape[1])
+    if comm is not None:  # cluster sizes over every process's samples
+        from .distributed import as_comm
+
+        sizes = as_comm(comm).allreduce_sum(sizes.astype(xp.float64)).astype(xp.int64)
     for arr in (sol.labels, sizes):
         if isinstance(arr, np.ndarray):
             arr.setflags(write=False)

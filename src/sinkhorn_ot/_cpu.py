@@ -27,8 +27,8 @@ class CPUBackend:
         return _core.column_update(g, logb, col, colmax, log_n_rows, rho_b)
 
     def solve(self, X, alpha, loga, logb, **kw):
-        """The generic Sinkhorn loop over this backend's primitives (see _solver.py)."""
-        return sinkhorn_loop(self, X, alpha, loga, logb, **kw)
+        """Plain Sinkhorn passes: the generic loop over this backend's primitives."""
+        return sinkhorn_loop(self, X, alpha, loga, logb, acceleration=None, **kw)
 
     def plan(self, X, alpha, f, g):
         """exp(alpha X + f_i + g_y), computed a block of rows at a time in float64 and

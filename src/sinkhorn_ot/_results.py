@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["OTResult", "Assignment"]
+__all__ = ["OTResult", "Assignment", "UnbalancedResult", "EMDResult"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,3 +68,71 @@ class Assignment(OTResult):
 
     labels: Any = None
     sizes: Any = None
+
+
+@dataclass(frozen=True, eq=False)
+class UnbalancedResult(OTResult):
+    r"""Solution of :func:`sinkhorn_unbalanced` (KL-relaxed marginals).
+
+    Inherits ``f``, ``g``, ``n_iter``, ``err`` (the L1 column violation against the relaxed
+    target, the stopping quantity), ``converged``, ``cost = <Q, C>`` and ``plan()``.
+
+    Attributes
+    ----------
+    objective : float
+        The unbalanced objective of the returned plan,
+        ``<Q, C> + reg KL(Q | a b^T) + reg_m_a KL(Q 1 | a) + reg_m_b KL(Q^T 1 | b)`` with the
+        generalised KL ``KL(x | y) = sum x log(x / y) - sum x + sum y`` (mass terms
+        included; a side with ``reg_m = inf`` contributes nothing).
+    err_a, err_b : float
+        ``||Q 1 - a~||_1`` and ``||Q^T 1 - b~||_1`` against the relaxed targets
+        ``a~ = a^(1/rho_a) exp(f (1 - 1/rho_a))`` and ``b~ = b^(1/rho_b) exp(g (1 - 1/rho_b))``
+        (the first-order optimality conditions; ``a~ = a`` on an exact side).  Both are 0 at
+        the optimum; ``err_a`` is 0 up to rounding by construction.
+    dev_a, dev_b : float
+        ``||Q 1 - a||_1`` and ``||Q^T 1 - b||_1``: how far the relaxation moved the
+        marginals (0 on an exact side, up to ``err``).
+    mass : float
+        Total mass ``sum(Q)``.
+    row_sums, col_sums : array, shapes (n,) and (m,)
+        ``Q 1`` and ``Q^T 1``, float64, measured by one extra pass each.
+    """
+
+    objective: float = float("nan")
+    err_a: float = float("nan")
+    err_b: float = float("nan")
+    dev_a: float = float("nan")
+    dev_b: float = float("nan")
+    mass: float = float("nan")
+    row_sums: Any = None
+    col_sums: Any = None
+
+
+@dataclass(frozen=True, eq=False)
+class EMDResult:
+    r"""Solution of the exact (unregularised) transport LP, from :func:`emd`.
+
+    Attributes
+    ----------
+    cost : float
+        Optimal cost ``<P, C>``.
+    f : ndarray of float64, shape (n,) or None
+        Row dual potential; with ``g``, ``f_i + g_j <= C_ij`` on allowed pairs and
+        ``<a, f> + <b, g> = cost``.  ``None`` when the assignment solver was used
+        (:func:`scipy.optimize.linear_sum_assignment` gives no duals).
+    g : ndarray of float64, shape (m,) or None
+        Column dual potential.
+    method : str
+        ``"highs"`` (sparse LP, :func:`scipy.optimize.linprog`) or ``"assignment"``.
+    """
+
+    cost: float
+    f: Any
+    g: Any
+    method: str
+    _plan: Any = field(repr=False)
+
+    def plan(self):
+        """The optimal plan as a ``scipy.sparse.csr_array`` of shape (n, m), float64: a
+        basic solution has at most ``n + m - 1`` nonzeros."""
+        return self._plan

@@ -13,6 +13,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+ACCELERATIONS = ("anderson", None)
+
 
 @dataclass
 class Solution:
@@ -25,16 +27,71 @@ class Solution:
     converged: bool
 
 
+class Anderson:
+    """Anderson mixing (type II) of the column potential, guarded by the dual objective.
+
+    One Sinkhorn iteration is a map ``g -> T(g)``; Anderson extrapolates from the last
+    ``memory`` pairs ``(g, T(g) - g)``.  Plain steps never decrease the dual objective
+    ``D(g) = <a, f(g)> + <b, g>`` (block coordinate ascent on a concave function), so an
+    extrapolated ``g`` whose dual falls below the last accepted one is rejected: the
+    history is cleared and the plain step from the last accepted point is taken instead.
+    That costs one pass per rejection and keeps the method from diverging or stalling.
+    """
+
+    def __init__(self, xp, memory: int = 5, rel_slack: float = 1e-13):
+        self.xp, self.memory, self.rel_slack = xp, memory, rel_slack
+        self.dg, self.dr = [], []
+        self.prev = None       # (g, r) of the last accepted point
+        self.accepted = None   # (dual, T(g)) of the last accepted point
+        self.rejections = 0
+
+    def step(self, g, Tg, dual: float, scale: float):
+        xp = self.xp
+        if self.accepted is not None and dual < self.accepted[0] - self.rel_slack * scale:
+            self.rejections += 1
+            self.dg, self.dr, self.prev = [], [], None
+            g_next, self.accepted = self.accepted[1], None
+            return g_next
+        self.accepted = (dual, Tg)
+        r = Tg - g
+        if self.prev is not None:
+            self.dg.append(g - self.prev[0])
+            self.dr.append(r - self.prev[1])
+            if len(self.dg) > self.memory:
+                self.dg.pop(0)
+                self.dr.pop(0)
+        self.prev = (g, r)
+        if not self.dg:
+            return Tg
+        dR, dG = xp.stack(self.dr, axis=1), xp.stack(self.dg, axis=1)
+        A = xp.asnumpy(dR.T @ dR) if hasattr(xp, "asnumpy") else dR.T @ dR
+        rhs = dR.T @ r
+        rhs = xp.asnumpy(rhs) if hasattr(xp, "asnumpy") else rhs
+        import numpy as np
+
+        # Tikhonov term: the differences become nearly collinear close to convergence.
+        A = A + (1e-10 * np.trace(A) + 1e-300) * np.eye(A.shape[0])
+        try:
+            gamma = np.linalg.solve(A, rhs)
+        except np.linalg.LinAlgError:
+            self.dg, self.dr = [], []
+            return Tg
+        return g + r - (dG + dR) @ xp.asarray(gamma)
+
+
 def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
                   rho_b: float = 1.0, g0=None, tol: float, max_iter: int, n_iter=None,
-                  want_labels: bool = False, comm=None) -> Solution:
+                  want_labels: bool = False, comm=None,
+                  acceleration: str | None = "anderson", warn: bool = True) -> Solution:
     """Run Sinkhorn passes until ``err <= tol`` (or exactly ``n_iter`` passes).
 
     Without ``g0`` the first half-iteration is a column normalisation of ``exp(S)``
     (``f = 0``), as SwAV's loop starts; so ``n_iter = 3`` is three column and three row
-    normalisations.  ``comm`` (optional) combines the column quantities of processes that
+    normalisations.  ``acceleration="anderson"`` applies :class:`Anderson` mixing in
+    tolerance mode on balanced problems (fixed ``n_iter`` and KL-relaxed sides always run
+    plain steps).  ``comm`` (optional) combines the column quantities of processes that
     each hold a block of rows: it provides ``allreduce_sum``, ``allreduce_max``,
-    ``allreduce_lse`` and ``n_rows_total``.
+    ``allreduce_lse`` and ``n_rows_total`` (and optionally ``allreduce_pass``).
     """
     xp = backend.xp
     N = X.shape[0]
@@ -49,6 +106,12 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
         g = g0
     fixed = n_iter is not None
     iters = n_iter if fixed else max_iter
+    accel = None
+    if acceleration == "anderson" and not fixed and rho_a == 1.0 and rho_b == 1.0:
+        accel = Anderson(xp, rel_slack=1e-13 if X.dtype == xp.float64 else 1e-6)
+        a = xp.exp(loga)
+        a_pos = a > 0
+        b = xp.exp(logb)
     # Two buffers for f and the labels: the best solution seen so far is kept without copies.
     f_work, f_best = xp.empty(N), xp.empty(N)
     lab_work = xp.empty(N, dtype=xp.int64) if want_labels else None
@@ -56,7 +119,9 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     best = None
     for it in range(1, iters + 1):
         col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_work, lab_work)
-        if comm is not None:
+        if comm is not None and hasattr(comm, "allreduce_pass"):
+            col, colmax, qx = comm.allreduce_pass(col, colmax, qx)  # one collective if it can
+        elif comm is not None:
             col = comm.allreduce_sum(col)
             colmax = comm.allreduce_max(colmax)
             qx = float(comm.allreduce_sum(xp.asarray([qx]))[0])
@@ -67,14 +132,84 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
             best = (g, err, qx, it)
         if (not fixed and err <= tol) or not math.isfinite(err):
             break
-        g = g_next
+        if accel is None:
+            g = g_next
+            continue
+        f = f_best if best[3] == it else f_work  # this pass's f
+        af = xp.where(a_pos, a * f, 0.0)  # a_i = 0 rows have f_i = -inf
+        local = xp.stack([af.sum(), xp.abs(af).sum()])
+        if comm is not None:
+            local = comm.allreduce_sum(local)
+        bg = b * g
+        dual = float(local[0] + bg.sum())
+        scale = float(local[1] + xp.abs(bg).sum())
+        g = accel.step(g, g_next, dual, scale)
     g, err, qx, _ = best
     converged = err <= tol
     if not math.isfinite(err):
         raise FloatingPointError(  # a bug, never a property of valid input: say so loudly
             "sinkhorn_ot: the column error became non-finite; please report this input")
-    if not fixed and not converged:
+    if warn and not fixed and not converged:
         warnings.warn(f"Sinkhorn did not converge in {max_iter} iterations: err = {err:.3e} "
                       f"> tol = {tol:.1e} (the best iterate is returned, converged=False)",
                       UserWarning, stacklevel=3)
     return Solution(f_best, g, lab_best, it, float(err), float(qx), converged)  # it: passes run
+
+
+def eps_stages(eps_scaling, alpha: float, max_abs: float) -> list:
+    """The smaller ``alpha`` of the epsilon-scaling stages run before ``alpha`` itself.
+
+    ``eps_scaling`` is True (automatic: up to 2 stages), False/0 (none) or a number of
+    stages; each stage divides ``alpha`` by 4.  A stage is skipped once ``|alpha| * max|X|``
+    would fall below 4: at that entropy one plain pass is already close to converged.
+    """
+    if eps_scaling is True:
+        n = 2
+    elif eps_scaling is False or eps_scaling is None:
+        n = 0
+    else:
+        n = int(eps_scaling)
+    out = []
+    for k in range(n, 0, -1):
+        a_k = alpha / 4.0 ** k
+        if abs(a_k) * max_abs >= 4.0:
+            out.append(a_k)
+    return out
+
+
+def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: float = 1.0,
+          g0=None, tol: float, max_iter: int, n_iter=None, want_labels: bool = False,
+          comm=None, acceleration="anderson", eps_scaling=True, max_abs: float = 1.0):
+    """Solve to ``tol`` with the chosen accelerations, or run exactly ``n_iter`` plain passes.
+
+    Epsilon scaling (Schmitzer 2019) applies to balanced problems solved to a tolerance
+    without a warm start: stages at ``alpha / 4**k`` are solved to a loose tolerance
+    (``1e-2`` of the mass), each warm-starting the next with ``g`` rescaled by the ratio of
+    the ``alpha``; the last stage solves the requested problem to ``tol``.  ``n_iter`` of
+    the result counts the passes of every stage.
+    """
+    if acceleration not in ACCELERATIONS:
+        raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got {acceleration!r}")
+    fixed = n_iter is not None
+    balanced = rho_a == 1.0 and rho_b == 1.0
+    kw = dict(rho_a=rho_a, rho_b=rho_b, want_labels=want_labels, max_iter=max_iter)
+    stages = eps_stages(eps_scaling, alpha, max_abs) if (
+        not fixed and balanced and g0 is None) else []
+    passes = 0
+    if stages:
+        mass = float(backend.xp.exp(loga).sum())
+        if comm is not None:
+            mass = float(comm.allreduce_sum(backend.xp.asarray([mass]))[0])
+        for k, a_k in enumerate(stages):
+            st = sinkhorn_loop(backend, X, a_k, loga, logb, g0=g0, tol=max(tol, 1e-2 * mass),
+                               comm=comm, acceleration=acceleration, warn=False, **kw)
+            passes += st.n_iter
+            a_next = stages[k + 1] if k + 1 < len(stages) else alpha
+            g0 = st.g * (a_next / a_k)
+    if comm is not None or (acceleration is not None and not fixed):
+        sol = sinkhorn_loop(backend, X, alpha, loga, logb, g0=g0, tol=tol, n_iter=n_iter,
+                            comm=comm, acceleration=acceleration, **kw)
+    else:  # plain passes: the backend's own loop (on the GPU, a device-side loop)
+        sol = backend.solve(X, alpha, loga, logb, g0=g0, tol=tol, n_iter=n_iter, **kw)
+    sol.n_iter += passes
+    return sol

@@ -33,7 +33,7 @@ def positive_int(value, name: str, allow_none: bool = False):
     return int(value)
 
 
-def matrix(native: Native, name: str, xp):
+def matrix(native: Native, name: str, xp, allow_empty_rows: bool = False):
     """Check dtype and shape; return a C-contiguous array the kernels can read.
 
     A non-contiguous input (a transposed view, Fortran order) is copied once.  On the CPU a
@@ -48,7 +48,7 @@ def matrix(native: Native, name: str, xp):
                         f"{native.dtype}".replace("  ", " "))
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-d, got {arr.ndim}-d with shape {arr.shape}")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
+    if (arr.shape[0] == 0 and not allow_empty_rows) or arr.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape})")
     if native.device == "cpu" and native.dtype == "float16":
         arr = arr.astype(np.float32)
@@ -79,7 +79,7 @@ def matrix_values(check: dict, shape, name: str, forbidden: float, alpha: float,
                          f"(largest |entry| {float(check['max_abs']):g})")
 
 
-def marginal(v, n: int, name: str, xp):
+def marginal(v, n: int, name: str, xp, allow_zero_sum: bool = False):
     """Return (weights, log weights) as float64 arrays of the matrix's family; uniform 1/n
     when v is None."""
     if v is None:
@@ -98,7 +98,7 @@ def marginal(v, n: int, name: str, xp):
         raise ValueError(f"{name} has a non-finite entry at {int(xp.argmin(xp.isfinite(w)))}")
     if bool((w < 0).any()):
         raise ValueError(f"{name} has a negative entry at {int(xp.argmax(w < 0))}")
-    if not float(w.sum()) > 0:
+    if not float(w.sum()) > 0 and not allow_zero_sum:  # a block of rows may sum to zero
         raise ValueError(f"{name} sums to zero")
     with np.errstate(divide="ignore"):
         return w, xp.log(w)

@@ -1,0 +1,740 @@
+// CUDA twin of csrc/cpu/sinkhorn_cpu.cpp: the fused log-domain Sinkhorn pass and its helpers,
+// compiled at run time by NVRTC through CuPy (src/sinkhorn_ot/_cuda.py), which prepends
+// csrc/common/sinkhorn_math.h in place of the #include below.  No CUDA headers are used, so the
+// source compiles with NVRTC alone (no toolkit on the user's machine).
+//
+// Layout of the work (DESIGN.md section 3).  X is (N, K), row-major, read once per pass.
+//  - A block owns a contiguous range of rows (blockIdx.x: one of `nrb` row blocks) and a tile
+//    of columns (blockIdx.y; a single tile when K <= BT * CPT).  Thread `tid` owns the columns
+//    tile0 + (j * BT + tid) * V + v, j < CPT / V, v < V (V consecutive columns per vector load),
+//    and keeps g, the column sums and the column max for them in registers.
+//  - Rows are processed R at a time: R * CPT values per thread in registers, one coalesced
+//    load each; the R row maxima (with first argmax) and the R row sums exp(t - m) are reduced
+//    over the block with warp shuffles and one shared-memory step each (two __syncthreads per
+//    R rows).
+//  - Column partial sums exp(t - m) * r_i are accumulated in the compute type per block and
+//    written once to [nrb, K]; finish_kernel combines them over blocks in float64.
+//  - When a row does not fit one block (K > BT * CPT), the pass runs in two launches over
+//    column tiles: MODE_STATS writes per-(tile, row) max / sum / argmax, MODE_APPLY combines
+//    them per row and accumulates the columns (the second read is an L2 hit for the shapes
+//    where this happens, e.g. 64 x 65536).
+// All indices into X are 64-bit.
+
+#include "sinkhorn_math.h"
+
+namespace sinkhorn_ot {
+namespace cuda {
+
+typedef long long i64;
+typedef unsigned long long u64;
+
+// 16-bit storage types: bits only, converted with PTX / bit operations (no cuda_fp16.h).
+struct f16_t { unsigned short bits; };
+struct bf16_t { unsigned short bits; };
+
+__device__ __forceinline__ float f16_to_float(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ float bf16_to_float(unsigned short h) {
+    return __uint_as_float(static_cast<unsigned>(h) << 16);
+}
+
+// Compute-type helpers.
+template <class C> struct Num;
+template <> struct Num<float> {
+    static __device__ __forceinline__ float ninf() { return __int_as_float(0xff800000); }
+    static __device__ __forceinline__ float big() { return 3.402823466e38f; }
+    // exp(d) for d <= 0 (or -inf): one MUFU instruction; results below 2^-126 flush to 0,
+    // as the CPU core's vexp drops them.
+    static __device__ __forceinline__ float exp_(float d) {
+        float y;
+        asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(d * 1.4426950408889634f));
+        return y;
+    }
+    static __device__ __forceinline__ float log_(float s) { return logf(s); }
+};
+template <> struct Num<double> {
+    static __device__ __forceinline__ double ninf() {
+        return __longlong_as_double(static_cast<long long>(0xfff0000000000000ULL));
+    }
+    static __device__ __forceinline__ double big() { return 1.7976931348623157e308; }
+    static __device__ __forceinline__ double exp_(double d) { return exp(d); }
+    static __device__ __forceinline__ double log_(double s) { return log(s); }
+};
+
+// Input-type traits: the compute type C and how to load 1 or V (16 bytes) values.
+template <class T> struct In;
+template <> struct In<float> {
+    typedef float C;
+    static constexpr int VEC = 4;
+    static __device__ __forceinline__ void load1(const float* p, float* o) { o[0] = *p; }
+    static __device__ __forceinline__ void loadv(const float* p, float* o) {
+        float4 v = *reinterpret_cast<const float4*>(p);
+        o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
+    }
+};
+template <> struct In<double> {
+    typedef double C;
+    static constexpr int VEC = 2;
+    static __device__ __forceinline__ void load1(const double* p, double* o) { o[0] = *p; }
+    static __device__ __forceinline__ void loadv(const double* p, double* o) {
+        double2 v = *reinterpret_cast<const double2*>(p);
+        o[0] = v.x; o[1] = v.y;
+    }
+};
+template <class T, float (*CVT)(unsigned short)> struct In16 {
+    typedef float C;
+    static constexpr int VEC = 8;
+    static __device__ __forceinline__ void load1(const T* p, float* o) {
+        o[0] = CVT(*reinterpret_cast<const unsigned short*>(p));
+    }
+    static __device__ __forceinline__ void loadv(const T* p, float* o) {
+        uint4 v = *reinterpret_cast<const uint4*>(p);
+        unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            o[2 * k] = CVT(static_cast<unsigned short>(w[k] & 0xffffu));
+            o[2 * k + 1] = CVT(static_cast<unsigned short>(w[k] >> 16));
+        }
+    }
+};
+template <> struct In<f16_t> : In16<f16_t, f16_to_float> {};
+template <> struct In<bf16_t> : In16<bf16_t, bf16_to_float> {};
+
+// Loop-control state of the device-side solve (mirrors _solver.sinkhorn_loop).  Shared with
+// _cuda.py (_STATE_DTYPE): keep the two in sync.
+struct State {
+    int done;        // set when converged (err <= tol, tolerance mode) or err is not finite
+    int it;          // passes completed
+    int f_best;      // slot (0/1) of f and labels of the best pass; passes write slot 1 - f_best
+    int g_cur;       // slot (0..2) of the g the next pass uses
+    int g_best;      // slot of the g of the best pass
+    unsigned counter;  // last-block ticket of finish_kernel (reset by the last block)
+    int pad0, pad1;
+    double best_err;
+    double best_qx;
+    double last_err;
+    double pad2;
+};
+
+__device__ __forceinline__ int next_g_slot(int cur, int best) {
+    return (cur != 0 && best != 0) ? 0 : ((cur != 1 && best != 1) ? 1 : 2);
+}
+
+constexpr int MODE_FUSED = 0;  // whole row in the block: stats and columns in one read
+constexpr int MODE_STATS = 1;  // column-tiled, first launch: per-(tile, row) max/sum/argmax
+constexpr int MODE_APPLY = 2;  // column-tiled, second launch: combine stats, accumulate columns
+
+constexpr int NO_ARG = 0x7fffffff;
+
+__device__ __forceinline__ i64 row_lo(i64 N, int b, int nb) { return N * b / nb; }
+
+// Reductions over the block of R values per thread.  Every thread ends with the same results
+// (sums are reduced in one fixed order and broadcast, so they are bitwise identical).
+template <class C, int R>
+__device__ __forceinline__ void block_max_arg(C (&m)[R], int (&a)[R], C* sm_m, int* sm_a) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+            C om = __shfl_xor_sync(0xffffffffu, m[r], off);
+            int oa = __shfl_xor_sync(0xffffffffu, a[r], off);
+            if (om > m[r] || (om == m[r] && oa < a[r])) { m[r] = om; a[r] = oa; }
+        }
+        if (lane == 0) { sm_m[r * 32 + warp] = m[r]; sm_a[r * 32 + warp] = a[r]; }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        C v = lane < nw ? sm_m[r * 32 + lane] : Num<C>::ninf();
+        int ai = lane < nw ? sm_a[r * 32 + lane] : NO_ARG;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+            C om = __shfl_xor_sync(0xffffffffu, v, off);
+            int oa = __shfl_xor_sync(0xffffffffu, ai, off);
+            if (om > v || (om == v && oa < ai)) { v = om; ai = oa; }
+        }
+        m[r] = v;
+        a[r] = ai;
+    }
+}
+
+template <class C>
+__device__ __forceinline__ C warp_sum_bcast(C v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    return __shfl_sync(0xffffffffu, v, 0);
+}
+
+template <class C, int R>
+__device__ __forceinline__ void block_sum(C (&s)[R], C* sm_s) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        C v = warp_sum_bcast(s[r]);
+        if (lane == 0) sm_s[r * 32 + warp] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < R; ++r) s[r] = warp_sum_bcast(lane < nw ? sm_s[r * 32 + lane] : C(0));
+}
+
+// One block-wide double sum, result valid in thread 0 (used once per block).
+__device__ __forceinline__ double block_sum_once(double v, double* sm) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum_bcast(v);
+    __syncthreads();  // sm may still be read by an earlier reduction
+    if (lane == 0) sm[warp] = v;
+    __syncthreads();
+    double t = 0;
+    if (threadIdx.x == 0)
+        for (int w = 0; w < nw; ++w) t += sm[w];
+    return t;
+}
+
+
+// f_i and the label of row i, in float64 as the CPU core computes them.  Not inlined: only
+// one thread per row calls it, and the double-precision log would otherwise hold registers
+// in the register-tile loop of every thread.
+__device__ __noinline__ void write_row(double* f, i64* lab, i64 i, double loga_i, double m,
+                                       double s, double rho_a, int arg) {
+    f[i] = row_potential(loga_i, m, log(s), rho_a);
+    if (lab) lab[i] = arg;
+}
+
+// MODE_APPLY: combine the per-tile (max, sum, argmax) of row i over the tiles, by one warp.
+// Lane 0 stores the row max and log r_i (compute type) to shared memory and, when f is not
+// null, writes f_i and the label.
+template <class C>
+__device__ __noinline__ void combine_row_stats(const C* st_m, const C* st_s, const int* st_a,
+                                               i64 N, int ntiles, i64 i, double loga_i,
+                                               double rho_a, double* f, i64* lab, C* out_m,
+                                               C* out_logr) {
+    const int lane = threadIdx.x & 31;
+    const C NINF = Num<C>::ninf();
+    C mm = NINF;
+    int kk = NO_ARG;
+    for (int k = lane; k < ntiles; k += 32) {
+        const C v = st_m[static_cast<i64>(k) * N + i];
+        if (v > mm) { mm = v; kk = k; }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        C om = __shfl_xor_sync(0xffffffffu, mm, off);
+        int ok = __shfl_xor_sync(0xffffffffu, kk, off);
+        if (om > mm || (om == mm && ok < kk)) { mm = om; kk = ok; }
+    }
+    double S = 0;
+    for (int k = lane; k < ntiles; k += 32) {
+        const C v = st_m[static_cast<i64>(k) * N + i];
+        if (v != NINF)
+            S += static_cast<double>(st_s[static_cast<i64>(k) * N + i]) *
+                 exp(static_cast<double>(v) - static_cast<double>(mm));
+    }
+    S = warp_sum_bcast(S);
+    if (lane == 0) {
+        const double ls = log(S);
+        *out_m = mm;
+        *out_logr = static_cast<C>(log_row_factor(loga_i, static_cast<double>(mm), ls, rho_a));
+        if (f) {
+            f[i] = row_potential(loga_i, static_cast<double>(mm), ls, rho_a);
+            if (lab) lab[i] = st_a[static_cast<i64>(kk) * N + i];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pass.  g = gslots + K * state->g_cur; f and labels go to slot 1 - state->f_best of
+// fslots / labslots (stride N).  Outputs: colpart / cmpart [nrb, K] (compute type), qxpart
+// [gridDim.y * nrb] (MODE_FUSED / MODE_APPLY); st_m / st_s / st_a [ntiles, N] (MODE_STATS).
+template <class T, int CPT, int R, int V, int MODE>
+__global__ void __launch_bounds__(512)
+pass_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
+            const double* __restrict__ gslots, const double* __restrict__ loga, double rho_a,
+            double* __restrict__ fslots, i64* __restrict__ labslots,
+            typename In<T>::C* __restrict__ colpart, typename In<T>::C* __restrict__ cmpart,
+            double* __restrict__ qxpart, typename In<T>::C* __restrict__ st_m,
+            typename In<T>::C* __restrict__ st_s, int* __restrict__ st_a,
+            const State* __restrict__ state) {
+    typedef typename In<T>::C C;
+    constexpr int NV = CPT / V;
+    static_assert(CPT % V == 0, "CPT must be a multiple of V");
+    if (state->done) return;
+    const int tid = threadIdx.x, BT = blockDim.x;
+    const int nrb = gridDim.x, ntiles = gridDim.y;
+    const i64 lo = row_lo(N, blockIdx.x, nrb), hi = row_lo(N, blockIdx.x + 1, nrb);
+    const int tile0 = static_cast<int>(blockIdx.y) * BT * CPT;
+    const int fw = 1 - state->f_best;
+    const double* __restrict__ g = gslots + K * state->g_cur;
+    double* __restrict__ f = fslots + N * fw;
+    i64* __restrict__ lab = labslots ? labslots + N * fw : nullptr;
+    const bool writer = blockIdx.y == 0;  // one tile writes f and the labels of each row
+    const C alpha = static_cast<C>(alpha_d);
+    const C NINF = Num<C>::ninf(), BIG = Num<C>::big();
+
+    __shared__ C sm_m[R * 32];
+    __shared__ int sm_a[R * 32];
+    __shared__ C sm_s[R * 32];
+    __shared__ C sm_rowm[2][R];
+    __shared__ C sm_logr[2][R];
+    __shared__ double sm_q[32];
+
+    // Columns of this thread; g = -inf marks a padding column (t = -inf there).
+    int col0[NV];  // column indices fit in int (K < 2^31 - 2^14, checked on the host)
+    C gr[CPT], csum[CPT], cmax[CPT];
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+        col0[j] = tile0 + (j * BT + tid) * V;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+            const i64 c = col0[j] + v;
+            gr[j * V + v] = c < K ? static_cast<C>(g[c]) : NINF;
+            csum[j * V + v] = C(0);
+            cmax[j * V + v] = NINF;
+        }
+    }
+    double qx = 0;
+    int grp = 0;
+
+    for (i64 i0 = lo; i0 < hi; i0 += R, ++grp) {
+        C x[R][CPT];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const i64 i = i0 + r;
+            const T* __restrict__ xr = X + i * K;
+#pragma unroll
+            for (int j = 0; j < NV; ++j) {
+                if (i < hi && col0[j] < K) {
+                    if constexpr (V == 1) In<T>::load1(xr + col0[j], &x[r][j * V]);
+                    else In<T>::loadv(xr + col0[j], &x[r][j * V]);
+                } else {
+#pragma unroll
+                    for (int v = 0; v < V; ++v) x[r][j * V + v] = C(0);
+                }
+            }
+        }
+        C rowm[R], logr[R];
+        if (MODE != MODE_APPLY) {
+            // Row max and its first column.
+            C m[R];
+            int a[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                m[r] = NINF;
+                a[r] = NO_ARG;
+#pragma unroll
+                for (int j = 0; j < NV; ++j)
+#pragma unroll
+                    for (int v = 0; v < V; ++v) {
+                        const C t = alpha * x[r][j * V + v] + gr[j * V + v];
+                        if (t > m[r]) { m[r] = t; a[r] = static_cast<int>(col0[j] + v); }
+                    }
+            }
+            block_max_arg<C, R>(m, a, sm_m, sm_a);
+            // Row sum of exp(t - m) (m = -inf: a tile whose entries are all forbidden).
+            C s[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const C ms = m[r] == NINF ? C(0) : m[r];
+                s[r] = C(0);
+#pragma unroll
+                for (int k = 0; k < CPT; ++k)
+                    s[r] += Num<C>::exp_(alpha * x[r][k] + gr[k] - ms);
+            }
+            block_sum<C, R>(s, sm_s);
+            if (MODE == MODE_STATS) {
+                if (tid == 0)
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        const i64 i = i0 + r;
+                        if (i < hi) {
+                            const i64 o = static_cast<i64>(blockIdx.y) * N + i;
+                            st_m[o] = m[r];
+                            st_s[o] = s[r];
+                            st_a[o] = a[r];
+                        }
+                    }
+                continue;
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const i64 i = i0 + r;
+                rowm[r] = m[r];
+                logr[r] = NINF;
+                if (i < hi) {
+                    const double la = loga[i];
+                    // Every thread forms log r_i in the compute type (identical in all
+                    // threads); thread 0 writes f_i in float64 as the CPU core does.
+                    logr[r] = static_cast<C>(
+                        log_row_factor(la, static_cast<double>(m[r]),
+                                       static_cast<double>(Num<C>::log_(s[r])), rho_a));
+                    if (tid == 0 && writer)
+                        write_row(f, lab, i, la, static_cast<double>(m[r]),
+                                  static_cast<double>(s[r]), rho_a, a[r]);
+                }
+            }
+        } else {
+            // Combine the per-tile statistics of each row: warp r handles row i0 + r.
+            const int lane = tid & 31, warp = tid >> 5, nw = BT >> 5;
+            const int buf = grp & 1;
+            for (int r = warp; r < R; r += nw) {
+                const i64 i = i0 + r;
+                if (i >= hi) {
+                    if (lane == 0) { sm_rowm[buf][r] = NINF; sm_logr[buf][r] = NINF; }
+                    continue;
+                }
+                combine_row_stats<C>(st_m, st_s, st_a, N, ntiles, i, loga[i], rho_a,
+                                     writer ? f : nullptr, lab, &sm_rowm[buf][r],
+                                     &sm_logr[buf][r]);
+            }
+            __syncthreads();
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                rowm[r] = sm_rowm[buf][r];
+                logr[r] = sm_logr[buf][r];
+            }
+        }
+        // Column contributions Q_iy = exp(t - m) r_i, the column max of log Q, and sum Q X.
+        C qxl = C(0);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            if (i0 + r >= hi) continue;  // uniform over the block
+            const C ms = rowm[r] == NINF ? C(0) : rowm[r];
+            const C rr = Num<C>::exp_(logr[r]);
+#pragma unroll
+            for (int k = 0; k < CPT; ++k) {
+                const C d = alpha * x[r][k] + gr[k] - ms;
+                const C q = Num<C>::exp_(d) * rr;
+                csum[k] += q;
+                cmax[k] = fmax(cmax[k], d + logr[r]);
+                // forbidden entries (q = 0, x = +-inf) add nothing: clamp x to finite
+                qxl += q * fmin(fmax(x[r][k], -BIG), BIG);
+            }
+        }
+        qx += static_cast<double>(qxl);
+    }
+    if (MODE == MODE_STATS) return;
+
+    // Write this block's column partials (the tiles of one row block cover disjoint columns).
+    C* __restrict__ cp = colpart + static_cast<i64>(blockIdx.x) * K;
+    C* __restrict__ cm = cmpart + static_cast<i64>(blockIdx.x) * K;
+#pragma unroll
+    for (int j = 0; j < NV; ++j)
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+            const i64 c = col0[j] + v;
+            if (c < K) { cp[c] = csum[j * V + v]; cm[c] = cmax[j * V + v]; }
+        }
+    const double qb = block_sum_once(qx, sm_q);
+    if (tid == 0) qxpart[static_cast<i64>(blockIdx.y) * nrb + blockIdx.x] = qb;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reduce the pass partials over row blocks (float64), apply next_g, measure the column error;
+// the last block to finish sums the error and sum Q X and advances the loop state.
+// 256 threads: 32 columns x 8 slices of row blocks.
+template <class C>
+__global__ void __launch_bounds__(256)
+finish_kernel(const C* __restrict__ colpart, const C* __restrict__ cmpart, int nrb, i64 K,
+              const double* __restrict__ qxpart, int nq, double* __restrict__ gslots,
+              const double* __restrict__ logb, double log_n_rows, double rho_b, double tol,
+              int fixed, double* __restrict__ errpart, double* __restrict__ col_out,
+              double* __restrict__ colmax_out, State* state) {
+    if (state->done) return;
+    const int lane = threadIdx.x & 31, slice = threadIdx.x >> 5;
+    const int gc = state->g_cur, gb = state->g_best, gn = next_g_slot(gc, gb);
+    const i64 y = static_cast<i64>(blockIdx.x) * 32 + lane;
+    __shared__ double sm_s[8][32];
+    __shared__ double sm_m[8][32];
+    __shared__ int sm_last;
+    double s = 0, mx = static_cast<double>(Num<C>::ninf());
+    if (y < K) {
+        for (int b = slice; b < nrb; b += 8) {
+            s += static_cast<double>(colpart[static_cast<i64>(b) * K + y]);
+            mx = fmax(mx, static_cast<double>(cmpart[static_cast<i64>(b) * K + y]));
+        }
+    }
+    sm_s[slice][lane] = s;
+    sm_m[slice][lane] = mx;
+    __syncthreads();
+    if (slice == 0) {
+        double col = 0, cmx = mx;
+        for (int k = 0; k < 8; ++k) {
+            col += sm_s[k][lane];
+            cmx = fmax(cmx, sm_m[k][lane]);
+        }
+        double e = 0;
+        if (y < K) {
+            const double gy = gslots[gc * K + y], lb = logb[y];
+            e = fabs(col - column_target(lb, gy, rho_b));
+            gslots[gn * K + y] = next_g(gy, lb, col, cmx, log_n_rows, rho_b);
+            if (col_out) { col_out[y] = col; colmax_out[y] = cmx; }
+        }
+        e = warp_sum_bcast(e);
+        if (lane == 0) errpart[blockIdx.x] = e;
+    }
+    if (threadIdx.x == 0) {
+        __threadfence();
+        const unsigned ticket = atomicAdd(&state->counter, 1u);
+        sm_last = ticket == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!sm_last || slice != 0) return;
+    __threadfence();
+    const volatile double* ep = errpart;
+    double err = 0, q = 0;
+    for (int k = lane; k < static_cast<int>(gridDim.x); k += 32) err += ep[k];
+    for (int k = lane; k < nq; k += 32) q += qxpart[k];
+    err = warp_sum_bcast(err);
+    q = warp_sum_bcast(q);
+    if (lane == 0) {
+        const int it = state->it + 1;
+        const bool finite = fabs(err) <= 1.7976931348623157e308;
+        // As _solver.sinkhorn_loop: keep the best pass (always the last one in fixed mode).
+        if (state->it == 0 || err <= state->best_err || fixed) {
+            state->best_err = err;
+            state->best_qx = q;
+            state->f_best = 1 - state->f_best;
+            state->g_best = gc;
+        }
+        const bool stop = (!fixed && err <= tol) || !finite;
+        if (!stop) state->g_cur = gn;
+        state->it = it;
+        state->last_err = err;
+        if (stop) state->done = 1;
+        state->counter = 0;
+        __threadfence();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Column log-sum-exp partials: per row block and column, (M, Z) with Z exp(M) = sum so far of
+// exp(alpha X_iy + f_i).  Same column layout as the pass (grid.y = column tiles).
+template <class T, int CPT, int V>
+__global__ void __launch_bounds__(512)
+lse_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d, const double* __restrict__ f,
+           typename In<T>::C* __restrict__ Mpart, typename In<T>::C* __restrict__ Zpart) {
+    typedef typename In<T>::C C;
+    constexpr int NV = CPT / V;
+    constexpr int R = CPT >= 16 ? 1 : 16 / CPT;
+    const int tid = threadIdx.x, BT = blockDim.x, nrb = gridDim.x;
+    const i64 lo = row_lo(N, blockIdx.x, nrb), hi = row_lo(N, blockIdx.x + 1, nrb);
+    const int tile0 = static_cast<int>(blockIdx.y) * BT * CPT;
+    const C alpha = static_cast<C>(alpha_d);
+    const C NINF = Num<C>::ninf();
+    int col0[NV];  // column indices fit in int (K < 2^31 - 2^14, checked on the host)
+    C M[CPT], Z[CPT];
+#pragma unroll
+    for (int j = 0; j < NV; ++j) col0[j] = tile0 + (j * BT + tid) * V;
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) { M[k] = NINF; Z[k] = C(0); }
+    for (i64 i0 = lo; i0 < hi; i0 += R) {
+        C x[R][CPT];
+        C fi[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const i64 i = i0 + r;
+            fi[r] = (f && i < hi) ? static_cast<C>(f[i]) : C(0);
+#pragma unroll
+            for (int j = 0; j < NV; ++j) {
+                if (i < hi && col0[j] < K) {
+                    if constexpr (V == 1) In<T>::load1(X + i * K + col0[j], &x[r][j * V]);
+                    else In<T>::loadv(X + i * K + col0[j], &x[r][j * V]);
+                } else {
+#pragma unroll
+                    for (int v = 0; v < V; ++v) x[r][j * V + v] = C(0);  // never written out
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            if (i0 + r >= hi) continue;
+#pragma unroll
+            for (int k = 0; k < CPT; ++k) {
+                const C u = alpha * x[r][k] + fi[r];
+                // u = -inf (forbidden) adds nothing; padding columns are never written out.
+                if (u > M[k]) {
+                    Z[k] = (M[k] == NINF) ? C(1) : Z[k] * Num<C>::exp_(M[k] - u) + C(1);
+                    M[k] = u;
+                } else if (u != NINF) {
+                    Z[k] += Num<C>::exp_(u - M[k]);
+                }
+            }
+        }
+    }
+    C* mp = Mpart + static_cast<i64>(blockIdx.x) * K;
+    C* zp = Zpart + static_cast<i64>(blockIdx.x) * K;
+#pragma unroll
+    for (int j = 0; j < NV; ++j)
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+            const i64 c = col0[j] + v;
+            if (c < K) { mp[c] = M[j * V + v]; zp[c] = Z[j * V + v]; }
+        }
+}
+
+__device__ __forceinline__ void init_state(State* st) {
+    st->done = 0;
+    st->it = 0;
+    st->f_best = 1;
+    st->g_cur = 0;
+    st->g_best = 0;
+    st->counter = 0;
+    st->pad0 = st->pad1 = 0;
+    st->best_err = 0;
+    st->best_qx = 0;
+    st->last_err = 0;
+    st->pad2 = 0;
+}
+
+// L_y = log sum_i exp(alpha X_iy + f_i) from the partials; optionally g_y = rho_b (logb_y - L_y)
+// into g_out, and (block 0) a fresh loop state.  256 threads: 32 columns x 8 slices.
+template <class C>
+__global__ void __launch_bounds__(256)
+lse_finish_kernel(const C* __restrict__ Mpart, const C* __restrict__ Zpart, int nrb, i64 K,
+                  double* __restrict__ L_out, const double* __restrict__ logb, double rho_b,
+                  double* __restrict__ g_out, State* state) {
+    const int lane = threadIdx.x & 31, slice = threadIdx.x >> 5;
+    const i64 y = static_cast<i64>(blockIdx.x) * 32 + lane;
+    const double NINF = Num<double>::ninf();
+    __shared__ double sm_M[8][32];
+    __shared__ double sm_Z[8][32];
+    double M = NINF, Z = 0;
+    if (y < K) {
+        for (int b = slice; b < nrb; b += 8) {
+            const double mb = static_cast<double>(Mpart[static_cast<i64>(b) * K + y]);
+            const double zb = static_cast<double>(Zpart[static_cast<i64>(b) * K + y]);
+            if (mb == NINF) continue;
+            if (mb > M) { Z = Z * exp(M - mb) + zb; M = mb; }  // exp(-inf) = 0 when M = -inf
+            else Z += zb * exp(mb - M);
+        }
+    }
+    sm_M[slice][lane] = M;
+    sm_Z[slice][lane] = Z;
+    __syncthreads();
+    if (slice == 0 && y < K) {
+        double mx = NINF;
+        for (int k = 0; k < 8; ++k) mx = fmax(mx, sm_M[k][lane]);
+        double z = 0;
+        if (mx != NINF)
+            for (int k = 0; k < 8; ++k)
+                if (sm_M[k][lane] != NINF) z += sm_Z[k][lane] * exp(sm_M[k][lane] - mx);
+        const double L = mx + log(z);  // -inf for a column with every entry forbidden
+        if (L_out) L_out[y] = L;
+        if (g_out) g_out[y] = rho_b * (logb[y] - L);
+    }
+    if (state && blockIdx.x == 0 && threadIdx.x == 0) init_state(state);
+}
+
+// Loop state plus a copy of the initial g (warm start) into g slot 0.
+__global__ void start_kernel(const double* __restrict__ g0, double* __restrict__ g_out, i64 K,
+                             State* state) {
+    const i64 y = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (g0 && y < K) g_out[y] = g0[y];
+    if (state && blockIdx.x == 0 && threadIdx.x == 0) init_state(state);
+}
+
+// Stand-alone column update (the backend primitive column_update): next g and |col - target|.
+__global__ void column_update_kernel(const double* __restrict__ g, const double* __restrict__ logb,
+                                     const double* __restrict__ col,
+                                     const double* __restrict__ colmax, i64 K,
+                                     double log_n_rows, double rho_b, double* __restrict__ g_next,
+                                     double* __restrict__ err_terms) {
+    const i64 y = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (y >= K) return;
+    err_terms[y] = fabs(col[y] - column_target(logb[y], g[y], rho_b));
+    g_next[y] = next_g(g[y], logb[y], col[y], colmax[y], log_n_rows, rho_b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation scan (same answers as cpu::check_matrix): first invalid flat index (NaN or the
+// wrong infinity), rows / columns with at least one allowed entry, max |finite entry|.
+template <class T, int CPT, int V>
+__global__ void __launch_bounds__(512)
+check_kernel(const T* __restrict__ X, i64 N, i64 K, double forbidden_d,
+             u64* __restrict__ first_invalid, unsigned char* __restrict__ row_ok,
+             unsigned char* __restrict__ col_ok, u64* __restrict__ max_bits) {
+    typedef typename In<T>::C C;
+    constexpr int NV = CPT / V;
+    const int tid = threadIdx.x, BT = blockDim.x, nrb = gridDim.x, lane = tid & 31;
+    const i64 lo = row_lo(N, blockIdx.x, nrb), hi = row_lo(N, blockIdx.x + 1, nrb);
+    const int tile0 = static_cast<int>(blockIdx.y) * BT * CPT;
+    const C forb = static_cast<C>(forbidden_d), BIG = Num<C>::big();
+    int col0[NV];  // column indices fit in int (K < 2^31 - 2^14, checked on the host)
+    bool ok[CPT];
+#pragma unroll
+    for (int j = 0; j < NV; ++j) col0[j] = tile0 + (j * BT + tid) * V;
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) ok[k] = false;
+    C mx = C(0);
+    u64 bad_first = ~0ULL;
+    constexpr int R = CPT >= 16 ? 1 : 16 / CPT;  // rows loaded before any is examined
+    for (i64 i0 = lo; i0 < hi; i0 += R) {
+        C x[R][CPT];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int j = 0; j < NV; ++j) {
+                if (i0 + r < hi && col0[j] < K) {
+                    if constexpr (V == 1) In<T>::load1(X + (i0 + r) * K + col0[j], &x[r][j * V]);
+                    else In<T>::loadv(X + (i0 + r) * K + col0[j], &x[r][j * V]);
+                } else {
+#pragma unroll
+                    for (int v = 0; v < V; ++v) x[r][j * V + v] = forb;  // neutral: not bad, not allowed
+                }
+            }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const i64 i = i0 + r;
+            bool any = false;
+#pragma unroll
+            for (int j = 0; j < NV; ++j)
+#pragma unroll
+                for (int v = 0; v < V; ++v) {
+                    const C xv = x[r][j * V + v];
+                    const C a = fabs(xv);
+                    const bool fin = a <= BIG;
+                    const bool allowed = xv != forb;
+                    if (!(fin || !allowed) && bad_first == ~0ULL)
+                        bad_first = static_cast<u64>(i * K + col0[j] + v);
+                    any |= allowed;
+                    ok[j * V + v] |= allowed;
+                    mx = fmax(mx, fin ? a : C(0));
+                }
+            const bool wany = __any_sync(0xffffffffu, any);
+            if (lane == 0 && wany && i < hi) row_ok[i] = 1;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < NV; ++j)
+#pragma unroll
+        for (int v = 0; v < V; ++v)
+            if (col0[j] + v < K && ok[j * V + v]) col_ok[col0[j] + v] = 1;
+    if (bad_first != ~0ULL) atomicMin(first_invalid, bad_first);
+    double m = static_cast<double>(mx);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, off));
+    if (lane == 0 && m > 0) atomicMax(max_bits, static_cast<u64>(__double_as_longlong(m)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plan exp(alpha X + f_i + g_y), computed in float64, stored as O (float or double).
+template <class T, class O>
+__global__ void plan_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha,
+                            const double* __restrict__ f, const double* __restrict__ g,
+                            O* __restrict__ out) {
+    const i64 total = N * K;
+    for (i64 idx = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+         idx += static_cast<i64>(gridDim.x) * blockDim.x) {
+        const i64 i = idx / K, y = idx - i * K;
+        typename In<T>::C x;
+        In<T>::load1(X + idx, &x);
+        out[idx] = static_cast<O>(exp(alpha * static_cast<double>(x) + f[i] + g[y]));
+    }
+}
+
+}  // namespace cuda
+}  // namespace sinkhorn_ot

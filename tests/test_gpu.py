@@ -1,0 +1,236 @@
+"""CUDA backend against the CPU core on the same inputs.  Skipped without CuPy or a CUDA
+device (never run on the CPU instead)."""
+import math
+
+import numpy as np
+import pytest
+
+import sinkhorn_ot
+from sinkhorn_ot._cpu import CPUBackend
+
+cp = pytest.importorskip("cupy")
+try:
+    _N_DEV = cp.cuda.runtime.getDeviceCount()
+except Exception:  # noqa: BLE001 - no driver
+    _N_DEV = 0
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(_N_DEV < 1, reason="needs a CUDA device")]
+
+from sinkhorn_ot._cuda import CUDABackend  # noqa: E402
+
+DTYPES = ["float32", "float64", "float16", "bfloat16"]
+
+
+def random_logp(N, K, seed=0, scale=3.0):
+    rng = np.random.default_rng(seed)
+    x = scale * rng.standard_normal((N, K))
+    return x - np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True)) - \
+        x.max(1, keepdims=True)
+
+
+def to_bf16_bits(a32):
+    """float32 -> bfloat16 bits (round to nearest even), and the float32 values they hold."""
+    b = np.ascontiguousarray(a32, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+    r[np.isneginf(a32)] = 0xFF80
+    back = (r.astype(np.uint32) << 16).view(np.float32)
+    return r, back
+
+
+def device_input(logp, dtype):
+    """(device array for the backend, float32/float64 NumPy array holding the same values)."""
+    if dtype == "bfloat16":
+        bits, vals = to_bf16_bits(logp.astype(np.float32))
+        return cp.asarray(bits), vals
+    host = logp.astype(dtype)
+    ref = host.astype(np.float32) if dtype == "float16" else host
+    return cp.asarray(host), ref
+
+
+def solve_both(logp, dtype, lam=25.0, n_iter=None, tol=1e-4, max_iter=2000, g0=None,
+               layout=None):
+    N, K = logp.shape
+    Xd, Xh = device_input(logp, dtype)
+    loga, logb = np.full(N, -math.log(N)), np.full(K, -math.log(K))
+    kw = dict(tol=tol, max_iter=max_iter, n_iter=n_iter, want_labels=True)
+    ref = CPUBackend().solve(Xh, lam, loga, logb, g0=g0, **kw)
+    gpu = CUDABackend(dtype, layout_override=layout).solve(
+        Xd, lam, cp.asarray(loga), cp.asarray(logb),
+        g0=None if g0 is None else cp.asarray(g0), **kw)
+    return ref, gpu, Xh
+
+
+def assert_close_solution(ref, gpu, X, lam, atol, label_frac=0.999):
+    g, f = cp.asnumpy(gpu.g), cp.asnumpy(gpu.f)
+    assert np.isfinite(g).all() and np.isfinite(f).all()
+    np.testing.assert_allclose(g - g.mean(), ref.g - ref.g.mean(), atol=atol, rtol=0)
+    np.testing.assert_allclose(f + g.mean(), ref.f + ref.g.mean(), atol=atol, rtol=0)
+    lab = cp.asnumpy(gpu.labels)
+    t = lam * X.astype(np.float64) + ref.g
+    rows = np.arange(X.shape[0])
+    # same argmax up to near-ties
+    near = t[rows, ref.labels] - t[rows, lab] <= 1e-3 * max(1.0, lam / 25)
+    assert near.mean() >= label_frac
+
+
+SHAPES = [(3000, 100, None), (4096 // 4, 3000, 3), (16, 65536 // 4, 3), (257, 9000, 3),
+          (1, 7, 3), (33, 1, 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,K,n_iter", SHAPES)
+def test_solve_matches_cpu(dtype, N, K, n_iter):
+    logp = random_logp(N, K, seed=N + K)
+    ref, gpu, Xh = solve_both(logp, dtype, n_iter=n_iter)
+    assert gpu.n_iter == ref.n_iter or (n_iter is None and abs(gpu.n_iter - ref.n_iter) <= 10)
+    atol = 1e-6 if dtype == "float64" else 5e-3
+    assert_close_solution(ref, gpu, Xh, 25.0, atol)
+    np.testing.assert_allclose(gpu.err, ref.err, rtol=0.05 if n_iter else 1.0,
+                               atol=1e-9 if dtype == "float64" else 1e-4)
+    np.testing.assert_allclose(gpu.qx, ref.qx, rtol=1e-3 if dtype != "float64" else 1e-9)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiled_and_single_tile_layouts_agree(dtype):
+    logp = random_logp(300, 3000, seed=3)
+    _, a, _ = solve_both(logp, dtype, n_iter=5, layout=(8, 384, False))
+    _, b, Xh = solve_both(logp, dtype, n_iter=5, layout=(8, 256, True))
+    np.testing.assert_allclose(cp.asnumpy(a.g), cp.asnumpy(b.g), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(cp.asnumpy(a.f), cp.asnumpy(b.f), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("lam", [1e3, 1e4])
+def test_large_lambda_finite(lam):
+    logp = random_logp(2000, 50, seed=5)
+    ref, gpu, Xh = solve_both(logp, "float32", lam=lam, n_iter=30)
+    g = cp.asnumpy(gpu.g)
+    assert np.isfinite(g).all() and np.isfinite(cp.asnumpy(gpu.f)).all()
+    assert math.isfinite(gpu.err)
+    sizes = np.bincount(cp.asnumpy(gpu.labels), minlength=50)
+    assert sizes.min() > 0
+    lab = cp.asnumpy(gpu.labels)
+    assert (lab == ref.labels).mean() >= 0.95
+
+
+def test_forbidden_pairs_and_warm_start():
+    logp = random_logp(500, 40, seed=7)
+    rng = np.random.default_rng(1)
+    mask = rng.random(logp.shape) < 0.3
+    mask[np.arange(500), rng.integers(0, 40, 500)] = False
+    logp[mask] = -np.inf
+    ref, gpu, Xh = solve_both(logp, "float32", tol=1e-4)
+    assert_close_solution(ref, gpu, Xh, 25.0, 5e-3)
+    lab = cp.asnumpy(gpu.labels)
+    assert not mask[np.arange(500), lab].any()
+    ref2, gpu2, _ = solve_both(logp, "float32", tol=1e-4, g0=ref.g)
+    assert gpu2.n_iter <= 3 and ref2.n_iter <= 3
+
+
+def test_public_api_noncontiguous_and_results():
+    logp = random_logp(800, 60, seed=11).astype(np.float32)
+    Xd = cp.asfortranarray(cp.asarray(logp))  # non-contiguous: copied once by validation
+    res = sinkhorn_ot.balanced_assign(Xd, lam=25.0)
+    ref = sinkhorn_ot.balanced_assign(logp, lam=25.0)
+    assert isinstance(res.g, cp.ndarray) and isinstance(res.labels, cp.ndarray)
+    assert res.converged and ref.converged
+    np.testing.assert_allclose(cp.asnumpy(res.g) - float(res.g.mean()), ref.g - ref.g.mean(),
+                               atol=5e-3)
+    np.testing.assert_array_equal(cp.asnumpy(res.sizes).sum(), 800)
+    np.testing.assert_allclose(res.cost, ref.cost, rtol=1e-3)
+    P = res.plan()
+    assert P.shape == (800, 60) and P.dtype == cp.float32
+    np.testing.assert_allclose(cp.asnumpy(P), ref.plan(), rtol=1e-3, atol=1e-9)
+    # transposed view (K x N problem) as a cost matrix
+    C = cp.asarray(-logp).T
+    r1 = sinkhorn_ot.sinkhorn(C, reg=0.1)
+    r2 = sinkhorn_ot.sinkhorn(np.ascontiguousarray(-logp.T), reg=0.1)
+    np.testing.assert_allclose(cp.asnumpy(r1.f) - float(r1.f.mean()), r2.f - r2.f.mean(),
+                               atol=5e-3)
+
+
+def test_validation_errors_on_device():
+    X = cp.asarray(random_logp(50, 20).astype(np.float32))
+    X[3, 4] = cp.nan
+    with pytest.raises(ValueError, match=r"\(3, 4\)"):
+        sinkhorn_ot.balanced_assign(X)
+    X[3, 4] = 0
+    X[7, :] = -cp.inf
+    with pytest.raises(ValueError, match="row 7"):
+        sinkhorn_ot.balanced_assign(X)
+    X[7, :] = 0
+    X[:, 5] = -cp.inf
+    with pytest.raises(ValueError, match="column 5"):
+        sinkhorn_ot.balanced_assign(X)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,K", [(1000, 37), (20, 20000), (300, 3000)])
+def test_primitives_poisoned_outputs(dtype, N, K):
+    logp = random_logp(N, K, seed=2)
+    logp[0, 1] = -np.inf
+    Xd, Xh = device_input(logp, dtype)
+    be, cpu = CUDABackend(dtype), CPUBackend()
+    g = np.random.default_rng(0).standard_normal(K)
+    loga = np.full(N, -math.log(N))
+    f_d = cp.full(N, cp.nan)
+    lab_d = cp.full(N, -1, dtype=cp.int64)
+    col, colmax, qx = be.fused_pass(Xd, 25.0, cp.asarray(g), cp.asarray(loga), 1.0, f_d, lab_d)
+    f_h = np.empty(N)
+    lab_h = np.empty(N, np.int64)
+    col_h, colmax_h, qx_h = cpu.fused_pass(Xh, 25.0, g, loga, 1.0, f_h, lab_h)
+    tol = 1e-10 if dtype == "float64" else 2e-4
+    np.testing.assert_allclose(cp.asnumpy(f_d), f_h, rtol=tol, atol=tol)
+    np.testing.assert_allclose(cp.asnumpy(col), col_h, rtol=50 * tol, atol=1e-12)
+    np.testing.assert_allclose(cp.asnumpy(colmax), colmax_h, rtol=tol, atol=20 * tol)
+    np.testing.assert_allclose(qx, qx_h, rtol=50 * tol)
+    assert (cp.asnumpy(lab_d) == lab_h).mean() >= 0.999
+    L = be.column_lse(Xd, 25.0, cp.asarray(f_h))
+    np.testing.assert_allclose(cp.asnumpy(L), cpu.column_lse(Xh, 25.0, f_h), rtol=tol,
+                               atol=tol * 10)
+    gn, err = be.column_update(cp.asarray(g), cp.zeros(K) - math.log(K), cp.asarray(col_h),
+                               cp.asarray(colmax_h), math.log(N), 1.0)
+    gn_h, err_h = cpu.column_update(g, np.zeros(K) - math.log(K), col_h, colmax_h,
+                                    math.log(N), 1.0)
+    np.testing.assert_allclose(cp.asnumpy(gn), gn_h, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(err, err_h, rtol=1e-12)
+    chk = be.check(Xd, -math.inf)
+    ref = cpu.check(Xh.astype(np.float32) if dtype != "float64" else Xh, -math.inf)
+    assert chk["first_invalid"] == ref["first_invalid"] == -1
+    assert chk["first_empty_row"] == -1 and chk["first_empty_col"] == -1
+    np.testing.assert_allclose(chk["max_abs"], ref["max_abs"], rtol=1e-6)
+
+
+def test_check_finds_first_problem():
+    X = random_logp(500, 300).astype(np.float32)
+    X[400, 7] = np.nan
+    X[120, 250] = np.inf
+    X[450, :] = -np.inf
+    X[:, 299] = -np.inf
+    be, cpu = CUDABackend("float32"), CPUBackend()
+    a, b = be.check(cp.asarray(X), -math.inf), cpu.check(X, -math.inf)
+    assert a["first_invalid"] == b["first_invalid"] == 120 * 300 + 250
+    assert a["first_empty_row"] == b["first_empty_row"] == 450
+    assert a["first_empty_col"] == b["first_empty_col"] == 299
+    np.testing.assert_allclose(a["max_abs"], b["max_abs"])
+
+
+def test_torch_tensors_in_and_out():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    logp = torch.log_softmax(3 * torch.randn(2048, 300, device="cuda"), dim=1)
+    ref = sinkhorn_ot.balanced_assign(logp.cpu().numpy(), lam=25.0, n_iter=3)
+    for t in (logp, logp.to(torch.bfloat16), logp.half()):
+        res = sinkhorn_ot.balanced_assign(t, lam=25.0, n_iter=3)
+        assert isinstance(res.labels, torch.Tensor) and res.labels.device.type == "cuda"
+        assert isinstance(res.g, torch.Tensor) and res.g.dtype == torch.float64
+        assert res.n_iter == 3
+        agree = (res.labels.cpu().numpy() == ref.labels).mean()
+        assert agree >= (0.999 if t.dtype == torch.float32 else 0.95)
+    # a non-default stream
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        res = sinkhorn_ot.balanced_assign(logp, lam=25.0, n_iter=3)
+        lab = res.labels.clone()
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(lab.cpu().numpy(), ref.labels)
