@@ -228,17 +228,21 @@ def main(argv=None):
     out = []
     for N, K in sizes:
         run_size(N, K, args, out)
-    if not args.no_write:
-        body = ["## CPU: balanced_assign against POT (benchmarks/bench_cpu.py)", "",
-                *C.header(C.command_line()), "",
+        if not args.no_write:              # after each size: a long run killed keeps the first
+            write(args, out)
+    return 0
+
+
+def write(args, out):
+    body = ["## CPU: balanced_assign against POT (benchmarks/bench_cpu.py)", "",
+            *C.header(C.command_line()), "",
                 "Interleaved in one process; POT runs exactly the iteration count at which its "
                 "plan first reaches tol (found by an untimed run); err computed "
                 "independently in float64; peak memory = resident high-water mark during the "
                 "call beyond what the process held before (input excluded). Provisional: the "
                 "machine is shared, the library is being optimised.", "", *out]
-        C.write_section(args.results, "bench_cpu", "\n".join(body))
-        print(f"wrote section 'bench_cpu' of {args.results}")
-    return 0
+    C.write_section(args.results, "bench_cpu", "\n".join(body))
+    print(f"wrote section 'bench_cpu' of {args.results}")
 
 
 if __name__ == "__main__":

@@ -169,7 +169,9 @@ class OTT(Peer):
                 out = solver(linear_problem.LinearProblem(geom))
                 return out.f, out.g, out.n_iters
 
-            self._cache = {key: jax.jit(solve).lower(M).compile()}   # compile outside timing
+            if any(k[0] != M.shape for k in self._cache):
+                self._cache.clear()
+            self._cache[key] = jax.jit(solve).lower(M).compile()   # compile outside timing
         return self._cache[key]
 
     def before(self, M, thr):

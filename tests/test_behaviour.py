@@ -53,10 +53,6 @@ def test_warm_start_for_sinkhorn():
     assert warm.converged and warm.n_iter < 0.6 * cold.n_iter
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a result solved with a zero entry in b has g = -inf there, and passing it back as "
-    "init=result for the same problem raises ValueError('init potential g has non-finite "
-    "entries') instead of warm-starting"))
 def test_warm_start_with_massless_cluster():
     logP = random_logP(20, 4, seed=1)
     b = [0.5, 0.0, 0.25, 0.25]
@@ -145,7 +141,7 @@ def test_the_gil_is_released_during_a_solve():
     import threading
     import time
 
-    logP = random_logP(4000, 50, seed=40).astype(np.float32)
+    logP = random_logP(8000, 64, seed=40).astype(np.float32)
     ticks = []
     done = threading.Event()
 
@@ -158,7 +154,7 @@ def test_the_gil_is_released_during_a_solve():
     t = threading.Thread(target=ticker)
     t.start()
     t0 = time.perf_counter()
-    so.balanced_assign(logP, 25.0, n_iter=60, **T1)
+    so.balanced_assign(logP, 25.0, n_iter=300, **T1)
     t1 = time.perf_counter()
     done.set()
     t.join()

@@ -140,3 +140,63 @@ def test_emulated_device_loop_matches_cpu(N, K, nrb, width, n_iter):
     np.testing.assert_allclose(qx, ref.qx, rtol=1e-3)
     if n_iter is None:
         assert err <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipelined pass (pass_pipe_kernel): the cp.async ring's slot / wait_group bookkeeping,
+# replayed in Python.  A thread commits one group per step (empty past the end); before reading
+# group grp it waits until at most S - 2 groups are pending, reads slot grp % S, then refills
+# slot (grp + S - 1) % S, the one it read in the previous step.
+def _emulate_ring(n_groups, S):
+    slots = [None] * S
+    pending = []                         # committed, not yet landed: (group, slot)
+    for st in range(S - 1):              # prologue
+        pending.append((st, st))
+    read = []
+    for grp in range(n_groups):
+        while len(pending) > S - 2:      # cp.async.wait_group S - 2: oldest groups land
+            g, sl = pending.pop(0)
+            if g < n_groups:
+                slots[sl] = g
+        assert slots[grp % S] == grp     # the group read is the group landed in its slot
+        read.append(slots[grp % S])
+        ws = (grp + S - 1) % S
+        assert ws != grp % S and all(sl != grp % S for _, sl in pending)
+        pending.append((grp + S - 1, ws))
+    return read
+
+
+@pytest.mark.parametrize("S", [2, 3, 4, 5])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 20])
+def test_pipe_ring_protocol(S, n):
+    assert _emulate_ring(n, S) == list(range(n))
+
+
+def test_pipe_instances_listed_and_layout(monkeypatch):
+    for dtype in DTYPES:
+        names = _cuda.instances(dtype)
+        for cfg in _cuda.PIPE_CONFIGS[dtype]:
+            assert _cuda._pipe_name(dtype, cfg) in names
+            assert cfg[3] <= 512 and cfg[0] % _cuda._VEC[dtype] == 0
+    # layout arithmetic without a device: register counts given, no smem opt-in call
+    monkeypatch.setattr(_cuda, "_set_smem", lambda name, n: None)
+    for dtype in DTYPES:
+        for cfg in _cuda.PIPE_CONFIGS[dtype]:
+            monkeypatch.setitem(_cuda._NUM_REGS, _cuda._pipe_name(dtype, cfg), 128)
+    L = _cuda._Layout("float32", 1_281_167, 3000, 16, 132, ("pipe", 8, 1, 4, 384, 2))
+    assert (L.pipe, L.bt, L.cpt, L.R, L.v, L.tiled) == ((8, 1, 4, 384, 2), 384, 8, 1, 4, False)
+    assert L.smem == 4 * 384 * 8 * 4 and L.bps == 1 and L.nrb % 132 == 0
+    assert L.bt * L.cpt >= 3000
+    L = _cuda._Layout("bfloat16", 4096, 3000, 16, 132, ("pipe", 16, 1, 4, 192, 2))
+    assert L.bt == 192 and L.smem == 4 * 192 * 16 * 2
+    # misaligned or too wide: falls back to the direct pass (regs needed for its instance)
+    for name in ("pass_kernel<float, 8, 2, 4, 0>", "pass_kernel<float, 8, 2, 1, 0>"):
+        monkeypatch.setitem(_cuda._NUM_REGS, _cuda._NS + name, 126)
+    L = _cuda._Layout("float32", 1000, 3000, 1, 132, ("pipe", 8, 1, 4, 384, 2))
+    assert L.pipe is None and L.v == 1
+    monkeypatch.setattr(_cuda, "DEFAULT_PASS", "pipe")
+    L = _cuda._Layout("float32", 1000, 3000, 16, 132, None)
+    assert L.pipe == _cuda.PIPE_CONFIGS["float32"][0]
+    monkeypatch.setattr(_cuda, "DEFAULT_PASS", "direct")
+    L = _cuda._Layout("float32", 1000, 3000, 16, 132, None)
+    assert L.pipe is None and (L.cpt, L.bt) == (8, 384)

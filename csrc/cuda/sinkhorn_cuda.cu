@@ -247,12 +247,33 @@ __device__ __noinline__ void combine_row_stats(const C* st_m, const C* st_s, con
 }
 
 // ---------------------------------------------------------------------------------------------
+// Asynchronous global -> shared copies (sm_80+; PTX only, no headers).  Used by the pipelined
+// pass: every thread copies its own 16-byte vectors into its own shared-memory slots and reads
+// only those back, so the thread's own cp.async.wait_group is the only synchronisation needed.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int NPEND>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(NPEND) : "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
 // The pass.  g = gslots + K * state->g_cur; f and labels go to slot 1 - state->f_best of
 // fslots / labslots (stride N).  Outputs: colpart / cmpart [nrb, K] (compute type), qxpart
 // [gridDim.y * nrb] (MODE_FUSED / MODE_APPLY); st_m / st_s / st_a [ntiles, N] (MODE_STATS).
-template <class T, int CPT, int R, int V, int MODE>
-__global__ void __launch_bounds__(512)
-pass_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
+//
+// S = 0: each row group is loaded straight into registers when its turn comes (so a block has
+// no loads in flight while it reduces).  S >= 2 (pipelined, MODE_FUSED, V = 16-byte vectors):
+// an S-stage ring of row groups in dynamic shared memory ([S][R][BT * CPT] of T) filled with
+// cp.async, S - 1 groups ahead of the one being reduced; loga of the group is loaded early too.
+template <class T, int CPT, int R, int V, int MODE, int S>
+__device__ __forceinline__ void
+pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
             const double* __restrict__ gslots, const double* __restrict__ loga, double rho_a,
             double* __restrict__ fslots, i64* __restrict__ labslots,
             typename In<T>::C* __restrict__ colpart, typename In<T>::C* __restrict__ cmpart,
@@ -262,6 +283,8 @@ pass_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
     typedef typename In<T>::C C;
     constexpr int NV = CPT / V;
     static_assert(CPT % V == 0, "CPT must be a multiple of V");
+    static_assert(S == 0 || (S >= 2 && MODE == MODE_FUSED && V * sizeof(T) == 16),
+                  "the pipelined pass needs 16-byte vectors and MODE_FUSED");
     if (state->done) return;
     const int tid = threadIdx.x, BT = blockDim.x;
     const int nrb = gridDim.x, ntiles = gridDim.y;
@@ -299,22 +322,73 @@ pass_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
     double qx = 0;
     int grp = 0;
 
+    // Pipelined loads: ring of S stages of R rows, this thread's vectors at col0[j] - tile0.
+    extern __shared__ __align__(16) unsigned char sk_dyn_smem[];
+    T* const ring = reinterpret_cast<T*>(sk_dyn_smem);
+    const int W = BT * CPT;  // elements of one row slot
+    if constexpr (S > 0) {
+#pragma unroll
+        for (int st = 0; st < S - 1; ++st) {
+            const i64 ig = lo + static_cast<i64>(st) * R;
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int j = 0; j < NV; ++j)
+                    if (ig + r < hi && col0[j] < K)
+                        cp_async16(ring + (st * R + r) * W + (col0[j] - tile0),
+                                   X + (ig + r) * K + col0[j]);
+            cp_async_commit();
+        }
+    }
+
     for (i64 i0 = lo; i0 < hi; i0 += R, ++grp) {
         C x[R][CPT];
+        double la_g[R];  // loga of the group (pipelined variant: loaded before the reductions)
+        if constexpr (S == 0) {
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const i64 i = i0 + r;
-            const T* __restrict__ xr = X + i * K;
+            for (int r = 0; r < R; ++r) {
+                const i64 i = i0 + r;
+                const T* __restrict__ xr = X + i * K;
 #pragma unroll
-            for (int j = 0; j < NV; ++j) {
-                if (i < hi && col0[j] < K) {
-                    if constexpr (V == 1) In<T>::load1(xr + col0[j], &x[r][j * V]);
-                    else In<T>::loadv(xr + col0[j], &x[r][j * V]);
-                } else {
+                for (int j = 0; j < NV; ++j) {
+                    if (i < hi && col0[j] < K) {
+                        if constexpr (V == 1) In<T>::load1(xr + col0[j], &x[r][j * V]);
+                        else In<T>::loadv(xr + col0[j], &x[r][j * V]);
+                    } else {
 #pragma unroll
-                    for (int v = 0; v < V; ++v) x[r][j * V + v] = C(0);
+                        for (int v = 0; v < V; ++v) x[r][j * V + v] = C(0);
+                    }
                 }
             }
+        } else {
+#pragma unroll
+            for (int r = 0; r < R; ++r) la_g[r] = i0 + r < hi ? loga[i0 + r] : 0.0;
+            cp_async_wait<S - 2>();  // this thread's copies of group grp have landed
+            const int slot = grp % S;
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int j = 0; j < NV; ++j) {
+                    if (i0 + r < hi && col0[j] < K) {
+                        In<T>::loadv(ring + (slot * R + r) * W + (col0[j] - tile0),
+                                     &x[r][j * V]);
+                    } else {
+#pragma unroll
+                        for (int v = 0; v < V; ++v) x[r][j * V + v] = C(0);
+                    }
+                }
+            // Refill the slot read in the previous step (its values are consumed: the step
+            // finished with them) with group grp + S - 1; an empty group past the end.
+            const int ws = (grp + S - 1) % S;
+            const i64 ig = i0 + static_cast<i64>(S - 1) * R;
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int j = 0; j < NV; ++j)
+                    if (ig + r < hi && col0[j] < K)
+                        cp_async16(ring + (ws * R + r) * W + (col0[j] - tile0),
+                                   X + (ig + r) * K + col0[j]);
+            cp_async_commit();
         }
         C rowm[R], logr[R];
         if (MODE != MODE_APPLY) {
@@ -365,7 +439,7 @@ pass_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
                 rowm[r] = m[r];
                 logr[r] = NINF;
                 if (i < hi) {
-                    const double la = loga[i];
+                    const double la = S > 0 ? la_g[r] : loga[i];
                     // Every thread forms log r_i in the compute type (identical in all
                     // threads); thread 0 writes f_i in float64 as the CPU core does.
                     logr[r] = static_cast<C>(
@@ -416,6 +490,7 @@ pass_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
         }
         qx += static_cast<double>(qxl);
     }
+    if constexpr (S > 0) cp_async_wait<0>();  // nothing is left in flight (empty groups)
     if (MODE == MODE_STATS) return;
 
     // Write this block's column partials (the tiles of one row block cover disjoint columns).
@@ -431,6 +506,33 @@ pass_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
     const double qb = block_sum_once(qx, sm_q);
     if (tid == 0) qxpart[static_cast<i64>(blockIdx.y) * nrb + blockIdx.x] = qb;
 }
+
+#define SK_PASS_PARAMS                                                                       \
+    const T *__restrict__ X, i64 N, i64 K, double alpha_d, const double *__restrict__ gslots, \
+        const double *__restrict__ loga, double rho_a, double *__restrict__ fslots,           \
+        i64 *__restrict__ labslots, typename In<T>::C *__restrict__ colpart,                 \
+        typename In<T>::C *__restrict__ cmpart, double *__restrict__ qxpart,                  \
+        typename In<T>::C *__restrict__ st_m, typename In<T>::C *__restrict__ st_s,           \
+        int *__restrict__ st_a, const State *__restrict__ state
+#define SK_PASS_ARGS                                                                         \
+    X, N, K, alpha_d, gslots, loga, rho_a, fslots, labslots, colpart, cmpart, qxpart, st_m,   \
+        st_s, st_a, state
+
+// The original pass: rows loaded into registers as their turn comes.
+template <class T, int CPT, int R, int V, int MODE>
+__global__ void __launch_bounds__(512) pass_kernel(SK_PASS_PARAMS) {
+    pass_body<T, CPT, R, V, MODE, 0>(SK_PASS_ARGS);
+}
+
+// Pipelined pass (MODE_FUSED): S-stage cp.async ring in dynamic shared memory (S * R * BT *
+// CPT * sizeof(T) bytes, set by the launch), at most MAXT threads, MINB blocks per SM asked of
+// the register allocator.
+template <class T, int CPT, int R, int S, int MAXT, int MINB>
+__global__ void __launch_bounds__(MAXT, MINB) pass_pipe_kernel(SK_PASS_PARAMS) {
+    pass_body<T, CPT, R, 16 / sizeof(T), MODE_FUSED, S>(SK_PASS_ARGS);
+}
+#undef SK_PASS_PARAMS
+#undef SK_PASS_ARGS
 
 // ---------------------------------------------------------------------------------------------
 // Reduce the pass partials over row blocks (float64), apply next_g, measure the column error;
@@ -718,6 +820,38 @@ check_kernel(const T* __restrict__ X, i64 N, i64 K, double forbidden_d,
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, off));
     if (lane == 0 && m > 0) atomicMax(max_bits, static_cast<u64>(__double_as_longlong(m)));
+}
+
+// The check's result words: [first invalid flat index, first empty row, first empty column]
+// (~0 = none, atomicMin) and the bits of max |finite entry| (0 = none, atomicMax).
+__global__ void check_init_kernel(u64* __restrict__ res) {
+    if (threadIdx.x < 3) res[threadIdx.x] = ~0ULL;
+    else if (threadIdx.x == 3) res[3] = 0ULL;
+}
+
+// First row / column without an allowed entry (the flags written by check_kernel) into
+// res[1] / res[2], so that the host reads the whole check back in one 32-byte copy.
+__global__ void check_finish_kernel(const unsigned char* __restrict__ row_ok, i64 N,
+                                    const unsigned char* __restrict__ col_ok, i64 K,
+                                    u64* __restrict__ res) {
+    const i64 stride = static_cast<i64>(gridDim.x) * blockDim.x;
+    const i64 t = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+    u64 fr = ~0ULL, fc = ~0ULL;
+    for (i64 i = t; i < N; i += stride)
+        if (!row_ok[i]) { fr = static_cast<u64>(i); break; }  // increasing i: the first
+    for (i64 i = t; i < K; i += stride)
+        if (!col_ok[i]) { fc = static_cast<u64>(i); break; }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const u64 o1 = __shfl_xor_sync(0xffffffffu, fr, off);
+        const u64 o2 = __shfl_xor_sync(0xffffffffu, fc, off);
+        fr = o1 < fr ? o1 : fr;
+        fc = o2 < fc ? o2 : fc;
+    }
+    if ((threadIdx.x & 31) == 0) {
+        if (fr != ~0ULL) atomicMin(res + 1, fr);
+        if (fc != ~0ULL) atomicMin(res + 2, fc);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n
         g0 = None if g0 is None else g0[keep]
     else:
         Xs, logb_s = X, logb
+    g0 = V.finite_init(g0)
     check = backend.check(Xs, forbidden)
     V.matrix_values(check, Xs.shape, name, forbidden, alpha, native.dtype)
     sol = solve(backend, Xs, alpha, loga, logb_s, rho_a=rho_a, rho_b=rho_b, g0=g0, tol=tol,
@@ -232,7 +233,10 @@ def balanced_assign(logP, lam=25.0, *, b=None, size_penalty=None, hard="argmax",
         ``c`` trade ``size_penalty * KL(c || b)`` against the mean log-probability.  Small
         values (``<< 1``) approach the plain argmax (no protection against collapse),
         large ones (``>> 1``) the balanced solution; about 0.1 to 1 lets a 10:1 imbalance
-        through while still preventing collapse.  ``None`` (default): sizes exact.
+        through while still preventing collapse.  Iterations grow roughly like
+        ``lam * size_penalty`` (the total mass converges at the rate ``rho``), so for
+        near-balanced behaviour prefer ``size_penalty=None``.  ``None`` (default): sizes
+        exact.
     hard : {"argmax", "exact", "greedy"}, default "argmax"
         How ``labels`` are made from the plan.  ``"argmax"``: the argmax of each row of the
         plan (free, from the last pass; sizes near but not exactly ``N * b``, and far from

@@ -136,7 +136,7 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
             g = g_next
             continue
         f = f_best if best[3] == it else f_work  # this pass's f
-        af = xp.where(a_pos, a * f, 0.0)  # a_i = 0 rows have f_i = -inf
+        af = a * xp.where(a_pos, f, 0.0)  # a_i = 0 rows have f_i = -inf
         local = xp.stack([af.sum(), xp.abs(af).sum()])
         if comm is not None:
             local = comm.allreduce_sum(local)

@@ -10,8 +10,11 @@ from ._arrays import Native
 
 _FLOAT_KINDS = {"float64", "float32", "float16", "bfloat16"}
 # Largest magnitude the kernels may meet in S = alpha * X (computed in float32 at least).
-_FLOAT_MAX = {"float64": np.finfo(np.float64).max, "float32": np.finfo(np.float32).max,
-              "float16": np.finfo(np.float32).max, "bfloat16": np.finfo(np.float32).max}
+# (Python floats: a NumPy float32 here would make the comparison itself overflow.)
+_FLOAT_MAX = {"float64": float(np.finfo(np.float64).max),
+              "float32": float(np.finfo(np.float32).max),
+              "float16": float(np.finfo(np.float32).max),
+              "bfloat16": float(np.finfo(np.float32).max)}
 
 
 def positive_scalar(value, name: str) -> float:
@@ -122,6 +125,14 @@ def init_potential(init, m: int, xp):
     if g.shape != (m,):
         raise ValueError(f"init must be a result or a potential g of shape ({m},), "
                          f"got shape {g.shape}")
-    if not bool(xp.isfinite(g).all()):
-        raise ValueError("init potential g has non-finite entries")
+    # -inf is what a column of zero mass gets; such columns are solved without (see _api)
+    if bool(xp.isnan(g).any()) or bool((g == xp.inf).any()):
+        raise ValueError("init potential g has NaN or +inf entries")
     return g
+
+
+def finite_init(g0):
+    """After the columns of zero mass are dropped, the warm start must be finite."""
+    if g0 is not None and not bool((g0 > -float("inf")).all()):
+        raise ValueError("init potential g is -inf on a column of positive mass")
+    return g0

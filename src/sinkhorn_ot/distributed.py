@@ -469,6 +469,7 @@ def _solve_sharded(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter,
             Xs = xp.ascontiguousarray(X[:, keep])
             logb_s = logb[keep]
             g0 = None if g0 is None else g0[keep]
+        g0 = V.finite_init(g0)  # same init on every rank: every rank raises alike
         allowed = np.zeros(Kk)
         if N > 0:
             chk = backend.check(Xs, forbidden)
