@@ -64,6 +64,48 @@ template <> struct Num<double> {
     static __device__ __forceinline__ double log_(double s) { return log(s); }
 };
 
+// ---------------------------------------------------------------------------------------------
+// Accurate shifted exponent for float compute (template flag ACC of the pass and LSE kernels).
+// With |t| = |alpha x + g| up to 1e7 (lam = 1e4), t rounded to float is off by up to ~1, so
+// exp(t - m) would describe a different plan from the one the float64 potentials define
+// (plan() computes exp(alpha x + f + g) in float64).  The row max m is still taken from plain
+// float t = fmaf(alpha, x, g) (any float near the max is a valid shift: f_i uses that same m,
+// exactly, in float64), but d = (alpha x + g) - m is formed from error-free transformations:
+//   alpha = ahi + alo, g = ghi + glo (float pairs of the float64 values; g per column, held in
+//   registers), p + pe = ahi x exactly (product + fmaf remainder), s + e = p + ghi exactly
+//   (TwoSum), and s - m is exact by Sterbenz wherever exp(d) matters (s and m within 2x).
+// d = (s - m) + (e + pe + alo x + glo) then carries the float32 relative precision of the
+// float64 value (|error| <~ 2 ulp(d) + 2^-46 |t|).  13 FP32 instructions instead of 2, plus 2
+// for the guards.  Explicit _rn intrinsics: contraction into fmaf would break TwoSum.
+struct FPair {
+    float hi, lo;
+};
+__device__ __forceinline__ FPair split_double(double v) {
+    FPair r;
+    r.hi = __double2float_rn(v);
+    const bool fin = fabsf(r.hi) <= 3.402823466e38f;  // +-inf (padding, overflow): lo = 0
+    r.lo = fin ? __double2float_rn(v - static_cast<double>(r.hi)) : 0.0f;
+    return r;
+}
+// Upper clamp of d: m is within a few ulp(|t|) of the true row max, so d <= ~3e-7 |t|; the
+// clamp only acts when |t| > ~1e8 and keeps exp(d) finite there.
+constexpr float kMaxShift = 64.0f;
+__device__ __forceinline__ float acc_shift(FPair a, float x, float ghi, float glo, float m) {
+    const float p = __fmul_rn(a.hi, x);
+    const float pe = fmaf(a.hi, x, -p);                     // a.hi x - p, exact
+    const float s = __fadd_rn(p, ghi);
+    const float z = __fadd_rn(s, -p);
+    const float e = __fadd_rn(__fadd_rn(p, -__fadd_rn(s, -z)), __fadd_rn(ghi, -z));  // TwoSum
+    const float lo = __fadd_rn(__fadd_rn(fmaf(a.lo, x, glo), pe), e);
+    float d = __fadd_rn(__fadd_rn(s, -m), lo);
+    // A forbidden pair (x = +-inf), a padding column (g = -inf) or an all-forbidden row
+    // (m = -inf) make d NaN (inf - inf inside TwoSum): max.f32 returns the non-NaN operand,
+    // so d becomes -inf and exp(d) = 0, as in the plain path.  PTX asm, so that no compiler
+    // pass folds max(d, -inf) to d.
+    asm("max.f32 %0, %0, 0fFF800000;" : "+f"(d));
+    return fminf(d, kMaxShift);
+}
+
 // Input-type traits: the compute type C and how to load 1 or V (16 bytes) values.
 template <class T> struct In;
 template <> struct In<float> {
@@ -271,7 +313,11 @@ __device__ __forceinline__ void cp_async_wait() {
 // no loads in flight while it reduces).  S >= 2 (pipelined, MODE_FUSED, V = 16-byte vectors):
 // an S-stage ring of row groups in dynamic shared memory ([S][R][BT * CPT] of T) filled with
 // cp.async, S - 1 groups ahead of the one being reduced; loga of the group is loaded early too.
-template <class T, int CPT, int R, int V, int MODE, int S>
+//
+// ACC (float compute only; ignored for float64): d = t - m from acc_shift (accurate), computed
+// once per element in the sum step and kept in place of x (the sum Q X is accumulated there as
+// r_i sum_y exp(d_y) x_iy); ACC = false: the run-1 arithmetic, t = fmaf(alpha, x, g) in float.
+template <class T, int CPT, int R, int V, int MODE, int S, bool ACC>
 __device__ __forceinline__ void
 pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
             const double* __restrict__ gslots, const double* __restrict__ loga, double rho_a,
@@ -297,6 +343,8 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
     const bool writer = blockIdx.y == 0;  // one tile writes f and the labels of each row
     const C alpha = static_cast<C>(alpha_d);
     const C NINF = Num<C>::ninf(), BIG = Num<C>::big();
+    constexpr bool EFT = ACC && sizeof(C) == 4;
+    const FPair apair = split_double(alpha_d);
 
     __shared__ C sm_m[R * 32];
     __shared__ int sm_a[R * 32];
@@ -308,13 +356,20 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
     // Columns of this thread; g = -inf marks a padding column (t = -inf there).
     int col0[NV];  // column indices fit in int (K < 2^31 - 2^14, checked on the host)
     C gr[CPT], csum[CPT], cmax[CPT];
+    float glo[EFT ? CPT : 1];  // EFT: g = gr + glo (float pair); padding: -inf + 0
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
         col0[j] = tile0 + (j * BT + tid) * V;
 #pragma unroll
         for (int v = 0; v < V; ++v) {
             const i64 c = col0[j] + v;
-            gr[j * V + v] = c < K ? static_cast<C>(g[c]) : NINF;
+            if constexpr (EFT) {
+                const FPair gp = split_double(c < K ? g[c] : static_cast<double>(NINF));
+                gr[j * V + v] = gp.hi;
+                glo[j * V + v] = gp.lo;
+            } else {
+                gr[j * V + v] = c < K ? static_cast<C>(g[c]) : NINF;
+            }
             csum[j * V + v] = C(0);
             cmax[j * V + v] = NINF;
         }
@@ -391,6 +446,7 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
             cp_async_commit();
         }
         C rowm[R], logr[R];
+        C xs[R];  // EFT, MODE_FUSED: sum_y exp(d_y) x_iy of this thread (sum Q X / r_i)
         if (MODE != MODE_APPLY) {
             // Row max and its first column.
             C m[R];
@@ -414,9 +470,22 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
             for (int r = 0; r < R; ++r) {
                 const C ms = m[r] == NINF ? C(0) : m[r];
                 s[r] = C(0);
+                xs[r] = C(0);
 #pragma unroll
-                for (int k = 0; k < CPT; ++k)
-                    s[r] += Num<C>::exp_(alpha * x[r][k] + gr[k] - ms);
+                for (int k = 0; k < CPT; ++k) {
+                    if constexpr (EFT) {
+                        const float d = acc_shift(apair, x[r][k], gr[k], glo[k], ms);
+                        const float e = Num<float>::exp_(d);
+                        s[r] += e;
+                        if (MODE == MODE_FUSED) {
+                            // forbidden entries (e = 0, x = +-inf): clamp x to finite
+                            xs[r] += e * fminf(fmaxf(x[r][k], -BIG), BIG);
+                            x[r][k] = d;  // x is not needed again: keep d in its place
+                        }
+                    } else {
+                        s[r] += Num<C>::exp_(alpha * x[r][k] + gr[k] - ms);
+                    }
+                }
             }
             block_sum<C, R>(s, sm_s);
             if (MODE == MODE_STATS) {
@@ -478,14 +547,26 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
             if (i0 + r >= hi) continue;  // uniform over the block
             const C ms = rowm[r] == NINF ? C(0) : rowm[r];
             const C rr = Num<C>::exp_(logr[r]);
+            if constexpr (EFT && MODE == MODE_FUSED) {
 #pragma unroll
-            for (int k = 0; k < CPT; ++k) {
-                const C d = alpha * x[r][k] + gr[k] - ms;
-                const C q = Num<C>::exp_(d) * rr;
-                csum[k] += q;
-                cmax[k] = fmax(cmax[k], d + logr[r]);
-                // forbidden entries (q = 0, x = +-inf) add nothing: clamp x to finite
-                qxl += q * fmin(fmax(x[r][k], -BIG), BIG);
+                for (int k = 0; k < CPT; ++k) {
+                    const float d = x[r][k];  // acc_shift(..., ms) from the sum step
+                    csum[k] += Num<float>::exp_(d) * rr;
+                    cmax[k] = fmaxf(cmax[k], d + logr[r]);
+                }
+                qxl += xs[r] * rr;
+            } else {
+#pragma unroll
+                for (int k = 0; k < CPT; ++k) {
+                    C d;
+                    if constexpr (EFT) d = acc_shift(apair, x[r][k], gr[k], glo[k], ms);
+                    else d = alpha * x[r][k] + gr[k] - ms;
+                    const C q = Num<C>::exp_(d) * rr;
+                    csum[k] += q;
+                    cmax[k] = fmax(cmax[k], d + logr[r]);
+                    // forbidden entries (q = 0, x = +-inf) add nothing: clamp x to finite
+                    qxl += q * fmin(fmax(x[r][k], -BIG), BIG);
+                }
             }
         }
         qx += static_cast<double>(qxl);
@@ -519,17 +600,17 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
         st_s, st_a, state
 
 // The original pass: rows loaded into registers as their turn comes.
-template <class T, int CPT, int R, int V, int MODE>
+template <class T, int CPT, int R, int V, int MODE, bool ACC = true>
 __global__ void __launch_bounds__(512) pass_kernel(SK_PASS_PARAMS) {
-    pass_body<T, CPT, R, V, MODE, 0>(SK_PASS_ARGS);
+    pass_body<T, CPT, R, V, MODE, 0, ACC>(SK_PASS_ARGS);
 }
 
 // Pipelined pass (MODE_FUSED): S-stage cp.async ring in dynamic shared memory (S * R * BT *
 // CPT * sizeof(T) bytes, set by the launch), at most MAXT threads, MINB blocks per SM asked of
 // the register allocator.
-template <class T, int CPT, int R, int S, int MAXT, int MINB>
+template <class T, int CPT, int R, int S, int MAXT, int MINB, bool ACC = true>
 __global__ void __launch_bounds__(MAXT, MINB) pass_pipe_kernel(SK_PASS_PARAMS) {
-    pass_body<T, CPT, R, 16 / sizeof(T), MODE_FUSED, S>(SK_PASS_ARGS);
+    pass_body<T, CPT, R, 16 / sizeof(T), MODE_FUSED, S, ACC>(SK_PASS_ARGS);
 }
 #undef SK_PASS_PARAMS
 #undef SK_PASS_ARGS
@@ -615,11 +696,16 @@ finish_kernel(const C* __restrict__ colpart, const C* __restrict__ cmpart, int n
 // ---------------------------------------------------------------------------------------------
 // Column log-sum-exp partials: per row block and column, (M, Z) with Z exp(M) = sum so far of
 // exp(alpha X_iy + f_i).  Same column layout as the pass (grid.y = column tiles).
-template <class T, int CPT, int V>
+// ACC (float compute): M is the running max of plain float u = fmaf(alpha, x, f_i) and Z sums
+// exp(acc_shift(u - M)), so L = M + log Z keeps the float64 precision of alpha x + f_i (the
+// first g at lam = 1e4 would otherwise be off by ~1).
+template <class T, int CPT, int V, bool ACC = true>
 __global__ void __launch_bounds__(512)
 lse_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d, const double* __restrict__ f,
            typename In<T>::C* __restrict__ Mpart, typename In<T>::C* __restrict__ Zpart) {
     typedef typename In<T>::C C;
+    constexpr bool EFT = ACC && sizeof(C) == 4;
+    const FPair apair = split_double(alpha_d);
     constexpr int NV = CPT / V;
     constexpr int R = CPT >= 16 ? 1 : 16 / CPT;
     const int tid = threadIdx.x, BT = blockDim.x, nrb = gridDim.x;
@@ -636,10 +722,13 @@ lse_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d, const double* 
     for (i64 i0 = lo; i0 < hi; i0 += R) {
         C x[R][CPT];
         C fi[R];
+        float flo[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const i64 i = i0 + r;
-            fi[r] = (f && i < hi) ? static_cast<C>(f[i]) : C(0);
+            const FPair fp = split_double((f && i < hi) ? f[i] : 0.0);
+            fi[r] = EFT ? fp.hi : ((f && i < hi) ? static_cast<C>(f[i]) : C(0));
+            flo[r] = fp.lo;
 #pragma unroll
             for (int j = 0; j < NV; ++j) {
                 if (i < hi && col0[j] < K) {
@@ -656,13 +745,23 @@ lse_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d, const double* 
             if (i0 + r >= hi) continue;
 #pragma unroll
             for (int k = 0; k < CPT; ++k) {
-                const C u = alpha * x[r][k] + fi[r];
-                // u = -inf (forbidden) adds nothing; padding columns are never written out.
-                if (u > M[k]) {
-                    Z[k] = (M[k] == NINF) ? C(1) : Z[k] * Num<C>::exp_(M[k] - u) + C(1);
-                    M[k] = u;
-                } else if (u != NINF) {
-                    Z[k] += Num<C>::exp_(u - M[k]);
+                if constexpr (EFT) {
+                    const float u = fmaf(apair.hi, x[r][k], fi[r]);  // picks the shift only
+                    if (u > M[k]) {
+                        Z[k] = (M[k] == NINF) ? 0.0f : Z[k] * Num<float>::exp_(M[k] - u);
+                        M[k] = u;
+                    }
+                    // forbidden (u = -inf): d = -inf, adds 0; M = -inf only if u = -inf too
+                    Z[k] += Num<float>::exp_(acc_shift(apair, x[r][k], fi[r], flo[r], M[k]));
+                } else {
+                    const C u = alpha * x[r][k] + fi[r];
+                    // u = -inf (forbidden) adds nothing; padding columns are never written out.
+                    if (u > M[k]) {
+                        Z[k] = (M[k] == NINF) ? C(1) : Z[k] * Num<C>::exp_(M[k] - u) + C(1);
+                        M[k] = u;
+                    } else if (u != NINF) {
+                        Z[k] += Num<C>::exp_(u - M[k]);
+                    }
                 }
             }
         }

@@ -8,7 +8,7 @@ import numpy as np
 from . import _validation as V
 from ._arrays import to_native
 from ._results import Assignment, OTResult
-from ._solver import solve
+from ._solver import drop_massless_columns, restore_columns, solve
 
 __all__ = ["sinkhorn", "balanced_assign"]
 
@@ -69,16 +69,7 @@ def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n
         V.positive_scalar(tol, "tol")
     g0 = V.init_potential(init, K, xp)
     forbidden = -math.inf if alpha > 0 else math.inf
-    # Columns with zero mass carry no plan: solve without them (one copy) and give them
-    # g = -inf, so no row is left with every allowed entry in a massless column.
-    keep = None
-    if bool((wb == 0).any()):
-        keep = xp.nonzero(wb > 0)[0]
-        Xs = xp.ascontiguousarray(X[:, keep])
-        logb_s = logb[keep]
-        g0 = None if g0 is None else g0[keep]
-    else:
-        Xs, logb_s = X, logb
+    Xs, logb_s, g0, keep = drop_massless_columns(X, wb, logb, g0, xp)
     g0 = V.finite_init(g0)
     check = backend.check(Xs, forbidden)
     V.matrix_values(check, Xs.shape, name, forbidden, alpha, native.dtype)
@@ -86,13 +77,7 @@ def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n
                 max_iter=max_iter, n_iter=n_iter, want_labels=want_labels,
                 acceleration=acceleration, eps_scaling=eps_scaling,
                 max_abs=float(check["max_abs"]))
-    if keep is not None:
-        g = xp.full(K, -math.inf)
-        g[keep] = sol.g
-        sol.g = g
-        if want_labels:
-            sol.labels = keep[sol.labels]
-    return native, backend, X, sol
+    return native, backend, X, restore_columns(sol, keep, K, xp)
 
 
 def _to_host(arr):

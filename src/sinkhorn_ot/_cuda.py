@@ -49,6 +49,13 @@ PIPE_CONFIGS = {
 # SINKHORN_OT_CUDA_PASS=direct|pipe.  Chosen from benchmarks/gpu run 2 (see NOTES.md).
 DEFAULT_PASS = os.environ.get("SINKHORN_OT_CUDA_PASS", "direct")
 PIPE_MIN_K = 1024
+# Accurate shifted exponents for float32 / float16 / bfloat16 inputs (template flag ACC of the
+# pass and LSE kernels, acc_shift in the .cu): t - m formed with error-free float32
+# transformations, so err and the column sums the kernels measure are those of the plan the
+# float64 potentials define, up to lam = 1e4 (|t| ~ 1e7).  False: the run-1 arithmetic
+# (t = fmaf(alpha, x, g) in float32; ~13 fewer FP32 instructions an element).  Environment
+# override: SINKHORN_OT_CUDA_ACCURATE=0.  Per backend: CUDABackend(..., accurate=...).
+ACCURATE = os.environ.get("SINKHORN_OT_CUDA_ACCURATE", "1") != "0"
 _SMEM_PER_SM = 227 * 1024      # usable shared memory per SM (sm_80 / sm_90: 164 / 227 KiB)
 FAST_CHECK = True              # check(): fused finish kernel, one 32-byte read (False: run-1)
 CHECK_EVERY = 10    # tolerance mode: read the loop state every 10 passes (the first after 5)
@@ -79,21 +86,42 @@ def _tile_configs(dtype):
     return [(c, v) for c in _CPTS for v in _vectors(dtype) if c % v == 0]
 
 
+def _acc(dtype, accurate) -> str:
+    """The ACC template argument: only float compute has two variants (float64 has one)."""
+    return "true" if accurate and dtype != "float64" else "false"
+
+
+def _accs(dtype):
+    return ("false",) if dtype == "float64" else ("true", "false")
+
+
+def pass_name(dtype, cpt, R, v, mode, accurate=True) -> str:
+    return f"{_NS}pass_kernel<{_TYPE[dtype]}, {cpt}, {R}, {v}, {mode}, {_acc(dtype, accurate)}>"
+
+
+def lse_name(dtype, cpt, v, accurate=True) -> str:
+    return f"{_NS}lse_kernel<{_TYPE[dtype]}, {cpt}, {v}, {_acc(dtype, accurate)}>"
+
+
 def instances(dtype: str) -> list:
-    """Every kernel template instantiation the backend may launch for one input dtype."""
+    """Every kernel template instantiation the backend may launch for one input dtype (both
+    ACC variants for float compute)."""
     T, C = _TYPE[dtype], _COMPUTE[dtype]
     out = []
+    for acc in _accs(dtype):
+        a = acc == "true"
+        for cpt, v in _tile_configs(dtype):
+            out.append(pass_name(dtype, cpt, rows_at_once(cpt, dtype), v, 0, a))
+            out.append(lse_name(dtype, cpt, v, a))
+        for v in _vectors(dtype):
+            if _TILED_CPT % v == 0:
+                for mode in (1, 2):
+                    out.append(pass_name(dtype, _TILED_CPT, rows_at_once(_TILED_CPT, dtype), v,
+                                         mode, a))
+        for cfg in PIPE_CONFIGS[dtype]:
+            out.append(_pipe_name(dtype, cfg, a))
     for cpt, v in _tile_configs(dtype):
-        out.append(f"{_NS}pass_kernel<{T}, {cpt}, {rows_at_once(cpt, dtype)}, {v}, 0>")
-        out.append(f"{_NS}lse_kernel<{T}, {cpt}, {v}>")
         out.append(f"{_NS}check_kernel<{T}, {cpt}, {v}>")
-    for v in _vectors(dtype):
-        if _TILED_CPT % v == 0:
-            for mode in (1, 2):
-                out.append(f"{_NS}pass_kernel<{T}, {_TILED_CPT}, "
-                           f"{rows_at_once(_TILED_CPT, dtype)}, {v}, {mode}>")
-    for cfg in PIPE_CONFIGS[dtype]:
-        out.append(_pipe_name(dtype, cfg))
     out.append(f"{_NS}plan_kernel<{T}, {'double' if dtype == 'float64' else 'float'}>")
     out += [f"{_NS}finish_kernel<{C}>", f"{_NS}lse_finish_kernel<{C}>",
             f"{_NS}start_kernel", f"{_NS}column_update_kernel", f"{_NS}check_init_kernel",
@@ -101,9 +129,10 @@ def instances(dtype: str) -> list:
     return list(dict.fromkeys(out))
 
 
-def _pipe_name(dtype, cfg):
+def _pipe_name(dtype, cfg, accurate=True):
     cpt, R, S, maxt, minb = cfg
-    return f"{_NS}pass_pipe_kernel<{_TYPE[dtype]}, {cpt}, {R}, {S}, {maxt}, {minb}>"
+    return (f"{_NS}pass_pipe_kernel<{_TYPE[dtype]}, {cpt}, {R}, {S}, {maxt}, {minb}, "
+            f"{_acc(dtype, accurate)}>")
 
 
 def _source_dirs():
@@ -246,8 +275,9 @@ class _Layout:
     """How a pass covers an (N, K) matrix: block threads, columns per thread, vector width,
     column tiles, row blocks."""
 
-    def __init__(self, dtype, N, K, ptr, n_sm, override=None):
+    def __init__(self, dtype, N, K, ptr, n_sm, override=None, accurate=None):
         self.dtype, self.N, self.K = dtype, N, K
+        self.accurate = ACCURATE if accurate is None else bool(accurate)
         self.pipe = None   # (CPT, R, S, MAXT, MINB) of the pipelined pass, or None
         self.smem = 0      # dynamic shared memory of the pass launch (bytes)
         vec = _VEC[dtype]
@@ -293,11 +323,10 @@ class _Layout:
             raise ValueError("layout does not cover the row")
         T = _TYPE[dtype]
         self.mode = 1 if tiled else 0
-        self.pass_names = (
-            [f"{_NS}pass_kernel<{T}, {self.cpt}, {self.R}, {self.v}, 1>",
-             f"{_NS}pass_kernel<{T}, {self.cpt}, {self.R}, {self.v}, 2>"] if tiled else
-            [f"{_NS}pass_kernel<{T}, {self.cpt}, {self.R}, {self.v}, 0>"])
-        self.lse_name = f"{_NS}lse_kernel<{T}, {self.cpt}, {self.v}>"
+        acc = self.accurate
+        self.pass_names = [pass_name(dtype, self.cpt, self.R, self.v, m, acc)
+                           for m in ((1, 2) if tiled else (0,))]
+        self.lse_name = lse_name(dtype, self.cpt, self.v, acc)
         self.check_name = f"{_NS}check_kernel<{T}, {self.cpt}, {self.v}>"
         bps = _blocks_per_sm(self.pass_names[-1], self.bt)
         self._rows(N, n_sm, bps)
@@ -322,9 +351,9 @@ class _Layout:
         self.tiled, self.ntiles, self.mode = False, 1, 0
         self.width = self.bt * cpt
         self.smem = S * R * self.width * _ITEMSIZE[dtype]
-        self.pass_names = [_pipe_name(dtype, pcfg)]
+        self.pass_names = [_pipe_name(dtype, pcfg, self.accurate)]
         # LSE and check keep the direct kernels (same column layout, vector loads)
-        self.lse_name = f"{_NS}lse_kernel<{T}, {cpt}, {self.v}>"
+        self.lse_name = lse_name(dtype, cpt, self.v, self.accurate)
         self.check_name = f"{_NS}check_kernel<{T}, {cpt}, {self.v}>"
         _set_smem(self.pass_names[0], self.smem)
         self._rows(N, n_sm, _blocks_per_sm(self.pass_names[0], self.bt, self.smem))
@@ -333,7 +362,8 @@ class _Layout:
         p = f", pipe={self.pipe}, smem={self.smem}, bps={self.bps}" if self.pipe else \
             f", bps={self.bps}"
         return (f"_Layout(cpt={self.cpt}, bt={self.bt}, R={self.R}, v={self.v}, "
-                f"tiled={self.tiled}, ntiles={self.ntiles}, nrb={self.nrb}{p})")
+                f"tiled={self.tiled}, ntiles={self.ntiles}, nrb={self.nrb}, "
+                f"accurate={self.accurate}{p})")
 
 
 class CUDABackend:
@@ -341,7 +371,7 @@ class CUDABackend:
 
     device = "cuda"
 
-    def __init__(self, dtype: str, stream=None, layout_override=None):
+    def __init__(self, dtype: str, stream=None, layout_override=None, accurate=None):
         import cupy
 
         self.xp = cupy
@@ -360,6 +390,7 @@ class CUDABackend:
         self.dtype = dtype
         self.stream = stream
         self.layout_override = layout_override
+        self.accurate = ACCURATE if accurate is None else bool(accurate)
         self._ctype = np.float64 if _COMPUTE[dtype] == "double" else np.float32
 
     # -- helpers ------------------------------------------------------------------------
@@ -391,12 +422,13 @@ class CUDABackend:
         ptr = X.data.ptr
         aligned = ptr % 16 == 0
         ov = None if self.layout_override is None else tuple(self.layout_override)
-        key = (self.dtype, N, K, aligned, ov, dev, DEFAULT_PASS)
+        key = (self.dtype, N, K, aligned, ov, dev, DEFAULT_PASS, self.accurate)
         L = _LAYOUTS.get(key)
         if L is None:
             if len(_LAYOUTS) > 256:
                 _LAYOUTS.clear()
-            L = _Layout(self.dtype, N, K, 16 if aligned else 1, _sm_count(dev), ov)
+            L = _Layout(self.dtype, N, K, 16 if aligned else 1, _sm_count(dev), ov,
+                        accurate=self.accurate)
             _LAYOUTS[key] = L
         return L
 

@@ -156,6 +156,28 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     return Solution(f_best, g, lab_best, it, float(err), float(qx), converged)  # it: passes run
 
 
+def drop_massless_columns(X, wb, logb, g0, xp):
+    """Columns with zero mass carry no plan: solve without them (one copy of X) and give them
+    g = -inf afterwards, so no row is left with every allowed entry in a massless column.
+    Returns (X, logb, g0, keep) for the kept columns; keep is None when all are kept."""
+    if not bool((wb == 0).any()):
+        return X, logb, g0, None
+    keep = xp.nonzero(wb > 0)[0]
+    return (xp.ascontiguousarray(X[:, keep]), logb[keep], None if g0 is None else g0[keep],
+            keep)
+
+
+def restore_columns(sol: Solution, keep, K: int, xp) -> Solution:
+    """Undo drop_massless_columns on a solution: g = -inf and no label on dropped columns."""
+    if keep is not None:
+        g = xp.full(K, -math.inf)
+        g[keep] = sol.g
+        sol.g = g
+        if sol.labels is not None:
+            sol.labels = keep[sol.labels]
+    return sol
+
+
 def eps_stages(eps_scaling, alpha: float, max_abs: float) -> list:
     """The smaller ``alpha`` of the epsilon-scaling stages run before ``alpha`` itself.
 

@@ -389,7 +389,7 @@ def _solve_sharded(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter,
     from . import _validation as V
     from ._api import _DEFAULT_TOL, _backend
     from ._arrays import to_native
-    from ._solver import solve
+    from ._solver import drop_massless_columns, restore_columns, solve
 
     comm = as_comm(comm)
     P, rank = comm.size, comm.rank
@@ -463,12 +463,7 @@ def _solve_sharded(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter,
             loga = loga / rho_a
         if rho_b != 1.0:
             logb = logb / rho_b
-        Xs, logb_s = X, logb
-        if bool((wb == 0).any()):
-            keep = xp.nonzero(wb > 0)[0]
-            Xs = xp.ascontiguousarray(X[:, keep])
-            logb_s = logb[keep]
-            g0 = None if g0 is None else g0[keep]
+        Xs, logb_s, g0, keep = drop_massless_columns(X, wb, logb, g0, xp)
         g0 = V.finite_init(g0)  # same init on every rank: every rank raises alike
         allowed = np.zeros(Kk)
         if N > 0:
@@ -516,10 +511,4 @@ def _solve_sharded(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter,
                 tol=tol, max_iter=max_iter, n_iter=n_iter, want_labels=want_labels,
                 comm=_Shard(comm, n_total), acceleration=acceleration,
                 eps_scaling=eps_scaling, max_abs=glob["max_abs"])
-    if keep is not None:
-        g = xp.full(K, -math.inf)
-        g[keep] = sol.g
-        sol.g = g
-        if want_labels:
-            sol.labels = keep[sol.labels]
-    return native, backend, X, sol
+    return native, backend, X, restore_columns(sol, keep, K, xp)
