@@ -1,6 +1,7 @@
 """CUDA backend against the CPU core on the same inputs.  Skipped without CuPy or a CUDA
 device (never run on the CPU instead)."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -48,13 +49,13 @@ def device_input(logp, dtype):
 
 
 def solve_both(logp, dtype, lam=25.0, n_iter=None, tol=1e-4, max_iter=2000, g0=None,
-               layout=None):
+               layout=None, accurate=None):
     N, K = logp.shape
     Xd, Xh = device_input(logp, dtype)
     loga, logb = np.full(N, -math.log(N)), np.full(K, -math.log(K))
     kw = dict(tol=tol, max_iter=max_iter, n_iter=n_iter, want_labels=True)
     ref = CPUBackend().solve(Xh, lam, loga, logb, g0=g0, **kw)
-    gpu = CUDABackend(dtype, layout_override=layout).solve(
+    gpu = CUDABackend(dtype, layout_override=layout, accurate=accurate).solve(
         Xd, lam, cp.asarray(loga), cp.asarray(logb),
         g0=None if g0 is None else cp.asarray(g0), **kw)
     return ref, gpu, Xh
@@ -77,11 +78,16 @@ SHAPES = [(3000, 100, None), (4096 // 4, 3000, 3), (16, 65536 // 4, 3), (257, 90
           (1, 7, 3), (33, 1, 2)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+# (dtype, accurate): both ACC variants of the float kernels; float64 has one
+DTYPE_ACC = [("float32", True), ("float32", False), ("float64", None), ("float16", True),
+             ("float16", False), ("bfloat16", True), ("bfloat16", False)]
+
+
+@pytest.mark.parametrize("dtype,accurate", DTYPE_ACC)
 @pytest.mark.parametrize("N,K,n_iter", SHAPES)
-def test_solve_matches_cpu(dtype, N, K, n_iter):
+def test_solve_matches_cpu(dtype, accurate, N, K, n_iter):
     logp = random_logp(N, K, seed=N + K)
-    ref, gpu, Xh = solve_both(logp, dtype, n_iter=n_iter)
+    ref, gpu, Xh = solve_both(logp, dtype, n_iter=n_iter, accurate=accurate)
     assert gpu.n_iter == ref.n_iter or (n_iter is None and abs(gpu.n_iter - ref.n_iter) <= 10)
     atol = 1e-6 if dtype == "float64" else 5e-3
     assert_close_solution(ref, gpu, Xh, 25.0, atol)
@@ -247,13 +253,13 @@ def test_validation_errors_on_device():
         sinkhorn_ot.balanced_assign(X)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,accurate", DTYPE_ACC)
 @pytest.mark.parametrize("N,K", [(1000, 37), (20, 20000), (300, 3000)])
-def test_primitives_poisoned_outputs(dtype, N, K):
+def test_primitives_poisoned_outputs(dtype, accurate, N, K):
     logp = random_logp(N, K, seed=2)
     logp[0, 1] = -np.inf
     Xd, Xh = device_input(logp, dtype)
-    be, cpu = CUDABackend(dtype), CPUBackend()
+    be, cpu = CUDABackend(dtype, accurate=accurate), CPUBackend()
     g = np.random.default_rng(0).standard_normal(K)
     loga = np.full(N, -math.log(N))
     f_d = cp.full(N, cp.nan)
@@ -318,3 +324,165 @@ def test_torch_tensors_in_and_out():
         lab = res.labels.clone()
     torch.cuda.synchronize()
     np.testing.assert_array_equal(lab.cpu().numpy(), ref.labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Accurate shifted exponents (ACC kernels, the default for float32 / float16 / bfloat16): the
+# plan the kernels measure (err, column sums) is the plan of the returned float64 potentials,
+# also where |lam logP| reaches 1e7.  Mirrors tests/test_stability.py and test_invariants.py.
+def _planted_dead(N, K, seed=3):
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((N, K))
+    z[np.arange(N), np.arange(N) % K] += 2.0
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    logp[:, 0] -= 1000.0
+    return logp
+
+
+def test_acc_single_column_lam_1e4():
+    r = sinkhorn_ot.balanced_assign(cp.full((5, 1), -1e3, cp.float32), 1e4)
+    assert r.converged
+    np.testing.assert_allclose(cp.asnumpy(r.plan()).astype(np.float64), np.full((5, 1), 0.2),
+                               rtol=1e-5)
+    # the device loop (plain iterations) and the layouts of both ACC variants
+    r = sinkhorn_ot.balanced_assign(cp.full((5, 1), -1e3, cp.float32), 1e4, acceleration=None,
+                                    eps_scaling=False)
+    assert r.converged
+    np.testing.assert_allclose(cp.asnumpy(r.plan()).astype(np.float64), 0.2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [25.0, 100.0])
+@pytest.mark.parametrize("plain", [False, True], ids=["default", "device_loop"])
+def test_acc_reported_err_is_the_plans_violation(lam, plain):
+    N, K = 300, 11
+    logp = random_logp(N, K, seed=5).astype(np.float32)
+    b = np.random.default_rng(1).uniform(0.5, 1.5, K)
+    b /= b.sum()
+    kw = dict(acceleration=None, eps_scaling=False) if plain else {}
+    res = sinkhorn_ot.balanced_assign(cp.asarray(logp), lam, b=cp.asarray(b), max_iter=50_000,
+                                      **kw)
+    assert res.converged
+    a = np.full(N, 1 / N)
+    P = cp.asnumpy(res.plan()).astype(np.float64)
+    measured = np.abs(P.sum(1) - a).sum() + np.abs(P.sum(0) - b).sum()
+    np.testing.assert_allclose(res.err, measured, rtol=0, atol=1e-6)
+    f, g = cp.asnumpy(res.f), cp.asnumpy(res.g)
+    Q = np.exp(lam * logp.astype(np.float64) + f[:, None] + g[None, :])
+    exact = np.abs(Q.sum(1) - a).sum() + np.abs(Q.sum(0) - b).sum()
+    np.testing.assert_allclose(res.err, exact, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("lam", [25.0, 1000.0])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_acc_dead_cluster_recovers(lam, dtype):
+    N, K = 120, 6
+    logp = _planted_dead(N, K)
+    Xd, Xh = device_input(logp, dtype)
+    if dtype == "bfloat16":  # raw bits: through the backend (plain iterations)
+        loga, logb = np.full(N, -math.log(N)), np.full(K, -math.log(K))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # lam = 1000: slow without Anderson
+            sol = CUDABackend("bfloat16").solve(Xd, lam, cp.asarray(loga), cp.asarray(logb),
+                                                tol=1e-5, max_iter=20_000, want_labels=True)
+        f, g, err = cp.asnumpy(sol.f), cp.asnumpy(sol.g), sol.err
+    else:
+        res = sinkhorn_ot.balanced_assign(Xd, lam, max_iter=5000)
+        assert res.converged
+        assert int(cp.asnumpy(res.sizes)[0]) > 0
+        f, g, err = cp.asnumpy(res.f), cp.asnumpy(res.g), res.err
+        np.testing.assert_allclose(cp.asnumpy(res.plan()).astype(np.float64).sum(0), 1 / K,
+                                   rtol=0, atol=1e-5)
+    Q = np.exp(lam * Xh.astype(np.float64) + f[:, None] + g[None, :])
+    viol = np.abs(Q.sum(1) - 1 / N).sum() + np.abs(Q.sum(0) - 1 / K).sum()
+    assert abs(err - viol) <= 1e-6, (err, viol)
+    if dtype == "float32" or lam == 25.0:
+        np.testing.assert_allclose(Q.sum(0), 1 / K, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [None, (8, 384, False), (8, 256, True),
+                                    ("pipe", 8, 1, 4, 384, 2)])
+def test_acc_large_lambda_primitives_match_float64(layout):
+    """fused_pass and column_lse at |lam x| ~ 1e7 against float64 NumPy (direct, tiled and
+    pipelined passes); the run-1 arithmetic (accurate=False) is off by O(1) there."""
+    rng = np.random.default_rng(3)
+    N, K, lam = 257, 3000, 1e4
+    X = (-1e3 + rng.uniform(-5e-3, 5e-3, (N, K))).astype(np.float32)
+    X[4, 7] = -np.inf
+    S = lam * X.astype(np.float64)
+    g = -S[np.isfinite(S).all(1)].mean(0) + rng.uniform(-3, 3, K)
+    loga = np.full(N, -math.log(N))
+    T = S + g[None, :]
+    m = T.max(1, keepdims=True)
+    f64 = loga - (m[:, 0] + np.log(np.exp(T - m).sum(1)))
+    Q = np.exp(T + f64[:, None])
+    col64, qx64 = Q.sum(0), float((Q * np.where(np.isfinite(X), X, 0)).sum())
+    Xd = cp.asarray(X)
+    out = {}
+    for acc in (True, False):
+        be = CUDABackend("float32", layout_override=layout, accurate=acc)
+        f_d = cp.full(N, cp.nan)
+        col, colmax, qx = be.fused_pass(Xd, lam, cp.asarray(g), cp.asarray(loga), 1.0, f_d, None)
+        out[acc] = (cp.asnumpy(f_d), cp.asnumpy(col), qx)
+        if acc:
+            # f_i and the column sums of exp(lam x + f + g): float32 precision of the plan
+            np.testing.assert_allclose(out[acc][0], f64, rtol=0, atol=5e-6)
+            np.testing.assert_allclose(out[acc][1], col64, rtol=2e-5, atol=1e-12)
+            np.testing.assert_allclose(qx, qx64, rtol=1e-5)
+            fl = np.zeros(N)
+            L = cp.asnumpy(be.column_lse(Xd, lam, cp.asarray(fl)))
+            mm = S.max(0)
+            L64 = mm + np.log(np.exp(S - mm).sum(0))
+            np.testing.assert_allclose(L, L64, rtol=0, atol=2e-5)
+    assert np.abs(out[False][1] - col64).max() > 10 * np.abs(out[True][1] - col64).max()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_acc_and_fast_paths_agree_at_lam_25(dtype):
+    """Both ACC variants, every pass family, agree where float32 t is accurate enough."""
+    logp = random_logp(300, 3000, seed=3)
+    for layout in ((8, 384, False), (8, 256, True), ("pipe", 8, 1, 4, 384, 2)):
+        _, a, _ = solve_both(logp, dtype, n_iter=5, layout=layout, accurate=True)
+        _, b, _ = solve_both(logp, dtype, n_iter=5, layout=layout, accurate=False)
+        np.testing.assert_allclose(cp.asnumpy(a.g), cp.asnumpy(b.g), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(cp.asnumpy(a.f), cp.asnumpy(b.f), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(a.qx, b.qx, rtol=1e-4)
+
+
+def test_acc_pass_cost(capsys):
+    """ms per fused pass, accurate vs run-1 arithmetic (direct and pipelined), printed for
+    the choice of default; asserts only that both run and the ACC pass is not > 2.5x."""
+    N, K = 262_144, 3000
+    rs = cp.random.RandomState(0)
+    res = {}
+    for dtype in ("float32", "bfloat16"):
+        X = rs.standard_normal((N, K), dtype=cp.float32) * 3
+        X = X - cp.log(cp.exp(X).sum(1, keepdims=True))
+        if dtype == "bfloat16":  # round to nearest even, on the device
+            b = X.view(cp.uint32)
+            Xd = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(cp.uint16)
+        else:
+            Xd = X
+        del X
+        loga = cp.full(N, -math.log(N))
+        logb = cp.full(K, -math.log(K))
+        for layout in (None, ("pipe", 8, 1, 4, 384, 2)):
+            for acc in (True, False):
+                be = CUDABackend(dtype, layout_override=layout, accurate=acc)
+                be.solve(Xd, 25.0, loga, logb, tol=0.0, max_iter=2, n_iter=2)  # compile, warm
+                cp.cuda.Device().synchronize()
+                t0, t1 = cp.cuda.Event(), cp.cuda.Event()
+                t0.record()
+                be.solve(Xd, 25.0, loga, logb, tol=0.0, max_iter=20, n_iter=20)
+                t1.record()
+                t1.synchronize()
+                res[(dtype, str(layout), acc)] = cp.cuda.get_elapsed_time(t0, t1) / 20
+        del Xd
+    with capsys.disabled():
+        print("\nACC pass cost, ms/iter at 262144 x 3000 (accurate | run-1 arithmetic):")
+        for dtype in ("float32", "bfloat16"):
+            for layout in (None, ("pipe", 8, 1, 4, 384, 2)):
+                a, b = res[(dtype, str(layout), True)], res[(dtype, str(layout), False)]
+                print(f"  {dtype:9s} {str(layout):28s} {a:7.3f} | {b:7.3f}  ratio {a / b:.2f}")
+    for dtype in ("float32", "bfloat16"):
+        for layout in (None, ("pipe", 8, 1, 4, 384, 2)):
+            assert res[(dtype, str(layout), True)] <= 2.5 * res[(dtype, str(layout), False)]

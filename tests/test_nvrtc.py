@@ -37,11 +37,52 @@ def test_sources_found_and_line_directives():
 
 
 # ---------------------------------------------------------------------------------------------
+# float32 emulation of acc_shift (the ACC path of the pass and LSE kernels): every operation
+# rounds to float32 as the device does.  fmaf(a, b, c) is emulated as float64 a * b (exact:
+# 24 + 24 bits) + c rounded to float64, then to float32: exact where the kernel relies on it
+# (the product remainder fmaf(ahi, x, -p) is representable), a double rounding elsewhere.
+def _fmaf(a, b, c):
+    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+
+
+def _split(v):
+    v = np.asarray(v, np.float64)
+    hi = v.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        lo = np.where(np.isfinite(hi), (v - hi.astype(np.float64)), 0.0).astype(np.float32)
+    return hi, lo
+
+
+def _acc_shift(alpha, x, g, m):
+    """d = (alpha x + g) - m in float32 arithmetic (alpha, g float64; x, m float32)."""
+    f32 = np.float32
+    ahi, alo = _split(alpha)
+    ghi, glo = _split(g)
+    x, m = np.asarray(x, f32), np.asarray(m, f32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = (ahi * x).astype(f32)
+        pe = _fmaf(ahi, x, -p)
+        s = (p + ghi).astype(f32)
+        z = (s - p).astype(f32)
+        e = ((p - (s - z)) + (ghi - z)).astype(f32)
+        lo = ((_fmaf(alo, x, glo) + pe) + e).astype(f32)
+        d = ((s - m) + lo).astype(f32)
+    d = np.where(np.isnan(d), f32(-np.inf), d)          # max.f32 d, -inf
+    return np.minimum(d, f32(64.0))
+
+
+def _plain_t(alpha, x, g):
+    """The run-1 float t = fmaf(alpha, x, g) (also picks the row max m on the ACC path)."""
+    return _fmaf(np.float32(alpha), np.asarray(x, np.float32), np.asarray(g, np.float32))
+
+
 # NumPy mirror of the device algorithm (float32 compute for a float32 input).
-def _emulate_pass(X, alpha, g, loga, rho_a, nrb, width):
+def _emulate_pass(X, alpha, g, loga, rho_a, nrb, width, acc=False):
     N, K = X.shape
     f32 = np.float32
-    t = (f32(alpha) * X.astype(f32) + g.astype(f32)[None, :]).astype(f32)
+    with np.errstate(invalid="ignore"):
+        t = _plain_t(alpha, X, g[None, :]) if acc else \
+            (f32(alpha) * X.astype(f32) + g.astype(f32)[None, :]).astype(f32)
     ntiles = -(-K // width)
     # per-(tile, row) statistics, combined as MODE_APPLY does (single tile: same result)
     ms, ss = [], []
@@ -58,9 +99,20 @@ def _emulate_pass(X, alpha, g, loga, rho_a, nrb, width):
     labels = np.argmax(t, axis=1)
     f = rho_a * (loga - M.astype(np.float64) - np.log(S))
     logr = (rho_a * (loga - np.log(S)) + (1 - rho_a) * M).astype(f32)
-    e = np.exp(t - M[:, None]).astype(f32)
+    if acc:
+        # one tile: the sums above must use the accurate d too (the kernels' s)
+        assert ntiles == 1
+        Ms = np.where(np.isneginf(M), f32(0), M)
+        dd = _acc_shift(alpha, X, g[None, :], Ms[:, None])
+        e = np.exp(dd).astype(f32)
+        S = e.sum(axis=1, dtype=f32).astype(np.float64)
+        f = rho_a * (loga - M.astype(np.float64) - np.log(S))
+        logr = (rho_a * (loga - np.log(S)) + (1 - rho_a) * M).astype(f32)
+        d = (dd + logr[:, None]).astype(f32)
+    else:
+        e = np.exp(t - M[:, None]).astype(f32)
+        d = (t - M[:, None] + logr[:, None]).astype(f32)
     q = e * np.exp(logr)[:, None].astype(f32)
-    d = (t - M[:, None] + logr[:, None]).astype(f32)
     colpart = np.zeros((nrb, K), f32)
     cmpart = np.full((nrb, K), -np.inf, f32)
     qx = 0.0
@@ -76,10 +128,12 @@ def _emulate_pass(X, alpha, g, loga, rho_a, nrb, width):
     return f, labels, colpart, cmpart, qx
 
 
-def _emulate_solve(X, alpha, loga, logb, *, tol, max_iter, n_iter, nrb, width):
+def _emulate_solve(X, alpha, loga, logb, *, tol, max_iter, n_iter, nrb, width, acc=False):
     N, K = X.shape
     log_n = math.log(N)
-    L = np.log(np.exp(alpha * X.astype(np.float64)).sum(axis=0))
+    S64 = alpha * X.astype(np.float64)
+    mx = S64.max(axis=0)
+    L = mx + np.log(np.exp(S64 - mx).sum(axis=0))
     gslots = np.empty((3, K))
     gslots[0] = logb - L
     fslots = np.empty((2, N))
@@ -93,7 +147,8 @@ def _emulate_solve(X, alpha, loga, logb, *, tol, max_iter, n_iter, nrb, width):
         fw = 1 - st["f_best"]
         gc, gb = st["g_cur"], st["g_best"]
         gn = 0 if (gc != 0 and gb != 0) else (1 if (gc != 1 and gb != 1) else 2)
-        f, lab, colpart, cmpart, qx = _emulate_pass(X, alpha, gslots[gc], loga, 1.0, nrb, width)
+        f, lab, colpart, cmpart, qx = _emulate_pass(X, alpha, gslots[gc], loga, 1.0, nrb, width,
+                                                    acc)
         fslots[fw], labslots[fw] = f, lab
         col = colpart.astype(np.float64).sum(axis=0)
         cmx = cmpart.astype(np.float64).max(axis=0)
@@ -190,8 +245,11 @@ def test_pipe_instances_listed_and_layout(monkeypatch):
     L = _cuda._Layout("bfloat16", 4096, 3000, 16, 132, ("pipe", 16, 1, 4, 192, 2))
     assert L.bt == 192 and L.smem == 4 * 192 * 16 * 2
     # misaligned or too wide: falls back to the direct pass (regs needed for its instance)
-    for name in ("pass_kernel<float, 8, 2, 4, 0>", "pass_kernel<float, 8, 2, 1, 0>"):
-        monkeypatch.setitem(_cuda._NUM_REGS, _cuda._NS + name, 126)
+    for acc in (True, False):
+        for v in (4, 1):
+            monkeypatch.setitem(_cuda._NUM_REGS, _cuda.pass_name("float32", 8, 2, v, 0, acc), 126)
+        for cfg in _cuda.PIPE_CONFIGS["float32"]:
+            monkeypatch.setitem(_cuda._NUM_REGS, _cuda._pipe_name("float32", cfg, acc), 128)
     L = _cuda._Layout("float32", 1000, 3000, 1, 132, ("pipe", 8, 1, 4, 384, 2))
     assert L.pipe is None and L.v == 1
     monkeypatch.setattr(_cuda, "DEFAULT_PASS", "pipe")
@@ -200,3 +258,127 @@ def test_pipe_instances_listed_and_layout(monkeypatch):
     monkeypatch.setattr(_cuda, "DEFAULT_PASS", "direct")
     L = _cuda._Layout("float32", 1000, 3000, 16, 132, None)
     assert L.pipe is None and (L.cpt, L.bt) == (8, 384)
+    # the ACC flag reaches every kernel name of the layout (float64: one variant)
+    for acc in (True, False):
+        L = _cuda._Layout("float32", 1000, 3000, 16, 132, None, accurate=acc)
+        flag = "true" if acc else "false"
+        assert L.accurate == acc
+        assert all(n.endswith(f", {flag}>") for n in L.pass_names + [L.lse_name])
+        L = _cuda._Layout("float32", 1000, 3000, 16, 132, ("pipe", 8, 1, 4, 384, 2),
+                          accurate=acc)
+        assert L.pass_names == [_cuda._pipe_name("float32", (8, 1, 4, 384, 2), acc)]
+        assert L.lse_name.endswith(f", {flag}>")
+    assert _cuda.ACCURATE  # the default for float32 / float16 / bfloat16
+    names = _cuda.instances("float32")
+    assert _cuda.pass_name("float32", 8, 2, 4, 0, True) in names
+    assert _cuda.pass_name("float32", 8, 2, 4, 0, False) in names
+    assert all(not n.endswith(", true>") for n in _cuda.instances("float64"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The ACC path: d = (alpha x + g) - m from error-free float32 transformations, against float64.
+def _dead_cluster(N, K, lam, seed=3):
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((N, K))
+    z[np.arange(N), np.arange(N) % K] += 2.0
+    logP = z - np.log(np.exp(z).sum(1, keepdims=True))
+    logP[:, 0] -= 1000.0
+    return logP.astype(np.float32)
+
+
+def _g64(X, lam):
+    """The float64 solution's g (realistic magnitudes: the dead column's g is ~ +1000 lam)."""
+    from sinkhorn_ot._cpu import CPUBackend
+
+    N, K = X.shape
+    r = CPUBackend(1).solve(X.astype(np.float64), lam, np.full(N, -math.log(N)),
+                            np.full(K, -math.log(K)), tol=1e-3, max_iter=20000)
+    return r.g
+
+
+def _acc_cases():
+    rng = np.random.default_rng(7)
+    out = []
+    # logP = -1e3 at lam = 1e4: |t| ~ 1e7, ulp(t) = 1 in float32
+    x = (-1e3 + rng.uniform(-1e-2, 1e-2, (64, 5))).astype(np.float32)
+    for lam in (1e4, 1e4 * (1 + 1e-9), 1 / 7e-5):      # float-exact and inexact alpha
+        g = -lam * x.astype(np.float64).mean(0) + rng.uniform(-20, 20, 5) + math.pi
+        out.append((f"logP=-1e3 lam={lam:.6g}", x, lam, g))
+    for lam in (25.0, 1000.0):                          # a column 1000 below the rest
+        x = _dead_cluster(60, 6, lam)
+        out.append((f"dead column lam={lam:g}", x, lam, _g64(x, lam)))
+    return out
+
+
+@pytest.mark.parametrize("case", _acc_cases(), ids=lambda c: c[0])
+def test_acc_shift_matches_float64(case):
+    _, x, lam, g = case
+    f32 = np.float32
+    t = _plain_t(lam, x, g[None, :])
+    m = t.max(axis=1)                                   # the kernels' approximate row max
+    d = _acc_shift(lam, x, g[None, :], m[:, None])
+    d64 = lam * x.astype(np.float64) + g[None, :] - m[:, None].astype(np.float64)
+    scale = np.abs(lam * x.astype(np.float64)) + np.abs(g)[None, :]
+    err = np.abs(d.astype(np.float64) - d64)
+    # float32 relative precision of d (2 ulp), plus 2^-44 |t| for the float-pair inputs
+    bound = 2.0 ** -23 * np.abs(d64) + 2.0 ** -44 * scale
+    assert (err <= bound).all(), (err / bound).max()
+    # the entries that carry mass (d > -30): relative error of exp(d) at float32 level
+    live = d64 > -30
+    assert live.any()
+    np.testing.assert_allclose(np.exp(d[live].astype(np.float64)), np.exp(d64[live]),
+                               rtol=1e-6)
+    # the run-1 arithmetic is far off at these magnitudes (what ACC fixes)
+    plain = (t - m[:, None]).astype(f32)
+    if np.max(scale) > 1e6:
+        assert np.abs(plain[live] - d64[live]).max() > 1e-2
+
+
+def test_acc_shift_special_values():
+    f32 = np.float32
+    x = np.array([-np.inf, -1.0, 0.0, -np.inf, 3.0], f32)
+    g = np.array([2.0, -np.inf, -np.inf, -np.inf, 1e7 + 0.3])
+    d = _acc_shift(25.0, x, g, f32(1e7))
+    assert np.isneginf(d[:4]).all() and np.isfinite(d[4])   # forbidden / padding: exp = 0
+    d = _acc_shift(-10.0, np.array([np.inf], f32), np.array([0.0]), f32(0))  # cost +inf
+    assert np.isneginf(d).all()
+    assert _acc_shift(1e4, np.array([1e5], f32), np.array([0.0]), f32(0))[0] == 64.0  # clamp
+
+
+def _plan_violation(X, lam, f, g):
+    P = np.exp(lam * X.astype(np.float64) + f[:, None] + g[None, :])
+    N, K = X.shape
+    return P, np.abs(P.sum(1) - 1 / N).sum() + np.abs(P.sum(0) - 1 / K).sum()
+
+
+@pytest.mark.parametrize("acc", [True, False])
+def test_emulated_acc_single_column_lam_1e4(acc):
+    """balanced_assign(np.full((5, 1), -1e3, np.float32), 1e4): the plan of the returned
+    potentials must be 0.2 everywhere; the run-1 arithmetic reported err 0 for a wrong plan."""
+    X = np.full((5, 1), -1e3, np.float32)
+    loga, logb = np.full(5, -math.log(5)), np.zeros(1)
+    f, g, lab, it, err, qx = _emulate_solve(X, 1e4, loga, logb, tol=1e-5, max_iter=50,
+                                            n_iter=None, nrb=2, width=32, acc=acc)
+    P, viol = _plan_violation(X, 1e4, f, g)
+    if acc:
+        np.testing.assert_allclose(P, 0.2, rtol=1e-5)
+        assert abs(err - viol) <= 1e-6
+    else:
+        assert np.abs(P - 0.2).max() > 1e-3 or abs(err - viol) > 1e-6
+
+
+@pytest.mark.parametrize("lam", [25.0, 1000.0])
+def test_emulated_acc_dead_cluster(lam):
+    N, K = 120, 6
+    X = _dead_cluster(N, K, lam)
+    loga, logb = np.full(N, -math.log(N)), np.full(K, -math.log(K))
+    # plain Sinkhorn (no acceleration) converges slowly at lam = 1000: consistency only
+    f, g, lab, it, err, qx = _emulate_solve(X, lam, loga, logb, tol=1e-5, max_iter=3000,
+                                            n_iter=None, nrb=7, width=32, acc=True)
+    P, viol = _plan_violation(X, lam, f, g)
+    assert abs(err - viol) <= 1e-6, (err, viol)      # err is the returned plan's violation
+    if lam == 25.0:
+        assert err <= 1e-5
+        np.testing.assert_allclose(P.sum(0), 1 / K, rtol=0, atol=1e-5)
+    else:
+        assert P[:, 0].sum() > 0.5 / K                 # the dead column holds its mass
