@@ -27,7 +27,7 @@ stamp "build the C++ extension in place"
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { stamp "BUILD FAILED"; tail -30 "$OUT/build.log"; }
 
 stamp "GPU tests"
-timeout 200 python3 -m pytest -m gpu --maxfail=8 -q -rf -p no:cacheprovider tests/test_gpu.py 2>&1 \
+timeout 170 python3 -m pytest -m gpu --maxfail=8 -q -rf -p no:cacheprovider tests/test_gpu.py 2>&1 \
     | tee "$OUT/test_gpu.log" | tail -40
 stamp "examples on the GPU (PyTorch CUDA tensors through DLPack)"
 timeout 60 python3 examples/swav_sinkhorn.py 2>&1 | tail -3 | tee -a "$OUT/examples.log"

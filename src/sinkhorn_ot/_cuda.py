@@ -38,16 +38,20 @@ _OPTIONS = ("-std=c++17",)
 # float32 (8,1,4,384,2) 78, (8,2,3,384,1) 143, (16,1,4,192,2) 146.  MAXT <= 512: the LSE
 # and check kernels of the same layout are launched with the same threads.
 PIPE_CONFIGS = {
-    "float32": [(8, 1, 4, 384, 2), (8, 2, 3, 384, 1), (16, 1, 4, 192, 2)],
-    "float16": [(8, 1, 4, 384, 2), (8, 2, 3, 384, 1), (16, 1, 4, 192, 2)],
-    "bfloat16": [(8, 1, 4, 384, 2), (8, 2, 3, 384, 1), (16, 1, 4, 192, 2)],
+    # run 2 on an H200, 1_281_167 x 3000 (ms/iter f32 | bf16): (16,1,4,192,2) 9.39 | 9.42,
+    # (8,1,4,384,2) 10.88 | 10.39, (8,2,3,384,1) 12.67 | 12.90; direct pass 14.22 | 14.42
+    "float32": [(16, 1, 4, 192, 2), (8, 1, 4, 384, 2), (8, 2, 3, 384, 1)],
+    "float16": [(16, 1, 4, 192, 2), (8, 1, 4, 384, 2), (8, 2, 3, 384, 1)],
+    "bfloat16": [(16, 1, 4, 192, 2), (8, 1, 4, 384, 2), (8, 2, 3, 384, 1)],
     "float64": [(8, 1, 3, 384, 1)],
 }
 # Which pass the automatic layout uses for single-tile rows of at least PIPE_MIN_K columns
 # (16-byte aligned): "direct" (pass_kernel, the run-1 path) or "pipe" (the first config of
 # PIPE_CONFIGS[dtype] whose thread count fits the row).  Environment override:
 # SINKHORN_OT_CUDA_PASS=direct|pipe.  Chosen from benchmarks/gpu run 2 (see NOTES.md).
-DEFAULT_PASS = os.environ.get("SINKHORN_OT_CUDA_PASS", "direct")
+DEFAULT_PASS = os.environ.get("SINKHORN_OT_CUDA_PASS", "pipe")
+# The pipelined pass is the default only where it was measured (float64 keeps the direct pass).
+PIPE_DEFAULT_DTYPES = ("float32", "float16", "bfloat16")
 PIPE_MIN_K = 1024
 # Accurate shifted exponents for float32 / float16 / bfloat16 inputs (template flag ACC of the
 # pass and LSE kernels, acc_shift in the .cu): t - m formed with error-free float32
@@ -291,7 +295,8 @@ class _Layout:
             else:
                 self._init_pipe(dtype, N, K, n_sm, pcfg)
                 return
-        elif override is None and DEFAULT_PASS == "pipe" and aligned and K >= PIPE_MIN_K:
+        elif (override is None and DEFAULT_PASS == "pipe" and dtype in PIPE_DEFAULT_DTYPES
+              and aligned and K >= PIPE_MIN_K):
             for pcfg in PIPE_CONFIGS[dtype]:
                 if pcfg[0] % vec == 0 and _pipe_fit(dtype, K, pcfg) is not None:
                     self._init_pipe(dtype, N, K, n_sm, pcfg)
@@ -476,8 +481,9 @@ class CUDABackend:
              _null() if g_out is None else g_out, _null() if state is None else state))
 
     def _buffers(self, L):
-        return self._work("bufs", lambda: self._new_buffers(L), L.nrb, L.K, L.N if L.tiled
-                          else -1, L.ntiles)
+        # the compute type is part of the key: float32 partials are half the size of float64
+        return self._work("bufs", lambda: self._new_buffers(L), np.dtype(self._ctype).name,
+                          L.nrb, L.K, L.N if L.tiled else -1, L.ntiles)
 
     def _new_buffers(self, L):
         xp = self.xp
