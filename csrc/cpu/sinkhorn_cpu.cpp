@@ -103,26 +103,20 @@ SK_INLINE void row_body(const T* __restrict x, const double* __restrict g, int64
                         double& cost, double& f_i, int64_t* label) {
     const double ninf = -std::numeric_limits<double>::infinity();
     const int64_t Kv = K - K % W;
-    double mv[W];
-    for (int64_t l = 0; l < W; ++l) mv[l] = ninf;
-    for (int64_t y = 0; y < Kv; y += W)
-        for (int64_t l = 0; l < W; ++l) {
-            double v = alpha * static_cast<double>(x[y + l]) + g[y + l];
-            t[y + l] = v;
-            mv[l] = std::max(mv[l], v);
-        }
     double m = ninf;
-    for (int64_t y = Kv; y < K; ++y) {
-        t[y] = alpha * static_cast<double>(x[y]) + g[y];
-        m = std::max(m, t[y]);
+#pragma omp simd reduction(max : m)
+    for (int64_t y = 0; y < K; ++y) {  // a max is exact in any order: omp simd may reorder it
+        double v = alpha * static_cast<double>(x[y]) + g[y];
+        t[y] = v;
+        m = std::max(m, v);
     }
-    for (int64_t l = 0; l < W; ++l) m = std::max(m, mv[l]);
     if (label) {
         int64_t arg = 0;
         while (t[arg] != m) ++arg;  // first maximiser; m is one of the t[y]
         *label = arg;
     }
-    T sv[W] = {};
+    // exp(t - m), its row sum, and the row's sum e_y x_y (for the transport cost), in T
+    T sv[W] = {}, cv[W] = {};
     for (int64_t y = 0; y < Kv; y += W)
         for (int64_t l = 0; l < W; ++l) {
             double d = t[y + l] - m;
@@ -130,35 +124,28 @@ SK_INLINE void row_body(const T* __restrict x, const double* __restrict g, int64
             T v = vexp(static_cast<T>(d));
             e[y + l] = v;
             sv[l] += v;
+            cv[l] += v * clamp_finite(x[y + l]);  // forbidden: v = 0, x clamped to finite
         }
-    T s = 0;
+    T s = 0, c = 0;
     for (int64_t y = Kv; y < K; ++y) {
         t[y] -= m;
         e[y] = vexp(static_cast<T>(t[y]));
         s += e[y];
+        c += e[y] * clamp_finite(x[y]);
     }
-    for (int64_t l = 0; l < W; ++l) s += sv[l];
+    for (int64_t l = 0; l < W; ++l) {
+        s += sv[l];
+        c += cv[l];
+    }
     const double log_s = std::log(static_cast<double>(s));
     f_i = row_potential(loga_i, m, log_s, rho_a);
     const double logr = log_row_factor(loga_i, m, log_s, rho_a);
     const double r = std::exp(logr);
-    double cv[W] = {};
-    for (int64_t y = 0; y < Kv; y += W)
-        for (int64_t l = 0; l < W; ++l) {
-            double q = static_cast<double>(e[y + l]) * r;
-            col[y + l] += q;
-            colmax[y + l] = std::max(colmax[y + l], t[y + l] + logr);
-            cv[l] += q * static_cast<double>(clamp_finite(x[y + l]));
-        }
-    double c = 0;
-    for (int64_t y = Kv; y < K; ++y) {
-        double q = static_cast<double>(e[y]) * r;
-        col[y] += q;
+    for (int64_t y = 0; y < K; ++y) {
+        col[y] += static_cast<double>(e[y]) * r;
         colmax[y] = std::max(colmax[y], t[y] + logr);
-        c += q * static_cast<double>(clamp_finite(x[y]));
     }
-    for (int64_t l = 0; l < W; ++l) c += cv[l];
-    cost += c;
+    cost += r * static_cast<double>(c);
 }
 
 SK_CLONES void row_f32(const float* x, const double* g, int64_t K, double alpha,
