@@ -9,7 +9,12 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))  # an installed (editable) package wins anyway
+# Document the installed package (it carries the compiled core); fall back to the source tree
+# only when nothing is installed, e.g. to build the pages of a checkout without a compiler.
+try:
+    import sinkhorn_ot._core  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(HERE.parent / "src"))
 
 import sinkhorn_ot  # noqa: E402
 
