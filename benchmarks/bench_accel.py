@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import problems  # noqa: E402
+import _common as problems  # noqa: E402  (the standard problems of ANCHORS.md)
 
 import sinkhorn_ot  # noqa: E402
 
@@ -67,7 +67,7 @@ def main():
         peaked_k = [10, 100]
         max_iter = args.max_iter
     for K in peaked_k:
-        lp = problems.peaked_problem(K)
+        lp = problems.peaked_problem(K=K)
         for lam in (25.0, 50.0):
             probs.append((f"peaked digits K={K}", lp, lam))
     rows = []
