@@ -1,0 +1,29 @@
+"""Ctrl-C stops a long solve promptly with KeyboardInterrupt (run in a subprocess so the
+signal cannot reach pytest itself)."""
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import os, signal, threading, time
+    import numpy as np
+    import sinkhorn_ot
+    X = np.random.default_rng(0).standard_normal((4000, 500))
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    t0 = time.perf_counter()
+    try:
+        # unreachable tolerance: only the interrupt ends this solve
+        sinkhorn_ot.balanced_assign(X, 25.0, tol=1e-300, max_iter=10**7,
+                                    acceleration=None, eps_scaling=False)
+    except KeyboardInterrupt:
+        print("interrupted after %.2f s" % (time.perf_counter() - t0))
+""")
+
+
+def test_ctrl_c_stops_a_solve_within_a_second():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "interrupted after" in out.stdout
+    elapsed = float(out.stdout.split("after")[1].split()[0])
+    assert elapsed < 0.5 + 1.0, out.stdout
