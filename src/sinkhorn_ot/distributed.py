@@ -14,6 +14,7 @@ Neither mpi4py nor torch is a dependency of sinkhorn-ot; both are imported lazil
 """
 from __future__ import annotations
 
+import abc
 import math
 import pickle
 
@@ -26,7 +27,7 @@ def _is_cupy(x) -> bool:
     return type(x).__module__.split(".")[0] == "cupy"
 
 
-class Comm:
+class Comm(abc.ABC):
     """What the solver needs from a communicator.
 
     Subclasses implement :meth:`allreduce_sum`, :meth:`allreduce_max` and
@@ -38,14 +39,17 @@ class Comm:
     rank: int = 0
     size: int = 1
 
+    @abc.abstractmethod
     def allreduce_sum(self, x):
-        raise NotImplementedError
+        """Implemented by each engine."""
 
+    @abc.abstractmethod
     def allreduce_max(self, x):
-        raise NotImplementedError
+        """Implemented by each engine."""
 
+    @abc.abstractmethod
     def bcast_object(self, obj, root: int):
-        raise NotImplementedError
+        """Implemented by each engine."""
 
     def allreduce_lse(self, L):
         """Combine per-process column log-sum-exps: ``log sum_p exp(L_p)``, stably (the
