@@ -30,8 +30,9 @@ def test_warm_start_needs_fewer_iterations(dtype):
     # a result and its g are the same warm start
     assert warm_g.n_iter == warm.n_iter
     np.testing.assert_array_equal(warm_g.g, warm.g)
-    # same solution as the cold start, to the tolerance
-    atol = 2e-7 if dtype == np.float64 else 2e-6
+    # same solution as the cold start, to the tolerance (each plan meets the marginals to
+    # the default tol, 1e-6 in float64 and 1e-5 in float32, so their entries agree to that)
+    atol = 1e-6 if dtype == np.float64 else 1e-5
     np.testing.assert_allclose(warm.plan().astype(np.float64),
                                cold.plan().astype(np.float64), rtol=0, atol=atol)
 

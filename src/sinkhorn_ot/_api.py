@@ -133,7 +133,7 @@ def sinkhorn(C, a=None, b=None, *, reg, tol=None, max_iter=1000, n_iter=None, in
     init : OTResult or array of shape (m,), optional
         Warm start from a previous result or its column potential ``g``.
     acceleration : {"anderson", None}, default "anderson"
-        Anderson mixing of ``g`` (memory 5), guarded by the dual objective: a step that
+        Anderson mixing of ``g`` (memory 12), guarded by the dual objective: a step that
         lowers it is rejected and replaced by a plain step.  Used on balanced problems
         solved to ``tol``; fixed ``n_iter`` always runs plain (SwAV-exact) iterations.
     eps_scaling : bool or int, default True
