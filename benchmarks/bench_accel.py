@@ -54,7 +54,8 @@ def table(rows, header):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
+    ap.add_argument("--record", action="store_true",
+                    help="write the table into its section of benchmarks/RESULTS.md")
     ap.add_argument("--max-iter", type=int, default=30_000)
     args = ap.parse_args()
     if args.quick:
@@ -107,9 +108,11 @@ def main():
                              capture_output=True, text=True).stdout.strip() or cpu
     except OSError:
         pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     text = (f"### Fewer iterations (bench_accel.py)\n\n"
             f"{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores, float64, "
-            f"`python benchmarks/bench_accel.py{' --quick' if args.quick else ''}`; "
+            f"commit {commit}, `python benchmarks/bench_accel.py{' --quick' if args.quick else ''} --record`; "
             "iterations = fused passes of all stages; time is wall time on a shared machine.\n\n"
             "```\n" + table(rows, ("problem", "lam", "tol", "method", "iterations",
                                   "time s", "fewer than plain")) + "\n```\n\n"
@@ -119,8 +122,7 @@ def main():
                               "warm s")) + "\n```\n")
     print(text)
     if args.record:
-        with open(os.path.join(os.path.dirname(__file__), "RESULTS.md"), "a") as fh:
-            fh.write("\n" + text)
+        problems.write_section(problems.RESULTS, "bench_accel", text.replace("### ", "## ", 1))
 
 
 if __name__ == "__main__":
