@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from . import _validation as V
-from ._arrays import to_native
+from ._arrays import to_host, to_native
 from ._results import Assignment, OTResult
 from ._solver import drop_massless_columns, restore_columns, solve
 
@@ -78,10 +78,6 @@ def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n
                 acceleration=acceleration, eps_scaling=eps_scaling,
                 max_abs=float(check["max_abs"]))
     return native, backend, X, restore_columns(sol, keep, K, xp)
-
-
-def _to_host(arr):
-    return arr.get() if hasattr(arr, "get") and not isinstance(arr, np.ndarray) else arr
 
 
 def _common(native, backend, X, alpha, sol, cost):
@@ -289,9 +285,9 @@ def balanced_assign(logP, lam=25.0, *, b=None, size_penalty=None, hard="argmax",
         from . import _hard
 
         targets = _hard.target_sizes(X.shape[0],
-                                     _to_host(V.marginal(b, X.shape[1], "b", xp)[0]))
+                                     to_host(V.marginal(b, X.shape[1], "b", xp)[0]))
         if hard == "exact":
-            sol.labels = xp.asarray(_hard.exact_labels(_to_host(X), targets))
+            sol.labels = xp.asarray(_hard.exact_labels(to_host(X), targets))
         else:
             sol.labels = _hard.greedy_labels(xp, X, lam, sol.f, sol.g, sol.labels,
                                              xp.asarray(targets))

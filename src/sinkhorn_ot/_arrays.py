@@ -27,8 +27,13 @@ def _identity(x):
     return x
 
 
-def _is_cupy(x) -> bool:
+def is_cupy(x) -> bool:
     return type(x).__module__.split(".")[0] == "cupy"
+
+
+def to_host(x):
+    """A NumPy view of a CuPy array (one device-to-host copy); anything else unchanged."""
+    return x.get() if is_cupy(x) else x
 
 
 def import_cupy():
@@ -69,7 +74,7 @@ def to_native(x, name: str) -> Native:
     """See ``x`` as a NumPy or CuPy array without copying it."""
     if isinstance(x, np.ndarray):
         return Native(x, x.dtype.name, "cpu", _identity)
-    if _is_cupy(x):
+    if is_cupy(x):
         return Native(x, x.dtype.name, "cuda", _identity)
     mod = type(x).__module__.split(".")[0]
     if mod == "torch":

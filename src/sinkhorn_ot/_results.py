@@ -95,7 +95,8 @@ class UnbalancedResult(OTResult):
     mass : float
         Total mass ``sum(Q)``.
     row_sums, col_sums : array, shapes (n,) and (m,)
-        ``Q 1`` and ``Q^T 1``, float64, measured by one extra pass each.
+        ``Q 1`` (exact by construction: the relaxed row target) and ``Q^T 1`` (measured by
+        one extra pass), float64.
     """
 
     objective: float = float("nan")

@@ -13,6 +13,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from ._arrays import to_host
+
 ACCELERATIONS = ("anderson", None)
 
 
@@ -66,11 +70,7 @@ class Anderson:
         if not self.dg:
             return Tg
         dR, dG = xp.stack(self.dr, axis=1), xp.stack(self.dg, axis=1)
-        A = xp.asnumpy(dR.T @ dR) if hasattr(xp, "asnumpy") else dR.T @ dR
-        rhs = dR.T @ r
-        rhs = xp.asnumpy(rhs) if hasattr(xp, "asnumpy") else rhs
-        import numpy as np
-
+        A, rhs = to_host(dR.T @ dR), to_host(dR.T @ r)  # memory x memory: solved on the host
         # Tikhonov term: the differences become nearly collinear close to convergence.
         A = A + (1e-10 * np.trace(A) + 1e-300) * np.eye(A.shape[0])
         try:

@@ -20,11 +20,9 @@ import pickle
 
 import numpy as np
 
+from ._arrays import is_cupy, to_host
+
 __all__ = ["Comm", "MPIComm", "TorchComm", "as_comm"]
-
-
-def _is_cupy(x) -> bool:
-    return type(x).__module__.split(".")[0] == "cupy"
 
 
 class Comm(abc.ABC):
@@ -75,19 +73,15 @@ class Comm(abc.ABC):
 
 
 def _xp(x):
-    if _is_cupy(x):
+    if is_cupy(x):
         import cupy
 
         return cupy
     return np
 
 
-def _to_host(x):
-    return x.get() if _is_cupy(x) else x
-
-
 def _like(host, ref):
-    if _is_cupy(ref):
+    if is_cupy(ref):
         import cupy
 
         return cupy.asarray(host)
@@ -143,14 +137,14 @@ class MPIComm(Comm):
         return buf
 
     def _allreduce(self, x, op):
-        if _is_cupy(x) and self.cuda_aware:
+        if is_cupy(x) and self.cuda_aware:
             import cupy
 
             buf = cupy.array(x, dtype=cupy.float64, copy=True)
             cupy.cuda.get_current_stream().synchronize()
             self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=op)
             return buf
-        host = np.asarray(_to_host(x), dtype=np.float64)
+        host = np.asarray(to_host(x), dtype=np.float64)
         buf = self._work("r", host.size)
         buf[:] = host.reshape(-1)
         self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=op)
@@ -181,15 +175,15 @@ class MPIComm(Comm):
 
     def allreduce_pass(self, col, colmax, qx):
         K = col.shape[0]
-        if K > self.single_collective_max_k or (self.cuda_aware and _is_cupy(col)):
+        if K > self.single_collective_max_k or (self.cuda_aware and is_cupy(col)):
             # Large K: bandwidth, not latency, dominates, and one unsplittable element
             # keeps MPI from its reduce-scatter + all-gather algorithms across nodes (on
             # loopback both ways measured about 0.55 ms at K = 65_536).
             return Comm.allreduce_pass(self, col, colmax, qx)
         buf = self._work("pass", 2 * K + 1)
-        buf[:K] = _to_host(col)
+        buf[:K] = to_host(col)
         buf[K] = qx
-        buf[K + 1:] = _to_host(colmax)
+        buf[K + 1:] = to_host(colmax)
         dtype, op = self._pass_op(K)
         self.comm.Allreduce(self._MPI.IN_PLACE, [buf, 1, dtype], op=op)
         return _like(buf[:K].copy(), col), _like(buf[K + 1:].copy(), colmax), float(buf[K])
@@ -237,7 +231,7 @@ class TorchComm(Comm):
 
     def _reduce(self, x, op):
         torch, dist = self._torch, self._dist
-        if _is_cupy(x):
+        if is_cupy(x):
             import cupy
 
             if self._nccl:
@@ -380,7 +374,7 @@ def _checksum(v):
     """Two numbers that differ when two ranks pass different vectors (b, init)."""
     if v is None:
         return (0.0, 0.0)
-    h = _to_host(v)
+    h = to_host(v)
     h = np.where(np.isfinite(h), h, 0.0)
     return (float(h.sum()), float((h * np.cos(np.arange(h.shape[0]))).sum()))
 
@@ -475,7 +469,7 @@ def _solve_sharded(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter,
             if int(chk["first_empty_col"]) < 0:
                 allowed[:] = 1.0
             else:
-                allowed = _to_host((Xs != forbidden).any(axis=0)).astype(np.float64)
+                allowed = to_host((Xs != forbidden).any(axis=0)).astype(np.float64)
     except Exception as e:
         exc = e
     offset = int(counts[:rank].sum())
@@ -499,7 +493,7 @@ def _solve_sharded(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter,
     if not sum_a > 0:
         raise ValueError("a sums to zero over all ranks")
     if balanced:
-        V.balanced_totals(np.array([sum_a]), _to_host(wb))
+        V.balanced_totals(np.array([sum_a]), to_host(wb))
     glob = {
         "first_invalid": -int(vec[2 * P]) if math.isfinite(vec[2 * P]) else -1,
         "first_empty_row": -int(vec[2 * P + 1]) if math.isfinite(vec[2 * P + 1]) else -1,
