@@ -21,3 +21,12 @@ except ImportError:  # pragma: no cover
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+# SINKHORN_OT_CUDA_EMU=1: run the GPU tests without a GPU, on the kernel emulation of
+# tests/cuda_emu (CuPy replaced by a NumPy-backed stand-in; see its docstring for the limits).
+CUDA_EMU = os.environ.get("SINKHORN_OT_CUDA_EMU", "0") == "1"
+if CUDA_EMU:
+    import cuda_emu
+
+    sys.modules["cupy"] = cuda_emu.fake_cupy()

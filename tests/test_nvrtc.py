@@ -263,16 +263,28 @@ def test_pipe_instances_listed_and_layout(monkeypatch):
         L = _cuda._Layout("float32", 1000, 3000, 16, 132, None, accurate=acc)
         flag = "true" if acc else "false"
         assert L.accurate == acc
-        assert all(n.endswith(f", {flag}>") for n in L.pass_names + [L.lse_name])
+        for lab in (True, False):  # pass kernels: <..., ACC, LAB>
+            assert all(n.endswith(f", {flag}, {'true' if lab else 'false'}>")
+                       for n in L.passes[lab])
+        assert L.lse_name.endswith(f", {flag}>")
         L = _cuda._Layout("float32", 1000, 3000, 16, 132, ("pipe", 8, 1, 4, 384, 2),
                           accurate=acc)
-        assert L.pass_names == [_cuda._pipe_name("float32", (8, 1, 4, 384, 2), acc)]
+        for lab in (True, False):
+            assert L.passes[lab] == [_cuda._pipe_name("float32", (8, 1, 4, 384, 2), acc, lab)]
         assert L.lse_name.endswith(f", {flag}>")
+        assert L.label_name in _cuda.instances("float32")
     assert _cuda.ACCURATE  # the default for float32 / float16 / bfloat16
     names = _cuda.instances("float32")
     assert _cuda.pass_name("float32", 8, 2, 4, 0, True) in names
     assert _cuda.pass_name("float32", 8, 2, 4, 0, False) in names
-    assert all(not n.endswith(", true>") for n in _cuda.instances("float64"))
+    for n in _cuda.instances("float64"):  # ACC is false everywhere for float64
+        args = n[n.find("<") + 1:-1].split(", ")
+        if "pass" in n:
+            assert args[-2] == "false", n
+        elif "lse_kernel" in n:
+            assert args[-1] == "false", n
+    # the column-tiled passes always write labels: no LAB = false instance of them
+    assert _cuda.pass_name("float32", 8, 2, 4, 1, True, False).endswith(", true>")
 
 
 # ---------------------------------------------------------------------------------------------

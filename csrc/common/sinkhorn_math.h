@@ -5,8 +5,9 @@
 //   f_i = rho_a * (log a_i - m - log s)              (rho_a = 1: balanced rows)
 //   Q_iy = exp(t_y - m) * r_i,  r_i = exp(m + f_i) = exp(log a_i - log s) when balanced
 // The column sums col_y = sum_i Q_iy then give the next g (see next_g).  Entries whose
-// exp(t_y - m) underflows are dropped from col_y; colmax_y = max_i log Q_iy keeps the
-// information needed when a whole column underflows.
+// exp(t_y - m) underflows are dropped from col_y; colmax_y = max_i log Q_iy (the CPU core), or
+// an upper bound of it (the CUDA pass: looser by at most log K), keeps the information needed
+// when a whole column underflows.
 #pragma once
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)

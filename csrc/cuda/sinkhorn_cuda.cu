@@ -25,6 +25,10 @@
 namespace sinkhorn_ot {
 namespace cuda {
 
+#ifndef SK_CUDA_EMULATION
+extern __shared__ __align__(16) unsigned char sk_dyn_smem[];  // the pipelined pass's ring
+#endif
+
 typedef long long i64;
 typedef unsigned long long u64;
 
@@ -32,11 +36,43 @@ typedef unsigned long long u64;
 struct f16_t { unsigned short bits; };
 struct bf16_t { unsigned short bits; };
 
+// ---------------------------------------------------------------------------------------------
+// The only PTX in the file.  tests/cuda_emu/emu.h defines SK_CUDA_EMULATION and supplies host
+// equivalents of these five primitives, so that CI (no GPU) runs the kernels on the CPU.
+#ifndef SK_CUDA_EMULATION
 __device__ __forceinline__ float f16_to_float(unsigned short h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
+// 2^x, one MUFU instruction; inputs and results below 2^-126 flush to 0.
+__device__ __forceinline__ float ex2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+// max(d, -inf): NaN becomes -inf (max.f32 returns the non-NaN operand).  PTX asm, so that no
+// compiler pass folds max(d, -inf) to d.
+__device__ __forceinline__ float nan_to_ninf(float d) {
+    asm("max.f32 %0, %0, 0fFF800000;" : "+f"(d));
+    return d;
+}
+// Asynchronous global -> shared copies (sm_80+).  Used by the pipelined pass: every thread
+// copies its own 16-byte vectors into its own shared-memory slots and reads only those back,
+// so the thread's own cp.async.wait_group is the only synchronisation needed.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int NPEND>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(NPEND) : "memory");
+}
+#endif  // SK_CUDA_EMULATION
+
 __device__ __forceinline__ float bf16_to_float(unsigned short h) {
     return __uint_as_float(static_cast<unsigned>(h) << 16);
 }
@@ -49,9 +85,7 @@ template <> struct Num<float> {
     // exp(d) for d <= 0 (or -inf): one MUFU instruction; results below 2^-126 flush to 0,
     // as the CPU core's vexp drops them.
     static __device__ __forceinline__ float exp_(float d) {
-        float y;
-        asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(d * 1.4426950408889634f));
-        return y;
+        return ex2_ftz(d * 1.4426950408889634f);
     }
     static __device__ __forceinline__ float log_(float s) { return logf(s); }
 };
@@ -99,11 +133,9 @@ __device__ __forceinline__ float acc_shift(FPair a, float x, float ghi, float gl
     const float lo = __fadd_rn(__fadd_rn(fmaf(a.lo, x, glo), pe), e);
     float d = __fadd_rn(__fadd_rn(s, -m), lo);
     // A forbidden pair (x = +-inf), a padding column (g = -inf) or an all-forbidden row
-    // (m = -inf) make d NaN (inf - inf inside TwoSum): max.f32 returns the non-NaN operand,
-    // so d becomes -inf and exp(d) = 0, as in the plain path.  PTX asm, so that no compiler
-    // pass folds max(d, -inf) to d.
-    asm("max.f32 %0, %0, 0fFF800000;" : "+f"(d));
-    return fminf(d, kMaxShift);
+    // (m = -inf) make d NaN (inf - inf inside TwoSum): it becomes -inf, so exp(d) = 0, as in
+    // the plain path.
+    return fminf(nan_to_ninf(d), kMaxShift);
 }
 
 // Input-type traits: the compute type C and how to load 1 or V (16 bytes) values.
@@ -173,10 +205,20 @@ constexpr int NO_ARG = 0x7fffffff;
 
 __device__ __forceinline__ i64 row_lo(i64 N, int b, int nb) { return N * b / nb; }
 
-// Reductions over the block of R values per thread.  Every thread ends with the same results
-// (sums are reduced in one fixed order and broadcast, so they are bitwise identical).
-template <class C, int R>
+// Lanes that hold the per-warp results in the second step of a block reduction: a power of
+// two >= the block's warps (at most MAXW), so that step takes log2(that) shuffles, not 5.
+__host__ __device__ constexpr int warp_lanes(int maxw) {
+    int p = 1;
+    while (p < maxw) p *= 2;
+    return p;
+}
+
+// Reductions over the block of R values per thread, for blocks of at most MAXW warps.  Every
+// thread ends with the same results (sums are reduced in one fixed order and broadcast, so
+// they are bitwise identical).
+template <class C, int R, int MAXW>
 __device__ __forceinline__ void block_max_arg(C (&m)[R], int (&a)[R], C* sm_m, int* sm_a) {
+    constexpr int G = warp_lanes(MAXW);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -189,18 +231,44 @@ __device__ __forceinline__ void block_max_arg(C (&m)[R], int (&a)[R], C* sm_m, i
         if (lane == 0) { sm_m[r * 32 + warp] = m[r]; sm_a[r * 32 + warp] = a[r]; }
     }
     __syncthreads();
+    const int gl = lane & (G - 1);  // every group of G lanes reduces the same G values
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-        C v = lane < nw ? sm_m[r * 32 + lane] : Num<C>::ninf();
-        int ai = lane < nw ? sm_a[r * 32 + lane] : NO_ARG;
+        C v = gl < nw ? sm_m[r * 32 + gl] : Num<C>::ninf();
+        int ai = gl < nw ? sm_a[r * 32 + gl] : NO_ARG;
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
+        for (int off = G / 2; off > 0; off >>= 1) {
             C om = __shfl_xor_sync(0xffffffffu, v, off);
             int oa = __shfl_xor_sync(0xffffffffu, ai, off);
             if (om > v || (om == v && oa < ai)) { v = om; ai = oa; }
         }
         m[r] = v;
         a[r] = ai;
+    }
+}
+
+// The row max alone (passes that do not track labels): order-independent, so every thread
+// ends with the same value.
+template <class C, int R, int MAXW>
+__device__ __forceinline__ void block_max(C (&m)[R], C* sm_m) {
+    constexpr int G = warp_lanes(MAXW);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1)
+            m[r] = fmax(m[r], __shfl_xor_sync(0xffffffffu, m[r], off));
+        if (lane == 0) sm_m[r * 32 + warp] = m[r];
+    }
+    __syncthreads();
+    const int gl = lane & (G - 1);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        C v = gl < nw ? sm_m[r * 32 + gl] : Num<C>::ninf();
+#pragma unroll
+        for (int off = G / 2; off > 0; off >>= 1)
+            v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
+        m[r] = v;
     }
 }
 
@@ -211,8 +279,9 @@ __device__ __forceinline__ C warp_sum_bcast(C v) {
     return __shfl_sync(0xffffffffu, v, 0);
 }
 
-template <class C, int R>
+template <class C, int R, int MAXW>
 __device__ __forceinline__ void block_sum(C (&s)[R], C* sm_s) {
+    constexpr int G = warp_lanes(MAXW);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -221,7 +290,13 @@ __device__ __forceinline__ void block_sum(C (&s)[R], C* sm_s) {
     }
     __syncthreads();
 #pragma unroll
-    for (int r = 0; r < R; ++r) s[r] = warp_sum_bcast(lane < nw ? sm_s[r * 32 + lane] : C(0));
+    for (int r = 0; r < R; ++r) {
+        C v = lane < nw ? sm_s[r * 32 + lane] : C(0);
+        // lane 0 sums lanes 0 .. G - 1 (the same order as a 32-lane sweep over zeros)
+#pragma unroll
+        for (int off = G / 2; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+        s[r] = __shfl_sync(0xffffffffu, v, 0);
+    }
 }
 
 // One block-wide double sum, result valid in thread 0 (used once per block).
@@ -289,22 +364,6 @@ __device__ __noinline__ void combine_row_stats(const C* st_m, const C* st_s, con
 }
 
 // ---------------------------------------------------------------------------------------------
-// Asynchronous global -> shared copies (sm_80+; PTX only, no headers).  Used by the pipelined
-// pass: every thread copies its own 16-byte vectors into its own shared-memory slots and reads
-// only those back, so the thread's own cp.async.wait_group is the only synchronisation needed.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int NPEND>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(NPEND) : "memory");
-}
-
-// ---------------------------------------------------------------------------------------------
 // The pass.  g = gslots + K * state->g_cur; f and labels go to slot 1 - state->f_best of
 // fslots / labslots (stride N).  Outputs: colpart / cmpart [nrb, K] (compute type), qxpart
 // [gridDim.y * nrb] (MODE_FUSED / MODE_APPLY); st_m / st_s / st_a [ntiles, N] (MODE_STATS).
@@ -314,10 +373,14 @@ __device__ __forceinline__ void cp_async_wait() {
 // an S-stage ring of row groups in dynamic shared memory ([S][R][BT * CPT] of T) filled with
 // cp.async, S - 1 groups ahead of the one being reduced; loga of the group is loaded early too.
 //
-// ACC (float compute only; ignored for float64): d = t - m from acc_shift (accurate), computed
-// once per element in the sum step and kept in place of x (the sum Q X is accumulated there as
-// r_i sum_y exp(d_y) x_iy); ACC = false: the run-1 arithmetic, t = fmaf(alpha, x, g) in float.
-template <class T, int CPT, int R, int V, int MODE, int S, bool ACC>
+// d = t - m and exp(d) are computed once per element, in the sum step; MODE_FUSED keeps exp(d)
+// in place of x for the column step (the sum Q X is accumulated in the sum step as
+// r_i sum_y exp(d_y) x_iy).  ACC (float compute only; ignored for float64): d from acc_shift
+// (accurate); ACC = false: the run-1 arithmetic, t = fmaf(alpha, x, g) in float.
+// MAXW: the most warps a block of this kernel has (sets the second step of the reductions).
+// LAB = false (MODE_FUSED): no labels (the row max alone, cheaper); the device loop writes the
+// labels of its best pass with label_kernel afterwards, or runs its last pass with LAB.
+template <class T, int CPT, int R, int V, int MODE, int S, bool ACC, int MAXW, bool LAB>
 __device__ __forceinline__ void
 pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
             const double* __restrict__ gslots, const double* __restrict__ loga, double rho_a,
@@ -339,7 +402,8 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
     const int fw = 1 - state->f_best;
     const double* __restrict__ g = gslots + K * state->g_cur;
     double* __restrict__ f = fslots + N * fw;
-    i64* __restrict__ lab = labslots ? labslots + N * fw : nullptr;
+    constexpr bool ARG = LAB || MODE == MODE_STATS;  // track the first argmax of each row
+    i64* __restrict__ lab = (LAB && labslots) ? labslots + N * fw : nullptr;
     const bool writer = blockIdx.y == 0;  // one tile writes f and the labels of each row
     const C alpha = static_cast<C>(alpha_d);
     const C NINF = Num<C>::ninf(), BIG = Num<C>::big();
@@ -376,9 +440,13 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
     }
     double qx = 0;
     int grp = 0;
+    // MODE_FUSED: cmax holds max_i d_iy (d = t - m of the row) and lrmax = max_i log r_i over
+    // the block's rows; their sum bounds max_i log Q_iy from above (by at most
+    // max_i log s_i <= log K), which is all next_g needs of it, and saves an exponential and
+    // two instructions an entry in the column step.
+    C lrmax = NINF;
 
     // Pipelined loads: ring of S stages of R rows, this thread's vectors at col0[j] - tile0.
-    extern __shared__ __align__(16) unsigned char sk_dyn_smem[];
     T* const ring = reinterpret_cast<T*>(sk_dyn_smem);
     const int W = BT * CPT;  // elements of one row slot
     if constexpr (S > 0) {
@@ -446,7 +514,7 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
             cp_async_commit();
         }
         C rowm[R], logr[R];
-        C xs[R];  // EFT, MODE_FUSED: sum_y exp(d_y) x_iy of this thread (sum Q X / r_i)
+        C xs[R];  // MODE_FUSED: sum_y exp(d_y) x_iy of this thread (sum Q X / r_i)
         if (MODE != MODE_APPLY) {
             // Row max and its first column.
             C m[R];
@@ -460,34 +528,40 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
 #pragma unroll
                     for (int v = 0; v < V; ++v) {
                         const C t = alpha * x[r][j * V + v] + gr[j * V + v];
-                        if (t > m[r]) { m[r] = t; a[r] = static_cast<int>(col0[j] + v); }
+                        if constexpr (ARG) {
+                            if (t > m[r]) { m[r] = t; a[r] = static_cast<int>(col0[j] + v); }
+                        } else {
+                            m[r] = fmax(m[r], t);
+                        }
                     }
             }
-            block_max_arg<C, R>(m, a, sm_m, sm_a);
+            if constexpr (ARG) block_max_arg<C, R, MAXW>(m, a, sm_m, sm_a);
+            else block_max<C, R, MAXW>(m, sm_m);
             // Row sum of exp(t - m) (m = -inf: a tile whose entries are all forbidden).
             C s[R];
 #pragma unroll
             for (int r = 0; r < R; ++r) {
-                const C ms = m[r] == NINF ? C(0) : m[r];
+                // A row past the block's end (R > 1) is shifted by +inf: d = -inf, it adds
+                // nothing to any sum or maximum.
+                const C ms = i0 + r >= hi ? -NINF : (m[r] == NINF ? C(0) : m[r]);
                 s[r] = C(0);
                 xs[r] = C(0);
 #pragma unroll
                 for (int k = 0; k < CPT; ++k) {
-                    if constexpr (EFT) {
-                        const float d = acc_shift(apair, x[r][k], gr[k], glo[k], ms);
-                        const float e = Num<float>::exp_(d);
-                        s[r] += e;
-                        if (MODE == MODE_FUSED) {
-                            // forbidden entries (e = 0, x = +-inf): clamp x to finite
-                            xs[r] += e * fminf(fmaxf(x[r][k], -BIG), BIG);
-                            x[r][k] = d;  // x is not needed again: keep d in its place
-                        }
-                    } else {
-                        s[r] += Num<C>::exp_(alpha * x[r][k] + gr[k] - ms);
+                    C d;
+                    if constexpr (EFT) d = acc_shift(apair, x[r][k], gr[k], glo[k], ms);
+                    else d = alpha * x[r][k] + gr[k] - ms;
+                    const C e = Num<C>::exp_(d);
+                    s[r] += e;
+                    if (MODE == MODE_FUSED) {
+                        // forbidden entries (e = 0, x = +-inf): clamp x to finite
+                        xs[r] += e * fmin(fmax(x[r][k], -BIG), BIG);
+                        cmax[k] = fmax(cmax[k], d);  // max_i d_iy
+                        x[r][k] = e;  // x is not needed again: keep exp(d) in its place
                     }
                 }
             }
-            block_sum<C, R>(s, sm_s);
+            block_sum<C, R, MAXW>(s, sm_s);
             if (MODE == MODE_STATS) {
                 if (tid == 0)
 #pragma unroll
@@ -547,15 +621,12 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
             if (i0 + r >= hi) continue;  // uniform over the block
             const C ms = rowm[r] == NINF ? C(0) : rowm[r];
             const C rr = Num<C>::exp_(logr[r]);
-            if constexpr (EFT && MODE == MODE_FUSED) {
+            if constexpr (MODE == MODE_FUSED) {
 #pragma unroll
-                for (int k = 0; k < CPT; ++k) {
-                    const float d = x[r][k];  // acc_shift(..., ms) from the sum step
-                    csum[k] += Num<float>::exp_(d) * rr;
-                    cmax[k] = fmaxf(cmax[k], d + logr[r]);
-                }
+                for (int k = 0; k < CPT; ++k) csum[k] = fma(x[r][k], rr, csum[k]);  // x: exp(d)
                 qxl += xs[r] * rr;
-            } else {
+                lrmax = fmax(lrmax, logr[r]);
+            } else {  // MODE_APPLY: x still holds the input
 #pragma unroll
                 for (int k = 0; k < CPT; ++k) {
                     C d;
@@ -582,7 +653,10 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
 #pragma unroll
         for (int v = 0; v < V; ++v) {
             const i64 c = col0[j] + v;
-            if (c < K) { cp[c] = csum[j * V + v]; cm[c] = cmax[j * V + v]; }
+            if (c < K) {
+                cp[c] = csum[j * V + v];
+                cm[c] = MODE == MODE_FUSED ? cmax[j * V + v] + lrmax : cmax[j * V + v];
+            }
         }
     const double qb = block_sum_once(qx, sm_q);
     if (tid == 0) qxpart[static_cast<i64>(blockIdx.y) * nrb + blockIdx.x] = qb;
@@ -600,17 +674,17 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
         st_s, st_a, state
 
 // The original pass: rows loaded into registers as their turn comes.
-template <class T, int CPT, int R, int V, int MODE, bool ACC = true>
+template <class T, int CPT, int R, int V, int MODE, bool ACC, bool LAB>
 __global__ void __launch_bounds__(512) pass_kernel(SK_PASS_PARAMS) {
-    pass_body<T, CPT, R, V, MODE, 0, ACC>(SK_PASS_ARGS);
+    pass_body<T, CPT, R, V, MODE, 0, ACC, 16, LAB>(SK_PASS_ARGS);
 }
 
 // Pipelined pass (MODE_FUSED): S-stage cp.async ring in dynamic shared memory (S * R * BT *
 // CPT * sizeof(T) bytes, set by the launch), at most MAXT threads, MINB blocks per SM asked of
 // the register allocator.
-template <class T, int CPT, int R, int S, int MAXT, int MINB, bool ACC = true>
+template <class T, int CPT, int R, int S, int MAXT, int MINB, bool ACC, bool LAB>
 __global__ void __launch_bounds__(MAXT, MINB) pass_pipe_kernel(SK_PASS_PARAMS) {
-    pass_body<T, CPT, R, 16 / sizeof(T), MODE_FUSED, S, ACC>(SK_PASS_ARGS);
+    pass_body<T, CPT, R, 16 / sizeof(T), MODE_FUSED, S, ACC, MAXT / 32, LAB>(SK_PASS_ARGS);
 }
 #undef SK_PASS_PARAMS
 #undef SK_PASS_ARGS
@@ -950,6 +1024,71 @@ __global__ void check_finish_kernel(const unsigned char* __restrict__ row_ok, i6
     if ((threadIdx.x & 31) == 0) {
         if (fr != ~0ULL) atomicMin(res + 1, fr);
         if (fc != ~0ULL) atomicMin(res + 2, fc);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Labels: the first argmax over y of alpha X_iy + g_y, with t formed exactly as the pass forms
+// it (float compute: t = alpha x + float(g)), so the labels are those a pass with LAB at this g
+// writes.  For the device loop's best pass, run after the loop (its passes skip the argmax).
+// Same column layout as the single-tile pass: CPT columns a thread, R rows at a time.
+template <class T, int CPT, int R, int V>
+__global__ void __launch_bounds__(512)
+label_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
+             const double* __restrict__ g, i64* __restrict__ lab) {
+    typedef typename In<T>::C C;
+    constexpr int NV = CPT / V;
+    const int tid = threadIdx.x, BT = blockDim.x, nrb = gridDim.x;
+    const i64 lo = row_lo(N, blockIdx.x, nrb), hi = row_lo(N, blockIdx.x + 1, nrb);
+    const C alpha = static_cast<C>(alpha_d);
+    const C NINF = Num<C>::ninf();
+    __shared__ C sm_m[R * 32];
+    __shared__ int sm_a[R * 32];
+    int col0[NV];
+    C gr[CPT];
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+        col0[j] = (j * BT + tid) * V;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+            const i64 c = col0[j] + v;
+            gr[j * V + v] = c < K ? static_cast<C>(g[c]) : NINF;
+        }
+    }
+    for (i64 i0 = lo; i0 < hi; i0 += R) {
+        C x[R][CPT];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int j = 0; j < NV; ++j) {
+                if (i0 + r < hi && col0[j] < K) {
+                    if constexpr (V == 1) In<T>::load1(X + (i0 + r) * K + col0[j], &x[r][j * V]);
+                    else In<T>::loadv(X + (i0 + r) * K + col0[j], &x[r][j * V]);
+                } else {
+#pragma unroll
+                    for (int v = 0; v < V; ++v) x[r][j * V + v] = C(0);
+                }
+            }
+        C m[R];
+        int a[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            m[r] = NINF;
+            a[r] = NO_ARG;
+#pragma unroll
+            for (int j = 0; j < NV; ++j)
+#pragma unroll
+                for (int v = 0; v < V; ++v) {
+                    const C t = alpha * x[r][j * V + v] + gr[j * V + v];
+                    if (t > m[r]) { m[r] = t; a[r] = static_cast<int>(col0[j] + v); }
+                }
+        }
+        block_max_arg<C, R, 16>(m, a, sm_m, sm_a);
+        if (tid == 0)
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                if (i0 + r < hi) lab[i0 + r] = a[r];
+        __syncthreads();  // sm_m / sm_a are reused by the next group
     }
 }
 

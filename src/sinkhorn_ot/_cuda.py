@@ -102,8 +102,20 @@ def _accs(dtype):
     return ("false",) if dtype == "float64" else ("true", "false")
 
 
-def pass_name(dtype, cpt, R, v, mode, accurate=True) -> str:
-    return f"{_NS}pass_kernel<{_TYPE[dtype]}, {cpt}, {R}, {v}, {mode}, {_acc(dtype, accurate)}>"
+def _b(flag) -> str:
+    return "true" if flag else "false"
+
+
+def pass_name(dtype, cpt, R, v, mode, accurate=True, lab=True) -> str:
+    """LAB (labels) only varies for the fused pass: the column-tiled passes always track the
+    argmax (their first launch needs it)."""
+    lab = lab or mode != 0
+    return (f"{_NS}pass_kernel<{_TYPE[dtype]}, {cpt}, {R}, {v}, {mode}, "
+            f"{_acc(dtype, accurate)}, {_b(lab)}>")
+
+
+def label_name(dtype, cpt, v) -> str:
+    return f"{_NS}label_kernel<{_TYPE[dtype]}, {cpt}, {rows_at_once(cpt, dtype)}, {v}>"
 
 
 def lse_name(dtype, cpt, v, accurate=True) -> str:
@@ -118,7 +130,8 @@ def instances(dtype: str) -> list:
     for acc in _accs(dtype):
         a = acc == "true"
         for cpt, v in _tile_configs(dtype):
-            out.append(pass_name(dtype, cpt, rows_at_once(cpt, dtype), v, 0, a))
+            for lab in (True, False):
+                out.append(pass_name(dtype, cpt, rows_at_once(cpt, dtype), v, 0, a, lab))
             out.append(lse_name(dtype, cpt, v, a))
         for v in _vectors(dtype):
             if _TILED_CPT % v == 0:
@@ -126,9 +139,11 @@ def instances(dtype: str) -> list:
                     out.append(pass_name(dtype, _TILED_CPT, rows_at_once(_TILED_CPT, dtype), v,
                                          mode, a))
         for cfg in PIPE_CONFIGS[dtype]:
-            out.append(_pipe_name(dtype, cfg, a))
+            for lab in (True, False):
+                out.append(_pipe_name(dtype, cfg, a, lab))
     for cpt, v in _tile_configs(dtype):
         out.append(f"{_NS}check_kernel<{T}, {cpt}, {v}>")
+        out.append(label_name(dtype, cpt, v))
     out.append(f"{_NS}plan_kernel<{T}, {'double' if dtype == 'float64' else 'float'}>")
     out += [f"{_NS}finish_kernel<{C}>", f"{_NS}lse_finish_kernel<{C}>",
             f"{_NS}start_kernel", f"{_NS}column_update_kernel", f"{_NS}check_init_kernel",
@@ -136,10 +151,10 @@ def instances(dtype: str) -> list:
     return list(dict.fromkeys(out))
 
 
-def _pipe_name(dtype, cfg, accurate=True):
+def _pipe_name(dtype, cfg, accurate=True, lab=True):
     cpt, R, S, maxt, minb = cfg
     return (f"{_NS}pass_pipe_kernel<{_TYPE[dtype]}, {cpt}, {R}, {S}, {maxt}, {minb}, "
-            f"{_acc(dtype, accurate)}>")
+            f"{_acc(dtype, accurate)}, {_b(lab)}>")
 
 
 def _source_dirs():
@@ -332,11 +347,14 @@ class _Layout:
         T = _TYPE[dtype]
         self.mode = 1 if tiled else 0
         acc = self.accurate
-        self.pass_names = [pass_name(dtype, self.cpt, self.R, self.v, m, acc)
-                           for m in ((1, 2) if tiled else (0,))]
+        # pass launches with (True) and without (False) labels; the column-tiled passes always
+        # write labels, so they need no label kernel
+        self.passes = {lab: [pass_name(dtype, self.cpt, self.R, self.v, m, acc, lab)
+                             for m in ((1, 2) if tiled else (0,))] for lab in (True, False)}
+        self.label_name = None if tiled else label_name(dtype, self.cpt, self.v)
         self.lse_name = lse_name(dtype, self.cpt, self.v, acc)
         self.check_name = f"{_NS}check_kernel<{T}, {self.cpt}, {self.v}>"
-        bps = _blocks_per_sm(self.pass_names[-1], self.bt)
+        bps = _blocks_per_sm(self.passes[True][-1], self.bt)
         self._rows(N, n_sm, bps)
 
     def _rows(self, N, n_sm, bps):
@@ -359,12 +377,14 @@ class _Layout:
         self.tiled, self.ntiles, self.mode = False, 1, 0
         self.width = self.bt * cpt
         self.smem = S * R * self.width * _ITEMSIZE[dtype]
-        self.pass_names = [_pipe_name(dtype, pcfg, self.accurate)]
-        # LSE and check keep the direct kernels (same column layout, vector loads)
+        self.passes = {lab: [_pipe_name(dtype, pcfg, self.accurate, lab)] for lab in (True, False)}
+        # LSE, check and labels use the direct kernels (same column layout, vector loads)
+        self.label_name = label_name(dtype, cpt, self.v)
         self.lse_name = lse_name(dtype, cpt, self.v, self.accurate)
         self.check_name = f"{_NS}check_kernel<{T}, {cpt}, {self.v}>"
-        _set_smem(self.pass_names[0], self.smem)
-        self._rows(N, n_sm, _blocks_per_sm(self.pass_names[0], self.bt, self.smem))
+        for names in self.passes.values():
+            _set_smem(names[0], self.smem)
+        self._rows(N, n_sm, _blocks_per_sm(self.passes[True][0], self.bt, self.smem))
 
     def __repr__(self):
         p = f", pipe={self.pipe}, smem={self.smem}, bps={self.bps}" if self.pipe else \
@@ -378,6 +398,9 @@ class CUDABackend:
     """Backend primitives and the device-side loop on CuPy arrays (see module docstring)."""
 
     device = "cuda"
+    # A pass with labels pays for the argmax (comparisons, a wider block reduction): the
+    # generic loop asks labels() once, at the best g, instead (_solver.sinkhorn_loop).
+    labels_per_pass = False
 
     def __init__(self, dtype: str, stream=None, layout_override=None, accurate=None):
         import cupy
@@ -503,13 +526,19 @@ class CUDABackend:
         return colpart, cmpart, qxpart, st, errpart
 
     def _pass(self, X, L, alpha, gslots, loga, rho_a, fslots, labslots, bufs, state):
+        """One pass; labels (and the argmax work) only when labslots is given."""
         N, K = X.shape
         colpart, cmpart, qxpart, st, _ = bufs
         args = (X, np.int64(N), np.int64(K), np.float64(alpha), gslots, loga,
                 np.float64(rho_a), fslots, _null() if labslots is None else labslots,
                 colpart, cmpart, qxpart, st[0], st[1], st[2], state)
-        for name in L.pass_names:
+        for name in L.passes[labslots is not None]:
             _kernel(name)(L.grid, (L.bt,), args, shared_mem=L.smem)
+
+    def _labels(self, X, L, alpha, g, out):
+        N, K = X.shape
+        _kernel(L.label_name)((L.nrb,), (L.bt,), (X, np.int64(N), np.int64(K),
+                                                  np.float64(alpha), g, out))
 
     def _finish(self, L, gslots, logb, log_n, rho_b, tol, fixed, bufs, state, col_out=None,
                 colmax_out=None):
@@ -612,6 +641,21 @@ class CUDABackend:
             qx = float(self._read_state(state)["best_qx"])
         return col, colmax, qx
 
+    def labels(self, X, alpha, g, out):
+        """Write the first argmax over y of ``alpha X_iy + g_y`` (as a pass forms it) into
+        ``out`` (int64, (N,)) and return it: one read of X, no exponentials."""
+        xp = self.xp
+        X = self._matrix(X)
+        with self._ctx(X):
+            L = self.layout(X)
+            g = self._f64(g)
+            if L.label_name is None:  # column-tiled rows: a pass with labels
+                self.fused_pass(X, alpha, g, xp.zeros(X.shape[0]), 1.0,
+                                xp.empty(X.shape[0]), out)
+            else:
+                self._labels(X, L, alpha, g, out)
+        return out
+
     def column_update(self, g, logb, col, colmax, log_n_rows, rho_b):
         xp = self.xp
         g, logb, col, colmax = (self._f64(a) for a in (g, logb, col, colmax))
@@ -673,17 +717,26 @@ class CUDABackend:
             log_n = math.log(max(N, 1))
             fixed = n_iter is not None
             iters = int(n_iter) if fixed else int(max_iter)
+            # Labels: the column-tiled passes write them every pass; otherwise the passes skip
+            # the argmax, except the last one of a fixed n_iter (always the best), and a
+            # tolerance solve writes the best pass's labels with label_kernel at the end.
+            every = L.label_name is None
             launched, chunk = 0, min(FIRST_CHECK, check_every)
             while launched < iters:
                 c = min(chunk, iters - launched)
-                for _ in range(c):
-                    self._pass(X, L, alpha, gslots, loga, rho_a, fslots, labslots, bufs, state)
+                for k in range(c):
+                    last = fixed and launched + k == iters - 1
+                    lab = labslots if (every or last) else None
+                    self._pass(X, L, alpha, gslots, loga, rho_a, fslots, lab, bufs, state)
                     self._finish(L, gslots, logb, log_n, rho_b, tol, fixed, bufs, state)
                 launched += c
                 chunk = check_every
                 if not fixed and launched < iters and self._read_state(state)["done"]:
                     break
             st = self._read_state(state)
+            if want_labels and not every and not fixed:
+                self._labels(X, L, alpha, gslots[int(st["g_best"])],
+                             labslots[int(st["f_best"])])
         err = float(st["best_err"])
         if not math.isfinite(err):
             raise FloatingPointError(

@@ -115,9 +115,12 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
         a_pos = a > 0
         b = xp.exp(logb)
     # Two buffers for f and the labels: the best solution seen so far is kept without copies.
+    # A backend whose passes pay for the argmax (labels_per_pass False: the GPU) computes the
+    # labels once, at the best g, after the loop.
+    per_pass = want_labels and getattr(backend, "labels_per_pass", True)
     f_work, f_best = xp.empty(N), xp.empty(N)
-    lab_work = xp.empty(N, dtype=xp.int64) if want_labels else None
-    lab_best = xp.empty(N, dtype=xp.int64) if want_labels else None
+    lab_work = xp.empty(N, dtype=xp.int64) if per_pass else None
+    lab_best = xp.empty(N, dtype=xp.int64) if per_pass else None
     best = None
     for it in range(1, iters + 1):
         col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_work, lab_work)
@@ -151,6 +154,8 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     if not math.isfinite(err):
         raise FloatingPointError(  # a bug, never a property of valid input: say so loudly
             "sinkhorn_ot: the column error became non-finite; please report this input")
+    if want_labels and not per_pass:
+        lab_best = backend.labels(X, alpha, g, xp.empty(N, dtype=xp.int64))
     if warn and not fixed and not converged:
         warnings.warn(f"Sinkhorn did not converge in {max_iter} iterations: err = {err:.3e} "
                       f"> tol = {tol:.1e} (the best iterate is returned, converged=False)",

@@ -1,0 +1,295 @@
+"""Run the CUDA backend without a GPU: the real kernel source on the CPU, behind a small
+NumPy-backed stand-in for CuPy.
+
+``emu.h`` maps the CUDA constructs the kernels use to host C++ (OS threads per block, barriers
+for ``__syncthreads`` and warp shuffles); :func:`kernel` compiles one instantiation with g++
+into a shared library (cached on disk by source hash); :func:`fake_cupy` builds a module that
+``sinkhorn_ot._cuda`` and the public API accept as ``cupy``.  Its arrays are NumPy arrays
+whose ``.data.ptr`` is their host address, so kernels read and write them in place; ``empty``
+poisons new memory (NaN / 0x5A bytes) so that an element no kernel wrote is visible.
+
+What this checks: the kernels' index arithmetic, block decomposition, reductions, loop state
+and every host-side launch argument (sizes are checked against the C++ signature).  What it
+cannot check: speed, the GPU memory model, MUFU accuracy, register or shared-memory limits.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import types
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CXXFLAGS = ["-std=c++20", "-O2", "-pthread", "-fPIC", "-shared", "-ffp-contract=off",
+            "-Wno-unknown-pragmas", "-w"]
+N_SM = 4          # streaming multiprocessors the fake device reports
+NUM_REGS = 64     # registers per thread the fake kernels report (2 blocks of 512 per SM)
+
+
+def _cache_dir():
+    d = os.environ.get("SINKHORN_OT_EMU_CACHE") or os.path.join(
+        tempfile.gettempdir(), f"sinkhorn_ot_cuda_emu_{os.getuid()}")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _source():
+    from sinkhorn_ot import _cuda
+
+    return _cuda.kernel_source()
+
+
+_LIBS: dict = {}
+
+
+def _compile(names):
+    """One shared library holding launch wrappers for ``names``."""
+    with open(os.path.join(HERE, "emu.h")) as fh:
+        emu = fh.read()
+    body = [emu, _source()]
+    for k, n in enumerate(names):
+        body.append(
+            f'extern "C" int sk_launch_{k}(unsigned gx, unsigned gy, unsigned bt, void** argv) '
+            f'{{ try {{ sk_emu::launch_argv(&{n}, dim3{{gx, gy, 1}}, dim3{{bt, 1, 1}}, argv); '
+            f'return 0; }} catch (const std::exception& e) {{ fprintf(stderr, "%s\\n", e.what());'
+            f' return 1; }} }}\n'
+            f'extern "C" int sk_sizes_{k}(long long* out) '
+            f'{{ return sk_emu::arg_sizes(&{n}, out); }}\n')
+    src = "#include <cstdio>\n" + "\n".join(body)
+    key = hashlib.sha256((src + " ".join(CXXFLAGS)).encode()).hexdigest()[:20]
+    so = os.path.join(_cache_dir(), f"emu_{key}.so")
+    if not os.path.exists(so):
+        cpp = so[:-3] + ".cpp"
+        with open(cpp, "w") as fh:
+            fh.write(src)
+        tmp = so + f".{os.getpid()}.tmp"
+        res = subprocess.run(["g++", *CXXFLAGS, "-I", HERE, cpp, "-o", tmp],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"cuda_emu: g++ failed for {names}:\n{res.stderr[-4000:]}")
+        os.replace(tmp, so)
+    return ctypes.CDLL(so)
+
+
+class Kernel:
+    """A kernel instance called like a CuPy RawKernel: ``k(grid, block, args, shared_mem=)``."""
+
+    num_regs = NUM_REGS
+
+    def __init__(self, name, lib, index):
+        self.name = name
+        self._launch = getattr(lib, f"sk_launch_{index}")
+        self._launch.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+                                 ctypes.POINTER(ctypes.c_void_p)]
+        sizes = (ctypes.c_longlong * 64)()
+        n = getattr(lib, f"sk_sizes_{index}")(sizes)
+        self.arg_sizes = list(sizes[:n])
+        self.max_dynamic_shared_size_bytes = 48 * 1024
+        self.launches = 0
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        block = tuple(block) + (1,) * (3 - len(block))
+        if len(args) != len(self.arg_sizes):
+            raise TypeError(f"{self.name}: {len(args)} arguments for {len(self.arg_sizes)}")
+        if shared_mem > max(self.max_dynamic_shared_size_bytes, 48 * 1024):
+            raise ValueError(f"{self.name}: {shared_mem} B of dynamic shared memory without "
+                             "the opt-in attribute")
+        if shared_mem > 256 * 1024:
+            raise ValueError(f"{self.name}: {shared_mem} B of dynamic shared memory")
+        keep = []
+        argv = (ctypes.c_void_p * len(args))()
+        for i, (a, size) in enumerate(zip(args, self.arg_sizes)):
+            if isinstance(a, np.ndarray) and a.ndim > 0 or isinstance(a, ndarray):
+                if size != 8:
+                    raise TypeError(f"{self.name}: argument {i} is an array for a "
+                                    f"{size}-byte parameter")
+                v = np.array([a.__array_interface__["data"][0]], dtype=np.uint64)
+            elif isinstance(a, np.generic):
+                if a.dtype.itemsize != size:
+                    raise TypeError(f"{self.name}: argument {i} is {a.dtype} ({a.dtype.itemsize}"
+                                    f" B) for a {size}-byte parameter")
+                v = np.array([a])
+            else:
+                raise TypeError(f"{self.name}: argument {i} of type {type(a).__name__}")
+            keep.append(v)
+            argv[i] = v.ctypes.data
+        if grid[2] != 1 or grid[0] < 1 or grid[1] < 1:
+            raise ValueError(f"{self.name}: grid {grid}")
+        if self._launch(grid[0], grid[1], block[0], argv) != 0:
+            raise RuntimeError(f"{self.name}: emulated launch failed")
+        self.launches += 1
+
+
+_KERNELS: dict = {}
+
+
+def kernel(name):
+    k = _KERNELS.get(name)
+    if k is None:
+        k = Kernel(name, _compile([name]), 0)
+        _KERNELS[name] = k
+    return k
+
+
+def precompile(names):
+    """Compile several instances into one library (one g++ run instead of one each)."""
+    names = [n for n in dict.fromkeys(names) if n not in _KERNELS]
+    if names:
+        lib = _compile(names)
+        for i, n in enumerate(names):
+            _KERNELS[n] = Kernel(n, lib, i)
+
+
+# ------------------------------------------------------------------------------------------
+# A NumPy-backed stand-in for the parts of CuPy that sinkhorn_ot uses.
+class _Mem:
+    def __init__(self, arr):
+        self.ptr = arr.__array_interface__["data"][0]
+        self.device_id = 0
+
+
+class _Device:
+    id = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class ndarray(np.ndarray):  # noqa: N801 - mirrors cupy.ndarray
+    """A host array that answers like a CuPy array (``data.ptr``, ``device``, ``get``)."""
+
+    @property
+    def data(self):
+        return _Mem(self)
+
+    @property
+    def device(self):
+        return _Device()
+
+    def get(self):
+        return np.array(self, copy=True).view(np.ndarray)
+
+
+ndarray.__module__ = "cupy"
+
+
+def _wrap(x):
+    if isinstance(x, np.ndarray) and not isinstance(x, ndarray):
+        return x.view(ndarray)
+    if isinstance(x, tuple):
+        return tuple(_wrap(v) for v in x)
+    if isinstance(x, list):
+        return [_wrap(v) for v in x]
+    return x
+
+
+def _poisoned(shape, dtype):
+    out = np.empty(shape, dtype=dtype)
+    if out.dtype.kind in "fc":
+        out.fill(np.nan)
+    else:
+        out.view(np.uint8).fill(0x5A)
+    return out.view(ndarray)
+
+
+def fake_cupy():
+    """A module that passes for ``cupy`` with sinkhorn_ot (install it as sys.modules['cupy'])."""
+    mod = types.ModuleType("cupy")
+
+    def empty(shape, dtype=np.float64, order="C"):
+        return _poisoned(shape, dtype)
+
+    def asarray(a, dtype=None):
+        if isinstance(a, ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
+            return a
+        return np.array(np.asarray(a, dtype=dtype), copy=True).view(ndarray)
+
+    def ascontiguousarray(a, dtype=None):
+        if isinstance(a, ndarray) and a.flags.c_contiguous and (
+                dtype is None or np.dtype(dtype) == a.dtype):
+            return a
+        return np.ascontiguousarray(np.asarray(a), dtype=dtype).view(ndarray)
+
+    def asnumpy(a):
+        return np.array(a, copy=True).view(np.ndarray)
+
+    def _getattr(name):
+        obj = getattr(np, name)
+        if callable(obj) and not isinstance(obj, type):
+            def f(*a, **k):
+                return _wrap(obj(*a, **k))
+            f.__name__ = name
+            return f
+        return obj
+
+    mod.__getattr__ = _getattr
+    mod.ndarray = ndarray
+    mod.empty = empty
+    mod.asarray = asarray
+    mod.array = lambda a, dtype=None, copy=True: asarray(np.array(a, dtype=dtype))
+    mod.ascontiguousarray = ascontiguousarray
+    mod.asnumpy = asnumpy
+
+    class RawModule:
+        def __init__(self, code=None, options=(), name_expressions=()):
+            if code != _source():
+                raise ValueError("cuda_emu: unexpected kernel source")
+            self._names = list(name_expressions)
+
+        def get_function(self, name):
+            if name not in self._names:
+                raise KeyError(name)
+            return kernel(name)
+
+    mod.RawModule = RawModule
+    cuda = types.SimpleNamespace()
+    cuda.runtime = types.SimpleNamespace(
+        getDeviceCount=lambda: 1, getDevice=lambda: 0,
+        getDeviceProperties=lambda dev: {"multiProcessorCount": N_SM, "name": b"cuda_emu"})
+
+    class Stream:
+        ptr = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    _stream = Stream()
+    cuda.get_current_stream = lambda: _stream
+    cuda.Stream = Stream
+    cuda.Device = lambda i=0: _Device()
+    mod.cuda = cuda
+    return mod
+
+
+@contextlib.contextmanager
+def installed():
+    """``cupy`` replaced by the emulation (and sinkhorn_ot._cuda's caches cleared) inside."""
+    from sinkhorn_ot import _cuda
+
+    saved = sys.modules.get("cupy")
+    sys.modules["cupy"] = fake_cupy()
+    caches = (_cuda._KERNELS, _cuda._WORK, _cuda._LAYOUTS, _cuda._SM_COUNT, _cuda._NUM_REGS)
+    for c in caches:
+        c.clear()
+    try:
+        yield sys.modules["cupy"]
+    finally:
+        for c in caches:
+            c.clear()
+        if saved is None:
+            sys.modules.pop("cupy", None)
+        else:
+            sys.modules["cupy"] = saved
