@@ -54,10 +54,10 @@ def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n
     xp = backend.xp
     X = V.matrix(native, name, xp)
     N, K = X.shape
-    wa, loga = V.marginal(a, N, "a", xp)
-    wb, logb = V.marginal(b, K, "b", xp)
+    ma, mb = V.marginal(a, N, "a", xp), V.marginal(b, K, "b", xp)
+    (wa, loga), (wb, logb) = ma, mb
     if balanced:
-        V.balanced_totals(wa, wb)
+        V.balanced_totals(ma.total, mb.total)
     # KL-relaxed sides use the reference measure a b^T (POT's reg_type="kl"): the optimum has
     # f_i = log a_i - rho_a LSE_y(S_iy + g_y) (and likewise g); the kernels compute
     # rho_a (loga_i - LSE_y(...)), so they are handed log a / rho_a.
@@ -65,11 +65,11 @@ def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n
         loga = loga / rho_a
     if rho_b != 1.0:
         logb = logb / rho_b
-    tol = _DEFAULT_TOL[native.dtype] * float(wa.sum()) if tol is None else \
+    tol = _DEFAULT_TOL[native.dtype] * ma.total if tol is None else \
         V.positive_scalar(tol, "tol")
     g0 = V.init_potential(init, K, xp)
     forbidden = -math.inf if alpha > 0 else math.inf
-    Xs, logb_s, g0, keep = drop_massless_columns(X, wb, logb, g0, xp)
+    Xs, logb_s, g0, keep = drop_massless_columns(X, wb, logb, g0, xp, mb.any_zero)
     g0 = V.finite_init(g0)
     check = backend.check(Xs, forbidden)
     V.matrix_values(check, Xs.shape, name, forbidden, alpha, native.dtype)

@@ -165,9 +165,9 @@ def round_to_marginals(Q, a=None, b=None):
     if np.dtype(Qa.dtype).kind != "f":
         raise TypeError(f"Q must be a real floating array, got dtype {Qa.dtype}")
     n, m = Qa.shape
-    wa, _ = V.marginal(a, n, "a", xp)
-    wb, _ = V.marginal(b, m, "b", xp)
-    V.balanced_totals(wa, wb)
+    ma, mb = V.marginal(a, n, "a", xp), V.marginal(b, m, "b", xp)
+    (wa, _), (wb, _) = ma, mb
+    V.balanced_totals(ma.total, mb.total)
     wb = wb * (wa.sum() / wb.sum())
     F = Qa.astype(xp.float64)  # a copy: Q is never modified
     if not bool(xp.isfinite(F).all()) or bool((F < 0).any()):

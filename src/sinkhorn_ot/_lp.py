@@ -115,9 +115,9 @@ def emd(C, a=None, b=None, *, max_entries=None) -> EMDResult:
     X, native = _host_matrix(C, "C")
     n, m = X.shape
     check_size(n, m, max_entries)
-    wa, _ = V.marginal(a, n, "a", np)
-    wb, _ = V.marginal(b, m, "b", np)
-    V.balanced_totals(wa, wb)
+    ma, mb = V.marginal(a, n, "a", np), V.marginal(b, m, "b", np)
+    (wa, _), (wb, _) = ma, mb
+    V.balanced_totals(ma.total, mb.total)
     wb = wb * (wa.sum() / wb.sum())
     V.matrix_values(_check(X), X.shape, "C", math.inf, 1.0, native.dtype)
     Xd = np.asarray(X, dtype=np.float64)

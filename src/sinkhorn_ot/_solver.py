@@ -163,11 +163,12 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     return Solution(f_best, g, lab_best, it, float(err), float(qx), converged)  # it: passes run
 
 
-def drop_massless_columns(X, wb, logb, g0, xp):
+def drop_massless_columns(X, wb, logb, g0, xp, any_zero: bool):
     """Columns with zero mass carry no plan: solve without them (one copy of X) and give them
     g = -inf afterwards, so no row is left with every allowed entry in a massless column.
-    Returns (X, logb, g0, keep) for the kept columns; keep is None when all are kept."""
-    if not bool((wb == 0).any()):
+    Returns (X, logb, g0, keep) for the kept columns; keep is None when all are kept
+    (``any_zero`` False, known on the host: see _validation.Weights)."""
+    if not any_zero:
         return X, logb, g0, None
     keep = xp.nonzero(wb > 0)[0]
     return (xp.ascontiguousarray(X[:, keep]), logb[keep], None if g0 is None else g0[keep],

@@ -6,7 +6,7 @@ import numbers
 
 import numpy as np
 
-from ._arrays import Native
+from ._arrays import Native, to_host
 
 _FLOAT_KINDS = {"float64", "float32", "float16", "bfloat16"}
 # Largest magnitude the kernels may meet in S = alpha * X (computed in float32 at least).
@@ -82,12 +82,22 @@ def matrix_values(check: dict, shape, name: str, forbidden: float, alpha: float,
                          f"(largest |entry| {float(check['max_abs']):g})")
 
 
-def marginal(v, n: int, name: str, xp, allow_zero_sum: bool = False):
-    """Return (weights, log weights) as float64 arrays of the matrix's family; uniform 1/n
-    when v is None."""
+class Weights(tuple):
+    """``(w, log w)`` of a marginal, with what the host needs to know of it: ``total`` (the
+    sum) and ``any_zero``, read from the device once, with the validation."""
+
+    def __new__(cls, w, logw, total: float, any_zero: bool):
+        out = super().__new__(cls, (w, logw))
+        out.total, out.any_zero = float(total), bool(any_zero)
+        return out
+
+
+def marginal(v, n: int, name: str, xp, allow_zero_sum: bool = False) -> Weights:
+    """Return (weights, log weights) as float64 arrays of the matrix's family (a
+    :class:`Weights`); uniform 1/n when v is None."""
     if v is None:
         w = xp.full(n, 1.0 / n)
-        return w, xp.log(w)
+        return Weights(w, xp.log(w), 1.0, False)
     if hasattr(v, "__dlpack__") and not isinstance(v, (np.ndarray,)) and \
             type(v).__module__.split(".")[0] != xp.__name__:
         v = xp.from_dlpack(v)
@@ -97,18 +107,21 @@ def marginal(v, n: int, name: str, xp, allow_zero_sum: bool = False):
     w = w.astype(xp.float64)  # always a copy: the caller's array is never touched
     if w.ndim != 1 or w.shape[0] != n:
         raise ValueError(f"{name} must have shape ({n},) to match the matrix, got {w.shape}")
-    if not bool(xp.isfinite(w).all()):
+    # one device-to-host read for the four facts (each read is a synchronisation on a GPU)
+    finite, negative, total, zero = (float(v) for v in to_host(xp.stack([
+        xp.isfinite(w).all(), (w < 0).any(), w.sum(), (w == 0).any()])))
+    if not finite:
         raise ValueError(f"{name} has a non-finite entry at {int(xp.argmin(xp.isfinite(w)))}")
-    if bool((w < 0).any()):
+    if negative:
         raise ValueError(f"{name} has a negative entry at {int(xp.argmax(w < 0))}")
-    if not float(w.sum()) > 0 and not allow_zero_sum:  # a block of rows may sum to zero
+    if not total > 0 and not allow_zero_sum:  # a block of rows may sum to zero
         raise ValueError(f"{name} sums to zero")
     with np.errstate(divide="ignore"):
-        return w, xp.log(w)
+        return Weights(w, xp.log(w), total, zero)
 
 
-def balanced_totals(a, b):
-    sa, sb = float(a.sum()), float(b.sum())
+def balanced_totals(sa: float, sb: float):
+    """Raise unless the totals of a and b agree (to 1e-6 relative)."""
     if abs(sa - sb) > 1e-6 * max(sa, sb):
         raise ValueError(f"balanced marginals must have equal totals: sum(a) = {sa!r}, "
                          f"sum(b) = {sb!r}")

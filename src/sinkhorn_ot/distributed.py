@@ -407,7 +407,8 @@ def _solve_sharded(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter,
         xp = backend.xp
         X = V.matrix(native, name, xp, allow_empty_rows=True)
         N, K = X.shape
-        wb, logb = V.marginal(b, K, "b", xp)
+        mb = V.marginal(b, K, "b", xp)
+        wb, logb = mb
         if a is not None:
             wa, loga = V.marginal(a, N, "a", xp, allow_zero_sum=True)
         g0 = V.init_potential(init, K, xp)
@@ -461,7 +462,7 @@ def _solve_sharded(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter,
             loga = loga / rho_a
         if rho_b != 1.0:
             logb = logb / rho_b
-        Xs, logb_s, g0, keep = drop_massless_columns(X, wb, logb, g0, xp)
+        Xs, logb_s, g0, keep = drop_massless_columns(X, wb, logb, g0, xp, mb.any_zero)
         g0 = V.finite_init(g0)  # same init on every rank: every rank raises alike
         allowed = np.zeros(Kk)
         if N > 0:
@@ -493,7 +494,7 @@ def _solve_sharded(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter,
     if not sum_a > 0:
         raise ValueError("a sums to zero over all ranks")
     if balanced:
-        V.balanced_totals(np.array([sum_a]), to_host(wb))
+        V.balanced_totals(sum_a, mb.total)
     glob = {
         "first_invalid": -int(vec[2 * P]) if math.isfinite(vec[2 * P]) else -1,
         "first_empty_row": -int(vec[2 * P + 1]) if math.isfinite(vec[2 * P + 1]) else -1,

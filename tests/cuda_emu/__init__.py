@@ -91,7 +91,6 @@ class Kernel:
         n = getattr(lib, f"sk_sizes_{index}")(sizes)
         self.arg_sizes = list(sizes[:n])
         self.max_dynamic_shared_size_bytes = 48 * 1024
-        self.launches = 0
 
     def __call__(self, grid, block, args, shared_mem=0):
         grid = tuple(grid) + (1,) * (3 - len(grid))
@@ -124,7 +123,7 @@ class Kernel:
             raise ValueError(f"{self.name}: grid {grid}")
         if self._launch(grid[0], grid[1], block[0], argv) != 0:
             raise RuntimeError(f"{self.name}: emulated launch failed")
-        self.launches += 1
+        Counters.launches += 1
 
 
 _KERNELS: dict = {}
@@ -165,8 +164,28 @@ class _Device:
         return False
 
 
+class Counters:
+    """Kernel launches and device-to-host reads (each a host synchronisation on a GPU)."""
+
+    launches = 0
+    reads = 0
+
+    @classmethod
+    def reset(cls):
+        cls.launches = cls.reads = 0
+
+
+def _read(method):
+    def f(self, *a, **k):
+        Counters.reads += 1
+        return getattr(np.ndarray, method)(self, *a, **k)
+    f.__name__ = method
+    return f
+
+
 class ndarray(np.ndarray):  # noqa: N801 - mirrors cupy.ndarray
-    """A host array that answers like a CuPy array (``data.ptr``, ``device``, ``get``)."""
+    """A host array that answers like a CuPy array (``data.ptr``, ``device``, ``get``); what
+    would read device memory from the host (get, float, bool, int, item, tolist) is counted."""
 
     @property
     def data(self):
@@ -177,7 +196,15 @@ class ndarray(np.ndarray):  # noqa: N801 - mirrors cupy.ndarray
         return _Device()
 
     def get(self):
+        Counters.reads += 1
         return np.array(self, copy=True).view(np.ndarray)
+
+    __float__ = _read("__float__")
+    __int__ = _read("__int__")
+    __bool__ = _read("__bool__")
+    __index__ = _read("__index__")
+    item = _read("item")
+    tolist = _read("tolist")
 
 
 ndarray.__module__ = "cupy"
