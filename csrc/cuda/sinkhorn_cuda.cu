@@ -177,6 +177,28 @@ template <class T, float (*CVT)(unsigned short)> struct In16 {
 template <> struct In<f16_t> : In16<f16_t, f16_to_float> {};
 template <> struct In<bf16_t> : In16<bf16_t, bf16_to_float> {};
 
+// Rows i0 .. i0 + R - 1 of this thread's columns (col0[j] .. col0[j] + V - 1) into x, in the
+// compute type; slots of rows >= hi or columns >= K get `fill`.
+template <class T, int CPT, int R, int V>
+__device__ __forceinline__ void load_rows(const T* __restrict__ X, long long K, long long i0,
+                                          long long hi, const int (&col0)[CPT / V],
+                                          typename In<T>::C fill,
+                                          typename In<T>::C (&x)[R][CPT]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int j = 0; j < CPT / V; ++j) {
+            if (i0 + r < hi && col0[j] < K) {
+                const T* p = X + (i0 + r) * K + col0[j];
+                if constexpr (V == 1) In<T>::load1(p, &x[r][j * V]);
+                else In<T>::loadv(p, &x[r][j * V]);
+            } else {
+#pragma unroll
+                for (int v = 0; v < V; ++v) x[r][j * V + v] = fill;
+            }
+        }
+}
+
 // Loop-control state of the device-side solve (mirrors _solver.sinkhorn_loop).  Shared with
 // _cuda.py (_STATE_DTYPE): keep the two in sync.
 struct State {
@@ -202,6 +224,31 @@ constexpr int MODE_STATS = 1;  // column-tiled, first launch: per-(tile, row) ma
 constexpr int MODE_APPLY = 2;  // column-tiled, second launch: combine stats, accumulate columns
 
 constexpr int NO_ARG = 0x7fffffff;
+
+// This thread's part of the row max of t = alpha x + g (as float compute forms it: g rounded
+// to the compute type), and with ARG its first column; the pass and label_kernel share it, so
+// the labels written after a solve are those its passes would write.
+template <class C, int CPT, int R, int V, bool ARG>
+__device__ __forceinline__ void thread_row_max(const C (&x)[R][CPT], const C (&gr)[CPT],
+                                               const int (&col0)[CPT / V], C alpha, C (&m)[R],
+                                               int (&a)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        m[r] = Num<C>::ninf();
+        a[r] = NO_ARG;
+#pragma unroll
+        for (int j = 0; j < CPT / V; ++j)
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+                const C t = alpha * x[r][j * V + v] + gr[j * V + v];
+                if constexpr (ARG) {
+                    if (t > m[r]) { m[r] = t; a[r] = static_cast<int>(col0[j] + v); }
+                } else {
+                    m[r] = fmax(m[r], t);
+                }
+            }
+    }
+}
 
 __device__ __forceinline__ i64 row_lo(i64 N, int b, int nb) { return N * b / nb; }
 
@@ -469,20 +516,7 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
         double la_g[R];  // loga of the group (pipelined variant: loaded before the reductions)
         if constexpr (S == 0) {
 #pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const i64 i = i0 + r;
-                const T* __restrict__ xr = X + i * K;
-#pragma unroll
-                for (int j = 0; j < NV; ++j) {
-                    if (i < hi && col0[j] < K) {
-                        if constexpr (V == 1) In<T>::load1(xr + col0[j], &x[r][j * V]);
-                        else In<T>::loadv(xr + col0[j], &x[r][j * V]);
-                    } else {
-#pragma unroll
-                        for (int v = 0; v < V; ++v) x[r][j * V + v] = C(0);
-                    }
-                }
-            }
+            load_rows<T, CPT, R, V>(X, K, i0, hi, col0, C(0), x);
         } else {
 #pragma unroll
             for (int r = 0; r < R; ++r) la_g[r] = i0 + r < hi ? loga[i0 + r] : 0.0;
@@ -519,22 +553,7 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
             // Row max and its first column.
             C m[R];
             int a[R];
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                m[r] = NINF;
-                a[r] = NO_ARG;
-#pragma unroll
-                for (int j = 0; j < NV; ++j)
-#pragma unroll
-                    for (int v = 0; v < V; ++v) {
-                        const C t = alpha * x[r][j * V + v] + gr[j * V + v];
-                        if constexpr (ARG) {
-                            if (t > m[r]) { m[r] = t; a[r] = static_cast<int>(col0[j] + v); }
-                        } else {
-                            m[r] = fmax(m[r], t);
-                        }
-                    }
-            }
+            thread_row_max<C, CPT, R, V, ARG>(x, gr, col0, alpha, m, a);
             if constexpr (ARG) block_max_arg<C, R, MAXW>(m, a, sm_m, sm_a);
             else block_max<C, R, MAXW>(m, sm_m);
             // Row sum of exp(t - m) (m = -inf: a tile whose entries are all forbidden).
@@ -803,17 +822,8 @@ lse_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d, const double* 
             const FPair fp = split_double((f && i < hi) ? f[i] : 0.0);
             fi[r] = EFT ? fp.hi : ((f && i < hi) ? static_cast<C>(f[i]) : C(0));
             flo[r] = fp.lo;
-#pragma unroll
-            for (int j = 0; j < NV; ++j) {
-                if (i < hi && col0[j] < K) {
-                    if constexpr (V == 1) In<T>::load1(X + i * K + col0[j], &x[r][j * V]);
-                    else In<T>::loadv(X + i * K + col0[j], &x[r][j * V]);
-                } else {
-#pragma unroll
-                    for (int v = 0; v < V; ++v) x[r][j * V + v] = C(0);  // never written out
-                }
-            }
         }
+        load_rows<T, CPT, R, V>(X, K, i0, hi, col0, C(0), x);  // padding is never written out
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             if (i0 + r >= hi) continue;
@@ -949,18 +959,7 @@ check_kernel(const T* __restrict__ X, i64 N, i64 K, double forbidden_d,
     constexpr int R = CPT >= 16 ? 1 : 16 / CPT;  // rows loaded before any is examined
     for (i64 i0 = lo; i0 < hi; i0 += R) {
         C x[R][CPT];
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-            for (int j = 0; j < NV; ++j) {
-                if (i0 + r < hi && col0[j] < K) {
-                    if constexpr (V == 1) In<T>::load1(X + (i0 + r) * K + col0[j], &x[r][j * V]);
-                    else In<T>::loadv(X + (i0 + r) * K + col0[j], &x[r][j * V]);
-                } else {
-#pragma unroll
-                    for (int v = 0; v < V; ++v) x[r][j * V + v] = forb;  // neutral: not bad, not allowed
-                }
-            }
+        load_rows<T, CPT, R, V>(X, K, i0, hi, col0, forb, x);  // forb: not bad, not allowed
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const i64 i = i0 + r;
@@ -1057,32 +1056,10 @@ label_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
     }
     for (i64 i0 = lo; i0 < hi; i0 += R) {
         C x[R][CPT];
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-            for (int j = 0; j < NV; ++j) {
-                if (i0 + r < hi && col0[j] < K) {
-                    if constexpr (V == 1) In<T>::load1(X + (i0 + r) * K + col0[j], &x[r][j * V]);
-                    else In<T>::loadv(X + (i0 + r) * K + col0[j], &x[r][j * V]);
-                } else {
-#pragma unroll
-                    for (int v = 0; v < V; ++v) x[r][j * V + v] = C(0);
-                }
-            }
+        load_rows<T, CPT, R, V>(X, K, i0, hi, col0, C(0), x);
         C m[R];
         int a[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            m[r] = NINF;
-            a[r] = NO_ARG;
-#pragma unroll
-            for (int j = 0; j < NV; ++j)
-#pragma unroll
-                for (int v = 0; v < V; ++v) {
-                    const C t = alpha * x[r][j * V + v] + gr[j * V + v];
-                    if (t > m[r]) { m[r] = t; a[r] = static_cast<int>(col0[j] + v); }
-                }
-        }
+        thread_row_max<C, CPT, R, V, true>(x, gr, col0, alpha, m, a);
         block_max_arg<C, R, 16>(m, a, sm_m, sm_a);
         if (tid == 0)
 #pragma unroll

@@ -155,7 +155,10 @@ class _Mem:
 
 
 class _Device:
+    """The one device (a context manager, as cupy.cuda.Device; also stands for a Stream)."""
+
     id = 0
+    ptr = 0  # as a stream: the default one
 
     def __enter__(self):
         return self
@@ -284,18 +287,9 @@ def fake_cupy():
         getDeviceCount=lambda: 1, getDevice=lambda: 0,
         getDeviceProperties=lambda dev: {"multiProcessorCount": N_SM, "name": b"cuda_emu"})
 
-    class Stream:
-        ptr = 0
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    _stream = Stream()
+    _stream = _Device()
     cuda.get_current_stream = lambda: _stream
-    cuda.Stream = Stream
+    cuda.Stream = _Device
     cuda.Device = lambda i=0: _Device()
     mod.cuda = cuda
     return mod
