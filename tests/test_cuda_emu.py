@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(
 def test_gpu_suite_on_the_kernel_emulation():
     env = dict(os.environ, SINKHORN_OT_CUDA_EMU="1")
     here = os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfs",
+    r = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "pytest", "-q", "-p",
+                        "no:cacheprovider", "-rfs",
                         os.path.join(here, "test_gpu.py")],
                        env=env, capture_output=True, text=True, timeout=1800)
     out = r.stdout + r.stderr
@@ -57,3 +58,26 @@ def test_small_batch_solve_launches_and_host_reads():
                                         tol=1e-3)
         assert r.converged
         assert cuda_emu.Counters.reads <= 3 + math.ceil(r.n_iter / 10)
+
+
+def test_emulation_catches_out_of_bounds_writes():
+    """The guards of every emulated allocation: bytes checked after each launch for a short
+    overrun (a long one hits an inaccessible page and faults), and argument sizes."""
+    import numpy as np
+
+    import cuda_emu
+
+    with cuda_emu.installed() as cp:
+        from sinkhorn_ot import _cuda
+
+        K = 100
+        g, logb, colmax = cp.zeros(K), cp.zeros(K), cp.zeros(K)
+        col = cp.full(K, 1.0)
+        short, terms = cp.empty(K - 1), cp.empty(K)
+        kern = _cuda._kernel("sinkhorn_ot::cuda::column_update_kernel")
+        with pytest.raises(RuntimeError, match="wrote past the end of an allocation"):
+            kern((1,), (128,), (g, logb, col, colmax, np.int64(K), np.float64(0.0),
+                                np.float64(1.0), short, terms))
+        with pytest.raises(TypeError, match="argument 4"):  # int32 for an i64 parameter
+            kern((1,), (128,), (g, logb, col, colmax, np.int32(K), np.float64(0.0),
+                                np.float64(1.0), terms, terms))

@@ -176,6 +176,16 @@ def test_cached_buffers_do_not_alias_results():
     cp.testing.assert_array_equal(c1[0], keep)
 
 
+def test_work_buffers_per_compute_type():
+    """Run 2's illegal address: a float64 solve after a float32 one of the same shape reused
+    the float32 work buffers (half the size).  Same shape, every dtype in turn."""
+    logp = random_logp(rows(600, 64), 1200, seed=4)
+    for dtype in ("float32", "float64", "bfloat16", "float64", "float32"):
+        ref, gpu, Xh = solve_both(logp, dtype, n_iter=3)
+        atol = 1e-6 if dtype == "float64" else 5e-3
+        assert_close_solution(ref, gpu, Xh, 25.0, atol)
+
+
 @pytest.mark.parametrize("lam", [1e3, 1e4])
 def test_large_lambda_finite(lam):
     logp = random_logp(2000, 50, seed=5)

@@ -6,7 +6,8 @@ for ``__syncthreads`` and warp shuffles); :func:`kernel` compiles one instantiat
 into a shared library (cached on disk by source hash); :func:`fake_cupy` builds a module that
 ``sinkhorn_ot._cuda`` and the public API accept as ``cupy``.  Its arrays are NumPy arrays
 whose ``.data.ptr`` is their host address, so kernels read and write them in place; ``empty``
-poisons new memory (NaN / 0x5A bytes) so that an element no kernel wrote is visible.
+poisons new memory (NaN / 0x5A bytes) so that an element no kernel wrote is visible, and
+surrounds it with guard bytes that are checked after every launch (out-of-bounds writes).
 
 What this checks: the kernels' index arithmetic, block decomposition, reductions, loop state
 and every host-side launch argument (sizes are checked against the C++ signature).  What it
@@ -21,7 +22,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import mmap
 import types
+import weakref
 
 import numpy as np
 
@@ -124,6 +127,7 @@ class Kernel:
         if self._launch(grid[0], grid[1], block[0], argv) != 0:
             raise RuntimeError(f"{self.name}: emulated launch failed")
         Counters.launches += 1
+        check_guards(self.name)
 
 
 _KERNELS: dict = {}
@@ -223,13 +227,61 @@ def _wrap(x):
     return x
 
 
+# Device memory is mapped between two inaccessible pages, its end 16-byte aligned against the
+# second one: an access past either end faults at once (the run dies with a segmentation fault
+# and its traceback) instead of corrupting the emulation.  The < 16 bytes of slack before the
+# back page hold guard bytes, checked after every launch.  Run 2's float64 partials written
+# into float32-sized buffers would have faulted on the first launch.
+_PAGE = mmap.PAGESIZE
+_GUARD_BYTE = 0xA5
+_LIVE: "weakref.WeakValueDictionary[int, np.ndarray]" = weakref.WeakValueDictionary()
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def _guarded(shape, dtype):
+    dtype = np.dtype(dtype)
+    shape = (shape,) if np.isscalar(shape) else tuple(shape)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    span = -(-(n + 16) // _PAGE) * _PAGE
+    mm = mmap.mmap(-1, span + 2 * _PAGE)
+    raw = np.frombuffer(mm, dtype=np.uint8)
+    base = raw.__array_interface__["data"][0]
+    for page in (base, base + _PAGE + span):
+        if _libc.mprotect(page, _PAGE, 0) != 0:  # PROT_NONE
+            raise OSError(ctypes.get_errno(), "cuda_emu: mprotect failed")
+    end = _PAGE + span
+    start = (end - n) & ~15
+    raw[_PAGE:start] = _GUARD_BYTE
+    raw[start + n:end] = _GUARD_BYTE
+    slack = raw[start + n:end]
+    _LIVE[id(slack)] = slack
+    out = raw[start:start + n].view(dtype).reshape(shape).view(ndarray)
+    out._sk_slack = slack  # keeps the slack view (and so its entry in _LIVE) with the array
+    return out
+
+
+def check_guards(after):
+    for slack in list(_LIVE.values()):
+        if (slack != _GUARD_BYTE).any():
+            slack[...] = _GUARD_BYTE  # report once
+            raise RuntimeError(f"cuda_emu: {after} wrote past the end of an allocation")
+
+
 def _poisoned(shape, dtype):
-    out = np.empty(shape, dtype=dtype)
+    out = _guarded(shape, dtype)
     if out.dtype.kind in "fc":
         out.fill(np.nan)
     else:
         out.view(np.uint8).fill(0x5A)
-    return out.view(ndarray)
+    return out
+
+
+def _device_copy(a, dtype=None):
+    a = np.asarray(a, dtype=dtype)
+    out = _guarded(a.shape, a.dtype)
+    out[...] = a
+    return out
 
 
 def fake_cupy():
@@ -239,16 +291,27 @@ def fake_cupy():
     def empty(shape, dtype=np.float64, order="C"):
         return _poisoned(shape, dtype)
 
+    def zeros(shape, dtype=np.float64, order="C"):
+        out = _guarded(shape, dtype)
+        out[...] = 0
+        return out
+
+    def full(shape, fill_value, dtype=None, order="C"):
+        dtype = np.asarray(fill_value).dtype if dtype is None else dtype
+        out = _guarded(shape, dtype)
+        out[...] = fill_value
+        return out
+
     def asarray(a, dtype=None):
         if isinstance(a, ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
             return a
-        return np.array(np.asarray(a, dtype=dtype), copy=True).view(ndarray)
+        return _device_copy(a, dtype)
 
     def ascontiguousarray(a, dtype=None):
         if isinstance(a, ndarray) and a.flags.c_contiguous and (
                 dtype is None or np.dtype(dtype) == a.dtype):
             return a
-        return np.ascontiguousarray(np.asarray(a), dtype=dtype).view(ndarray)
+        return _device_copy(np.ascontiguousarray(np.asarray(a), dtype=dtype))
 
     def asnumpy(a):
         return np.array(a, copy=True).view(np.ndarray)
@@ -265,6 +328,8 @@ def fake_cupy():
     mod.__getattr__ = _getattr
     mod.ndarray = ndarray
     mod.empty = empty
+    mod.zeros = zeros
+    mod.full = full
     mod.asarray = asarray
     mod.array = lambda a, dtype=None, copy=True: asarray(np.array(a, dtype=dtype))
     mod.ascontiguousarray = ascontiguousarray
