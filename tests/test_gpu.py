@@ -516,3 +516,57 @@ def test_acc_pass_cost(capsys):
     for dtype in ("float32", "bfloat16"):
         for layout in (None, ("pipe", 8, 1, 4, 384, 2)):
             assert res[(dtype, str(layout), True)] <= 2.5 * res[(dtype, str(layout), False)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 4's features on device arrays: the same code path as the CPU, answered on the device.
+def _host(x):
+    return cp.asnumpy(x) if isinstance(x, cp.ndarray) else np.asarray(x)
+
+
+def test_priors_unbalanced_hard_labels_and_rounding_on_the_device():
+    N, K = rows(600, 120), 12
+    logp = random_logp(N, K, seed=21).astype(np.float32)
+    Xd = cp.asarray(logp)
+    prior = np.random.default_rng(2).uniform(0.5, 1.5, K)
+    prior /= prior.sum()
+    # a non-uniform prior on the cluster sizes
+    r, ref = (sinkhorn_ot.balanced_assign(X, 25.0, b=p, tol=1e-5)
+              for X, p in ((Xd, cp.asarray(prior)), (logp, prior)))
+    assert isinstance(r.labels, cp.ndarray) and r.converged and ref.converged
+    np.testing.assert_allclose(_host(r.plan()).astype(np.float64).sum(0), prior, rtol=0,
+                               atol=2e-5)
+    np.testing.assert_allclose(r.cost, ref.cost, rtol=1e-3)
+    # exact and greedy hard labels: sizes equal the targets
+    targets = sinkhorn_ot.target_sizes(N, prior)
+    for hard in ("exact", "greedy"):
+        h = sinkhorn_ot.balanced_assign(Xd, 25.0, b=cp.asarray(prior), hard=hard)
+        hr = sinkhorn_ot.balanced_assign(logp, 25.0, b=prior, hard=hard)
+        assert isinstance(h.labels, cp.ndarray)
+        np.testing.assert_array_equal(np.bincount(_host(h.labels), minlength=K), targets)
+        rows_ = np.arange(N)
+        got = float(logp[rows_, _host(h.labels)].sum())
+        want = float(logp[rows_, hr.labels].sum())
+        assert got >= want - 1e-3 * abs(want)  # as good an assignment as the CPU's
+    # a size penalty (KL-relaxed column side)
+    s, sr = (sinkhorn_ot.balanced_assign(X, 25.0, size_penalty=0.05, tol=1e-6)
+             for X in (Xd, logp))
+    assert s.converged and sr.converged
+    np.testing.assert_allclose(_host(s.sizes), sr.sizes, atol=max(2, N // 200))
+    # unbalanced sinkhorn on a cost matrix
+    C = -logp.astype(np.float64)
+    u, ur = (sinkhorn_ot.sinkhorn_unbalanced(M, reg=0.1, reg_m=(1.0, 0.5), tol=1e-8,
+                                             max_iter=5000)
+             for M in (cp.asarray(C), C))
+    assert u.converged and ur.converged
+    np.testing.assert_allclose(_host(u.f), ur.f, atol=1e-6)
+    np.testing.assert_allclose(_host(u.g), ur.g, atol=1e-6)
+    np.testing.assert_allclose(u.objective, ur.objective, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose([u.err_a, u.err_b], [ur.err_a, ur.err_b], atol=1e-9)
+    # rounding a device plan onto the polytope
+    Fd = sinkhorn_ot.round_to_marginals(r.plan(), b=cp.asarray(prior))
+    assert isinstance(Fd, cp.ndarray)
+    F = _host(Fd)
+    np.testing.assert_allclose(F.sum(1), 1.0 / N, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(F.sum(0), prior, rtol=0, atol=1e-12)
+    assert (F >= 0).all()
