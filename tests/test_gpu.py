@@ -158,7 +158,7 @@ def test_pipelined_pass_matches_direct(dtype, cfg, N, K):
     tol = 1e-10 if dtype == "float64" else 2e-4
     np.testing.assert_allclose(cp.asnumpy(f_d), f_h, rtol=tol, atol=tol)
     np.testing.assert_allclose(cp.asnumpy(col), col_h, rtol=50 * tol, atol=1e-12)
-    np.testing.assert_allclose(qx, qx_h, rtol=50 * tol)
+    np.testing.assert_allclose(float(qx), qx_h, rtol=50 * tol)
 
 
 def test_cached_buffers_do_not_alias_results():
@@ -305,7 +305,7 @@ def test_primitives_poisoned_outputs(dtype, accurate, N, K):
         assert (cm <= colmax_h + math.log(K) + 20 * tol).all()
     else:
         np.testing.assert_allclose(cm, colmax_h, rtol=tol, atol=20 * tol)
-    np.testing.assert_allclose(qx, qx_h, rtol=50 * tol)
+    np.testing.assert_allclose(float(qx), qx_h, rtol=50 * tol)
     assert (cp.asnumpy(lab_d) == lab_h).mean() >= 0.999
     L = be.column_lse(Xd, 25.0, cp.asarray(f_h))
     np.testing.assert_allclose(cp.asnumpy(L), cpu.column_lse(Xh, 25.0, f_h), rtol=tol,
@@ -315,7 +315,7 @@ def test_primitives_poisoned_outputs(dtype, accurate, N, K):
     gn_h, err_h = cpu.column_update(g, np.zeros(K) - math.log(K), col_h, colmax_h,
                                     math.log(N), 1.0)
     np.testing.assert_allclose(cp.asnumpy(gn), gn_h, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(err, err_h, rtol=1e-12)
+    np.testing.assert_allclose(float(err), err_h, rtol=1e-12)
     chk = be.check(Xd, -math.inf)
     ref = cpu.check(Xh.astype(np.float32) if dtype != "float64" else Xh, -math.inf)
     assert chk["first_invalid"] == ref["first_invalid"] == -1
@@ -456,12 +456,12 @@ def test_acc_large_lambda_primitives_match_float64(layout):
         be = CUDABackend("float32", layout_override=layout, accurate=acc)
         f_d = cp.full(N, cp.nan)
         col, colmax, qx = be.fused_pass(Xd, lam, cp.asarray(g), cp.asarray(loga), 1.0, f_d, None)
-        out[acc] = (cp.asnumpy(f_d), cp.asnumpy(col), qx)
+        out[acc] = (cp.asnumpy(f_d), cp.asnumpy(col), float(qx))
         if acc:
             # f_i and the column sums of exp(lam x + f + g): float32 precision of the plan
             np.testing.assert_allclose(out[acc][0], f64, rtol=0, atol=5e-6)
             np.testing.assert_allclose(out[acc][1], col64, rtol=2e-5, atol=1e-12)
-            np.testing.assert_allclose(qx, qx64, rtol=1e-5)
+            np.testing.assert_allclose(out[acc][2], qx64, rtol=1e-5)
             fl = np.zeros(N)
             L = cp.asnumpy(be.column_lse(Xd, lam, cp.asarray(fl)))
             mm = S.max(0)

@@ -74,6 +74,7 @@ _STATE_DTYPE = np.dtype([
     ("counter", "<u4"), ("pad0", "<i4"), ("pad1", "<i4"), ("best_err", "<f8"),
     ("best_qx", "<f8"), ("last_err", "<f8"), ("pad2", "<f8")])
 assert _STATE_DTYPE.itemsize == 64
+_QX_AT = _STATE_DTYPE.fields["best_qx"][1]  # byte offset of State.best_qx
 
 
 def rows_at_once(cpt: int, dtype: str = "float32") -> int:
@@ -615,7 +616,7 @@ class CUDABackend:
 
     def fused_pass(self, X, alpha, g, loga, rho_a, f_out, labels_out):
         """One pass at ``g``: writes ``f_out`` (and ``labels_out``), returns
-        ``(col, colmax, qx)``."""
+        ``(col, colmax, qx)`` (``qx`` a device scalar)."""
         xp = self.xp
         X = self._matrix(X)
         N, K = X.shape
@@ -638,7 +639,9 @@ class CUDABackend:
             self._pass(X, L, alpha, gslots, loga, rho_a, f_out, labels_out, bufs, state)
             self._finish(L, gslots, zeros, 0.0, 1.0, 0.0, True, bufs, state, col,
                          colmax)
-            qx = float(self._read_state(state)["best_qx"])
+            # sum Q X stays on the device (a copy: the state buffer is reused); the caller
+            # reads it when it needs it, with other scalars
+            qx = state[_QX_AT:_QX_AT + 8].view(xp.float64).copy()[0]
         return col, colmax, qx
 
     def labels(self, X, alpha, g, out):
@@ -669,7 +672,7 @@ class CUDABackend:
                     (max(1, _ceil(K, 256)),), (256,),
                     (g, logb, col, colmax, np.int64(K), np.float64(log_n_rows),
                      np.float64(rho_b), g_next, terms))
-                err = float(terms.sum())
+                err = terms.sum()  # a device scalar: read by the caller with others
         return g_next, err
 
     def plan(self, X, alpha, f, g):

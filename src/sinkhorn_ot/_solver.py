@@ -3,8 +3,10 @@
 A backend provides three primitives on its own arrays (NumPy for the CPU core, CuPy for the
 CUDA kernels): ``column_lse`` (exact column log-sum-exp, used to initialise), ``fused_pass``
 (one read of the matrix: new ``f``, labels, the plan's column sums and column max, and
-``sum Q * X``) and ``column_update`` (the next ``g`` and the column error).  The update
-formulas live in ``csrc/common/sinkhorn_math.h``, shared by both cores.
+``sum Q * X``) and ``column_update`` (the next ``g`` and the column error).  The two scalars
+(``sum Q * X`` and the error) may be device scalars: the loop reads what it needs of a pass in
+one transfer (each is a synchronisation on a GPU).  The update formulas live in
+``csrc/common/sinkhorn_math.h``, shared by both cores.
 """
 from __future__ import annotations
 
@@ -70,7 +72,9 @@ class Anderson:
         if not self.dg:
             return Tg
         dR, dG = xp.stack(self.dr, axis=1), xp.stack(self.dg, axis=1)
-        A, rhs = to_host(dR.T @ dR), to_host(dR.T @ r)  # memory x memory: solved on the host
+        m = dR.shape[1]  # memory x memory, solved on the host: one transfer for A and rhs
+        Ar = to_host(xp.concatenate([(dR.T @ dR).ravel(), dR.T @ r]))
+        A, rhs = Ar[:m * m].reshape(m, m), Ar[m * m:]
         # Tikhonov term: the differences become nearly collinear close to convergence.
         A = A + (1e-10 * np.trace(A) + 1e-300) * np.eye(A.shape[0])
         try:
@@ -124,6 +128,8 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     best = None
     for it in range(1, iters + 1):
         col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_work, lab_work)
+        if comm is not None:
+            qx = float(qx)
         if comm is not None and hasattr(comm, "allreduce_pass"):
             col, colmax, qx = comm.allreduce_pass(col, colmax, qx)  # one collective if it can
         elif comm is not None:
@@ -131,6 +137,17 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
             colmax = comm.allreduce_max(colmax)
             qx = float(comm.allreduce_sum(xp.asarray([qx]))[0])
         g_next, err = backend.column_update(g, logb, col, colmax, log_n, rho_b)
+        if accel is None:
+            err = float(err)
+        else:  # the dual of this pass (its f is f_work until the swap below), read with err
+            af = a * xp.where(a_pos, f_work, 0.0)  # a_i = 0 rows have f_i = -inf
+            local = xp.stack([af.sum(), xp.abs(af).sum()])
+            if comm is not None:
+                local = comm.allreduce_sum(local)
+            bg = b * g
+            err, dual, scale = (float(v) for v in to_host(xp.stack([
+                xp.asarray(err, dtype=xp.float64), local[0] + bg.sum(),
+                local[1] + xp.abs(bg).sum()])))
         if best is None or err <= best[1] or fixed:
             f_work, f_best = f_best, f_work
             lab_work, lab_best = lab_best, lab_work
@@ -140,14 +157,6 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
         if accel is None:
             g = g_next
             continue
-        f = f_best if best[3] == it else f_work  # this pass's f
-        af = a * xp.where(a_pos, f, 0.0)  # a_i = 0 rows have f_i = -inf
-        local = xp.stack([af.sum(), xp.abs(af).sum()])
-        if comm is not None:
-            local = comm.allreduce_sum(local)
-        bg = b * g
-        dual = float(local[0] + bg.sum())
-        scale = float(local[1] + xp.abs(bg).sum())
         g = accel.step(g, g_next, dual, scale)
     g, err, qx, _ = best
     converged = err <= tol
