@@ -286,6 +286,15 @@ def problems(args):
     return out
 
 
+def add_peer_args(p):
+    """The options make_peers and the RESULTS.md writer read (shared with scaling.py)."""
+    p.add_argument("--n-threads", type=int, default=0, help="0: OpenMP's default")
+    p.add_argument("--only", default=None, help="comma-separated substrings of peer names")
+    p.add_argument("--no-ott", action="store_true", help="skip OTT-JAX")
+    p.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    p.add_argument("--results", default=C.RESULTS)
+
+
 def make_peers(args):
     peers, skipped = [], []
     try:
@@ -374,11 +383,7 @@ def main(argv=None):
     p.add_argument("--max-iter", type=int, default=None,
                    help="iteration cap of every solver (default 30000; quick 3000)")
     p.add_argument("--mlp-iter", type=int, default=None, help="MLP training epochs")
-    p.add_argument("--n-threads", type=int, default=0, help="0: OpenMP's default")
-    p.add_argument("--only", default=None, help="comma-separated substrings of peer names")
-    p.add_argument("--no-ott", action="store_true", help="skip OTT-JAX")
-    p.add_argument("--no-write", action="store_true")
-    p.add_argument("--results", default=C.RESULTS)
+    add_peer_args(p)
     args = p.parse_args(argv)
     if args.problems is None:
         args.problems = "500x10,2000x20,peaked" if args.quick else \

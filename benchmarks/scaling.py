@@ -47,13 +47,9 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=None,
                    help="seconds a peer may spend at one size (default 30; quick 3)")
     p.add_argument("--max-iter", type=int, default=5000)
-    p.add_argument("--n-threads", type=int, default=0, help="0: OpenMP's default")
-    p.add_argument("--no-ott", action="store_true")
-    p.add_argument("--only", default=None, help="comma-separated substrings of peer names")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "scaling.png"))
-    p.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
-    p.add_argument("--results", default=C.RESULTS)
+    PR.add_peer_args(p)
     args = p.parse_args(argv)
     if args.sizes is None:
         args.sizes = "300x10,1000x20" if args.quick else \
@@ -147,7 +143,7 @@ def main(argv=None):
                 "constant >= 1 (see the last column).")
         body = ["## Scaling with N*K (benchmarks/scaling.py)", "", *C.header(C.command_line()),
                 *[f"- {s}" for s in skipped], "",
-                f"![scaling](scaling.png)", "", tab, "", note]
+                "![scaling](scaling.png)", "", tab, "", note]
         C.write_section(args.results, "scaling", "\n".join(body))
         print(f"wrote section 'scaling' of {args.results}")
     return 0

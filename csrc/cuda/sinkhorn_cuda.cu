@@ -496,26 +496,27 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
     // Pipelined loads: ring of S stages of R rows, this thread's vectors at col0[j] - tile0.
     T* const ring = reinterpret_cast<T*>(sk_dyn_smem);
     const int W = BT * CPT;  // elements of one row slot
+    // Start copying this thread's vectors of rows ig .. ig + R - 1 (those below hi) into ring
+    // stage `st`, as one cp.async group (empty past the end).
+    auto fetch = [&](int st, i64 ig) {
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int j = 0; j < NV; ++j)
+                if (ig + r < hi && col0[j] < K)
+                    cp_async16(ring + (st * R + r) * W + (col0[j] - tile0),
+                               X + (ig + r) * K + col0[j]);
+        cp_async_commit();
+    };
     if constexpr (S > 0) {
 #pragma unroll
-        for (int st = 0; st < S - 1; ++st) {
-            const i64 ig = lo + static_cast<i64>(st) * R;
-#pragma unroll
-            for (int r = 0; r < R; ++r)
-#pragma unroll
-                for (int j = 0; j < NV; ++j)
-                    if (ig + r < hi && col0[j] < K)
-                        cp_async16(ring + (st * R + r) * W + (col0[j] - tile0),
-                                   X + (ig + r) * K + col0[j]);
-            cp_async_commit();
-        }
+        for (int st = 0; st < S - 1; ++st) fetch(st, lo + static_cast<i64>(st) * R);
     }
 
     for (i64 i0 = lo; i0 < hi; i0 += R, ++grp) {
         C x[R][CPT];
         double la_g[R];  // loga of the group (pipelined variant: loaded before the reductions)
         if constexpr (S == 0) {
-#pragma unroll
             load_rows<T, CPT, R, V>(X, K, i0, hi, col0, C(0), x);
         } else {
 #pragma unroll
@@ -535,17 +536,8 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
                     }
                 }
             // Refill the slot read in the previous step (its values are consumed: the step
-            // finished with them) with group grp + S - 1; an empty group past the end.
-            const int ws = (grp + S - 1) % S;
-            const i64 ig = i0 + static_cast<i64>(S - 1) * R;
-#pragma unroll
-            for (int r = 0; r < R; ++r)
-#pragma unroll
-                for (int j = 0; j < NV; ++j)
-                    if (ig + r < hi && col0[j] < K)
-                        cp_async16(ring + (ws * R + r) * W + (col0[j] - tile0),
-                                   X + (ig + r) * K + col0[j]);
-            cp_async_commit();
+            // finished with them) with group grp + S - 1.
+            fetch((grp + S - 1) % S, i0 + static_cast<i64>(S - 1) * R);
         }
         C rowm[R], logr[R];
         C xs[R];  // MODE_FUSED: sum_y exp(d_y) x_iy of this thread (sum Q X / r_i)

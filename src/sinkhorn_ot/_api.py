@@ -55,7 +55,7 @@ def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n
     X = V.matrix(native, name, xp)
     N, K = X.shape
     ma, mb = V.marginal(a, N, "a", xp), V.marginal(b, K, "b", xp)
-    (wa, loga), (wb, logb) = ma, mb
+    (_, loga), (wb, logb) = ma, mb
     if balanced:
         V.balanced_totals(ma.total, mb.total)
     # KL-relaxed sides use the reference measure a b^T (POT's reg_type="kl"): the optimum has

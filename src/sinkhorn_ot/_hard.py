@@ -168,7 +168,7 @@ def round_to_marginals(Q, a=None, b=None):
     ma, mb = V.marginal(a, n, "a", xp), V.marginal(b, m, "b", xp)
     (wa, _), (wb, _) = ma, mb
     V.balanced_totals(ma.total, mb.total)
-    wb = wb * (wa.sum() / wb.sum())
+    wb = wb * (ma.total / mb.total)
     F = Qa.astype(xp.float64)  # a copy: Q is never modified
     if not bool(xp.isfinite(F).all()) or bool((F < 0).any()):
         raise ValueError("Q must be finite and nonnegative")

@@ -118,7 +118,7 @@ def emd(C, a=None, b=None, *, max_entries=None) -> EMDResult:
     ma, mb = V.marginal(a, n, "a", np), V.marginal(b, m, "b", np)
     (wa, _), (wb, _) = ma, mb
     V.balanced_totals(ma.total, mb.total)
-    wb = wb * (wa.sum() / wb.sum())
+    wb = wb * (ma.total / mb.total)
     V.matrix_values(_check(X), X.shape, "C", math.inf, 1.0, native.dtype)
     Xd = np.asarray(X, dtype=np.float64)
 
