@@ -31,6 +31,7 @@ class Solution:
     err: float
     qx: float          # sum_iy Q_iy X_iy of the returned plan
     converged: bool
+    stalled: bool = False   # stopped early by ``stall_window`` (see sinkhorn_loop)
 
 
 class Anderson:
@@ -42,20 +43,34 @@ class Anderson:
     extrapolated ``g`` whose dual falls below the last accepted one is rejected: the
     history is cleared and the plain step from the last accepted point is taken instead.
     That costs one pass per rejection and keeps the method from diverging or stalling.
+
+    Balanced potentials are defined up to the gauge ``(f - c, g + c)``: ``T(g + c) = T(g) +
+    c``, so the residual cannot see a shift of ``g`` and unguarded extrapolation drifts
+    along it (to ``|g| ~ 1e17`` at large ``lam``, where ``f + g`` loses every digit).  The
+    mixing therefore runs in the quotient space: every ``g`` and ``T(g)`` it sees is
+    centred (zero mean), and so is every point it returns.
     """
 
     # memory 12 against 5: 28 vs 38 passes on random(50_000, 1_000) to 1e-6, 2158 vs 12_325 on
     # the peaked digits problem at lam 50, no worse elsewhere (benchmarks/bench_accel.py)
-    def __init__(self, xp, memory: int = 12, rel_slack: float = 1e-13):
-        self.xp, self.memory, self.rel_slack = xp, memory, rel_slack
+    def __init__(self, xp, memory: int = 12, rel_slack: float = 1e-13, bound: float = math.inf):
+        self.xp, self.memory, self.rel_slack, self.bound = xp, memory, rel_slack, bound
         self.dg, self.dr = [], []
         self.prev = None       # (g, r) of the last accepted point
         self.accepted = None   # (dual, T(g)) of the last accepted point
         self.rejections = 0
 
-    def step(self, g, Tg, dual: float, scale: float):
+    def step(self, g, Tg, dual: float, scale: float, g_max: float = 0.0):
+        """The next point to evaluate, from the evaluated ``g``, its plain step ``Tg``, the
+        dual at ``g`` and its scale (``sum |a f| + sum |b g|``), and ``max |g|``."""
         xp = self.xp
-        if self.accepted is not None and dual < self.accepted[0] - self.rel_slack * scale:
+        g, Tg = g - g.mean(), Tg - Tg.mean()
+        # A column of tiny mass leaves a direction the residual barely sees (its potential can
+        # fall towards -inf for an err change of that mass), so extrapolation may run along it
+        # to potentials far beyond any optimum's, where f + g loses its digits: such a point
+        # is rejected like one that lowers the dual.
+        if self.accepted is not None and (dual < self.accepted[0] - self.rel_slack * scale
+                                          or not g_max <= self.bound):
             self.rejections += 1
             self.dg, self.dr, self.prev = [], [], None
             g_next, self.accepted = self.accepted[1], None
@@ -82,22 +97,52 @@ class Anderson:
         except np.linalg.LinAlgError:
             self.dg, self.dr = [], []
             return Tg
-        return g + r - (dG + dR) @ xp.asarray(gamma)
+        out = g + r - (dG + dR) @ xp.asarray(gamma)
+        return out - out.mean()
+
+
+def _log_range(xp, logw, comm=None) -> float:
+    """max |log w| over the positive entries (0 when none), identical on every rank."""
+    lw = xp.where(xp.isfinite(logw), xp.abs(logw), 0.0)
+    v = xp.stack([lw.max() if lw.size else xp.asarray(0.0)])
+    if comm is not None:
+        v = comm.allreduce_max(v)
+    return float(to_host(v)[0])
+
+
+def potential_bound(xp, loga, logb, s_max: float, n_rows: int, comm=None) -> float:
+    """A bound on ``max |g - mean(g)|`` no optimum of the balanced problem exceeds.
+
+    At the optimum ``g_y - g_y' = log b_y - log b_y' - (LSE_i(S_iy + f_i) - LSE_i(S_iy' +
+    f_i))``; on a dense matrix the LSE difference is at most ``2 max |S|``.  Forbidden pairs
+    chain such differences along paths of the support (at most ``min(n, m)`` columns long)
+    through plan entries as small as the marginals' smallest: hence the loose product.
+    """
+    K = logb.shape[0]
+    lr = _log_range(xp, loga, comm) + _log_range(xp, logb) + math.log(max(n_rows * K, 2))
+    return 4.0 * min(n_rows, K) * (s_max + lr + 1.0)
 
 
 def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
                   rho_b: float = 1.0, g0=None, tol: float, max_iter: int, n_iter=None,
                   want_labels: bool = False, comm=None,
-                  acceleration: str | None = "anderson", warn: bool = True) -> Solution:
+                  acceleration: str | None = "anderson", warn: bool = True,
+                  s_max: float = math.inf, stall_window: int | None = None) -> Solution:
     """Run Sinkhorn passes until ``err <= tol`` (or exactly ``n_iter`` passes).
 
     Without ``g0`` the first half-iteration is a column normalisation of ``exp(S)``
     (``f = 0``), as SwAV's loop starts; so ``n_iter = 3`` is three column and three row
     normalisations.  ``acceleration="anderson"`` applies :class:`Anderson` mixing in
     tolerance mode on balanced problems (fixed ``n_iter`` and KL-relaxed sides always run
-    plain steps).  ``comm`` (optional) combines the column quantities of processes that
-    each hold a block of rows: it provides ``allreduce_sum``, ``allreduce_max``,
-    ``allreduce_lse`` and ``n_rows_total`` (and optionally ``allreduce_pass``).
+    plain steps); its iterates are gauge-fixed (``g`` centred), kept within
+    :func:`potential_bound` (``s_max`` bounds ``|alpha X|``).  With ``stall_window`` the
+    loop gives up early (``stalled=True``) when that many passes cut the best ``err`` by
+    less than 5%: :func:`solve` then restarts with plain passes.
+    The returned ``err`` is that of the pass which computed the returned ``f`` from the
+    returned ``g``: the L1 column violation of exactly that plan.  ``comm`` (optional)
+    combines the column quantities of processes that each hold a block of rows: it provides
+    ``allreduce_sum``, ``allreduce_max``, ``allreduce_lse`` and ``n_rows_total`` (and
+    optionally ``allreduce_pass``).
     """
     xp = backend.xp
     N = X.shape[0]
@@ -114,7 +159,8 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     iters = n_iter if fixed else max_iter
     accel = None
     if acceleration == "anderson" and not fixed and rho_a == 1.0 and rho_b == 1.0:
-        accel = Anderson(xp, rel_slack=1e-13 if X.dtype == xp.float64 else 1e-6)
+        accel = Anderson(xp, rel_slack=1e-13 if X.dtype == xp.float64 else 1e-6,
+                         bound=potential_bound(xp, loga, logb, s_max, n_rows, comm))
         a = xp.exp(loga)
         a_pos = a > 0
         b = xp.exp(logb)
@@ -126,6 +172,9 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     lab_work = xp.empty(N, dtype=xp.int64) if per_pass else None
     lab_best = xp.empty(N, dtype=xp.int64) if per_pass else None
     best = None
+    history = []       # best err after each pass, for stall_window
+    stalled = False
+    it = 0
     for it in range(1, iters + 1):
         col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_work, lab_work)
         if comm is not None:
@@ -145,19 +194,27 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
             if comm is not None:
                 local = comm.allreduce_sum(local)
             bg = b * g
-            err, dual, scale = (float(v) for v in to_host(xp.stack([
+            err, dual, scale, g_max = (float(v) for v in to_host(xp.stack([
                 xp.asarray(err, dtype=xp.float64), local[0] + bg.sum(),
-                local[1] + xp.abs(bg).sum()])))
-        if best is None or err <= best[1] or fixed:
+                local[1] + xp.abs(bg).sum(), xp.abs(g - g.mean()).max()])))
+        # A point beyond the bound is never returned (its err is not that of its plan to the
+        # digit: f + g cancels); the step below rejects it.
+        if best is None or ((err <= best[1] or fixed) and (accel is None or
+                                                           g_max <= accel.bound)):
             f_work, f_best = f_best, f_work
             lab_work, lab_best = lab_best, lab_work
             best = (g, err, qx, it)
-        if (not fixed and err <= tol) or not math.isfinite(err):
+        if (not fixed and err <= tol and best[3] == it) or not math.isfinite(err):
             break
+        if stall_window is not None:
+            history.append(best[1])
+            if len(history) > stall_window and best[1] > 0.95 * history[-1 - stall_window]:
+                stalled = True
+                break
         if accel is None:
             g = g_next
             continue
-        g = accel.step(g, g_next, dual, scale)
+        g = accel.step(g, g_next, dual, scale, g_max)
     g, err, qx, _ = best
     converged = err <= tol
     if not math.isfinite(err):
@@ -165,11 +222,24 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
             "sinkhorn_ot: the column error became non-finite; please report this input")
     if want_labels and not per_pass:
         lab_best = backend.labels(X, alpha, g, xp.empty(N, dtype=xp.int64))
-    if warn and not fixed and not converged:
-        warnings.warn(f"Sinkhorn did not converge in {max_iter} iterations: err = {err:.3e} "
-                      f"> tol = {tol:.1e} (the best iterate is returned, converged=False)",
-                      UserWarning, stacklevel=3)
-    return Solution(f_best, g, lab_best, it, float(err), float(qx), converged)  # it: passes run
+    if warn and not fixed and not converged and not stalled:
+        warn_unconverged(it, err, tol)
+    return Solution(f_best, g, lab_best, it, float(err), float(qx), converged,  # it: passes
+                    stalled)
+
+
+def warn_unconverged(passes: int, err: float, tol: float):
+    """The non-convergence warning, pointing at the caller's line (the first frame outside
+    this package)."""
+    import sys
+
+    level, frame = 2, sys._getframe(1)
+    pkg = __name__.rsplit(".", 1)[0]
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(pkg):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(f"Sinkhorn did not converge in {passes} iterations: err = {err:.3e} "
+                  f"> tol = {tol:.1e} (the best iterate is returned, converged=False)",
+                  UserWarning, stacklevel=level)
 
 
 def drop_massless_columns(X, wb, logb, g0, xp, any_zero: bool):
@@ -224,31 +294,74 @@ def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: fl
     Epsilon scaling (Schmitzer 2019) applies to balanced problems solved to a tolerance
     without a warm start: stages at ``alpha / 4**k`` are solved to a loose tolerance
     (``1e-2`` of the mass), each warm-starting the next with ``g`` rescaled by the ratio of
-    the ``alpha``; the last stage solves the requested problem to ``tol``.  ``n_iter`` of
-    the result counts the passes of every stage.
+    the ``alpha``; the last stage solves the requested problem to ``tol``.  ``max_iter``
+    bounds the passes of every stage together (the last stage keeps at least one), and
+    ``n_iter`` of the result counts them all.
     """
     if acceleration not in ACCELERATIONS:
         raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got {acceleration!r}")
     fixed = n_iter is not None
     balanced = rho_a == 1.0 and rho_b == 1.0
-    kw = dict(rho_a=rho_a, rho_b=rho_b, want_labels=want_labels, max_iter=max_iter)
+    kw = dict(rho_a=rho_a, rho_b=rho_b, want_labels=want_labels)
     stages = eps_stages(eps_scaling, alpha, max_abs) if (
         not fixed and balanced and g0 is None) else []
     passes = 0
+    g0_user = g0
     if stages:
         mass = float(backend.xp.exp(loga).sum())
         if comm is not None:
             mass = float(comm.allreduce_sum(backend.xp.asarray([mass]))[0])
-        for k, a_k in enumerate(stages):
-            st = sinkhorn_loop(backend, X, a_k, loga, logb, g0=g0, tol=max(tol, 1e-2 * mass),
-                               comm=comm, acceleration=acceleration, warn=False, **kw)
+        a_g = None  # the alpha g0 belongs to (None: no stage ran yet, g0 is None)
+        for a_k in stages:
+            if max_iter - passes <= 1:
+                break
+            st = sinkhorn_loop(backend, X, a_k, loga, logb,
+                               g0=None if a_g is None else g0 * (a_k / a_g),
+                               tol=max(tol, 1e-2 * mass), comm=comm,
+                               acceleration=acceleration, warn=False,
+                               max_iter=max_iter - passes - 1, s_max=abs(a_k) * max_abs, **kw)
             passes += st.n_iter
-            a_next = stages[k + 1] if k + 1 < len(stages) else alpha
-            g0 = st.g * (a_next / a_k)
-    if comm is not None or (acceleration is not None and not fixed):
-        sol = sinkhorn_loop(backend, X, alpha, loga, logb, g0=g0, tol=tol, n_iter=n_iter,
-                            comm=comm, acceleration=acceleration, **kw)
-    else:  # plain passes: the backend's own loop (on the GPU, a device-side loop)
-        sol = backend.solve(X, alpha, loga, logb, g0=g0, tol=tol, n_iter=n_iter, **kw)
+            g0, a_g = st.g, a_k
+        if a_g is not None:
+            g0 = g0 * (alpha / a_g)
+    rest = max_iter - passes
+    accelerated = not fixed and (passes > 0 or acceleration is not None)
+    sol = _final(backend, X, alpha, loga, logb, g0=g0, tol=tol, n_iter=n_iter, comm=comm,
+                 acceleration=acceleration, max_iter=rest, s_max=abs(alpha) * max_abs,
+                 stall_window=STALL_WINDOW if accelerated else None, **kw)
+    if sol.stalled:
+        # Extrapolation, or the warm start of the stages, can leave the iterate on a plateau
+        # (a column starved of mass that must come back through exponentially small entries)
+        # that plain passes from the cold start do not meet: restart with those.
+        passes += sol.n_iter
+        if max_iter > passes:
+            cold = _final(backend, X, alpha, loga, logb, g0=g0_user, tol=tol, n_iter=None,
+                          comm=comm, acceleration=None, max_iter=max_iter - passes,
+                          s_max=abs(alpha) * max_abs, **kw)
+            passes += cold.n_iter
+            if cold.err <= sol.err:
+                sol = cold
+        sol.n_iter = 0  # every pass is counted in passes
     sol.n_iter += passes
+    if not fixed and not sol.converged:
+        warn_unconverged(sol.n_iter, sol.err, tol)
     return sol
+
+
+# Passes of an accelerated solve that must cut the best err by 5%, else plain passes restart
+# (Anderson's slowest regular progress seen, on peaked problems, is about 5% in 10 passes).
+STALL_WINDOW = 100
+
+
+def _final(backend, X, alpha, loga, logb, *, comm, acceleration, n_iter, s_max,
+           stall_window=None, **kw):
+    """The solve at the requested ``alpha``: the generic loop, or the backend's own for plain
+    passes (on the GPU a device-side loop).  Never warns: :func:`solve` does, once."""
+    fixed = n_iter is not None
+    if comm is not None or (acceleration is not None and not fixed) or stall_window:
+        return sinkhorn_loop(backend, X, alpha, loga, logb, n_iter=n_iter, comm=comm,
+                             acceleration=acceleration, warn=False, s_max=s_max,
+                             stall_window=stall_window, **kw)
+    with warnings.catch_warnings():  # its warning counts its own passes: solve() warns
+        warnings.filterwarnings("ignore", "Sinkhorn did not converge", UserWarning)
+        return backend.solve(X, alpha, loga, logb, n_iter=n_iter, **kw)
