@@ -86,9 +86,10 @@ def _common(native, backend, X, alpha, sol, cost):
     for arr in (f, g):
         if isinstance(arr, np.ndarray):
             arr.setflags(write=False)
+    fp, gp = f.copy(), g.copy()  # writing the returned f or g must not change plan()
     return dict(f=wrap(f), g=wrap(g), n_iter=sol.n_iter, err=sol.err,
                 converged=sol.converged, cost=cost,
-                _plan=lambda: wrap(backend.plan(X, alpha, f, g)))
+                _plan=lambda: wrap(backend.plan(X, alpha, fp, gp)))
 
 
 def sinkhorn(C, a=None, b=None, *, reg, tol=None, max_iter=1000, n_iter=None, init=None,
@@ -175,6 +176,24 @@ def sinkhorn(C, a=None, b=None, *, reg, tol=None, max_iter=1000, n_iter=None, in
         n_iter=n_iter, init=init, n_threads=n_threads, want_labels=False, balanced=True,
         comm=comm, acceleration=acceleration, eps_scaling=eps_scaling)
     return OTResult(**_common(native, backend, X, alpha, sol, sol.qx))
+
+
+def _argmax_ties(xp, X, lam, sol, b, n_iter, comm):
+    """The argmax labels with ties spread as the plan spreads them (see _hard.tie_break)."""
+    from . import _hard
+
+    n_rows = X.shape[0] if comm is None else _comm_rows(comm, X.shape[0])
+    wb = V.marginal(b, X.shape[1], "b", xp)[0]
+    b_min = float(xp.where(wb > 0, wb, xp.inf).min()) / float(wb.sum())
+    tau = _hard.tie_tolerance(sol.err, n_iter is None, b_min)
+    return _hard.tie_break(xp, X, lam, sol.f, sol.g, sol.labels, -math.log(n_rows), tau,
+                           n_rows * wb / wb.sum())
+
+
+def _comm_rows(comm, n):
+    from .distributed import as_comm
+
+    return int(as_comm(comm).allreduce_sum(np.asarray([float(n)]))[0])
 
 
 def balanced_assign(logP, lam=25.0, *, b=None, size_penalty=None, hard="argmax", tol=None,
@@ -281,7 +300,9 @@ def balanced_assign(logP, lam=25.0, *, b=None, size_penalty=None, hard="argmax",
         balanced=size_penalty is None, comm=comm, acceleration=acceleration,
         eps_scaling=eps_scaling)
     xp = backend.xp
-    if hard != "argmax":
+    if hard == "argmax":
+        sol.labels = _argmax_ties(xp, X, lam, sol, b, n_iter, comm)
+    else:
         from . import _hard
 
         targets = _hard.target_sizes(X.shape[0],

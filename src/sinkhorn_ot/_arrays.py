@@ -96,3 +96,13 @@ def to_native(x, name: str) -> Native:
 
 def array_module(native: Native):
     return import_cupy() if native.device == "cuda" else np
+
+
+def constant(x):
+    """``x`` as a constant: a PyTorch tensor that requires grad is detached (DLPack refuses
+    to export it; the solvers are not differentiable, so its gradient could not flow
+    anyway)."""
+    if type(x).__module__.split(".")[0] == "torch" and getattr(x, "requires_grad", False):
+        return x.detach()
+    return x
+

@@ -2,10 +2,12 @@
 rounding of a plan onto the transport polytope (:func:`round_to_marginals`)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _validation as V
-from ._arrays import array_module, to_native
+from ._arrays import array_module, to_host, to_native
 
 __all__ = ["round_to_marginals", "target_sizes"]
 
@@ -194,3 +196,97 @@ def round_to_marginals(Q, a=None, b=None):
 def _cost(X, labels):
     """sum_i -X[i, labels[i]] (the transport cost of hard labels, unit mass per sample)."""
     return -float(np.asarray(X[np.arange(X.shape[0]), labels], dtype=np.float64).sum())
+
+
+
+def tie_break(xp, X, lam, f, g, labels, log_a, tau: float, b_mass):
+    """Labels that follow the plan where rows tie: ``labels`` (the first maximiser of the plan
+    score ``lam * X[i, y] + g[y]``, from the last pass) with every group of rows that tie on
+    the same clusters spread over those clusters round-robin, the clusters holding the most
+    plan mass first.  Duplicated rows or a constant ``X`` then fill the clusters as the plan
+    does instead of piling into the first maximiser.
+
+    A row ties when its second-best score is within ``tau`` of its best.  Only the rows whose
+    label carries at most ``1 / (1 + exp(-tau))`` of the row's mass ``exp(log_a)`` can tie
+    (a confident row cannot), and only those are read again: O(N) when none is near a tie.
+    Then, when a cluster the plan gives at least one sample (``b_mass``: ``N * b``) is
+    still empty, groups of identical rows of ``X`` (which have identical plan rows, so one
+    argmax) are spread over the clusters by the largest-remainder rounding of their count
+    times their plan row.  Finding them hashes every row (one product with a random
+    vector), on that path only.
+    Returns labels in ``xp``'s family (``labels`` itself is not modified).
+    """
+    labels = _spread_ties(xp, X, lam, f, g, labels, log_a, tau)
+    return _spread_duplicates(xp, X, lam, g, labels, b_mass)
+
+
+def _spread_ties(xp, X, lam, f, g, labels, log_a, tau):
+    N = X.shape[0]
+    rows = xp.arange(N)
+    with np.errstate(invalid="ignore", over="ignore"):
+        share = lam * X[rows, labels].astype(xp.float64) + g[labels] + f - log_a
+    limit = -math.log1p(math.exp(-(tau + 1e-6)))  # generous: the rounding term below
+    cand = np.asarray(to_host(xp.nonzero(share <= limit)[0]))
+    if cand.size < 2:
+        return labels
+    S = lam * np.asarray(to_host(X[xp.asarray(cand)]), dtype=np.float64)
+    S += np.asarray(to_host(g))[None, :]
+    best = S.max(axis=1)
+    tied = S >= (best - tau - 1e-12 * (1.0 + np.abs(best)))[:, None]  # + rounding of S + g
+    multi = tied.sum(axis=1) > 1
+    if multi.sum() < 2:
+        return labels
+    cand, S, tied, best = cand[multi], S[multi], tied[multi], best[multi]
+    _, group, counts = np.unique(np.packbits(tied, axis=1), axis=0, return_inverse=True,
+                                 return_counts=True)
+    group = group.ravel()
+    out = np.array(to_host(labels), copy=True)
+    for k in np.nonzero(counts > 1)[0]:
+        members = np.nonzero(group == k)[0]
+        clusters = np.nonzero(tied[members[0]])[0]
+        mass = np.exp(S[np.ix_(members, clusters)] - best[members, None]).sum(axis=0)
+        clusters = clusters[np.argsort(-mass, kind="stable")]
+        out[cand[members]] = clusters[np.arange(members.size) % clusters.size]
+    return xp.asarray(out)
+
+
+def tie_tolerance(err: float, tolerance_mode: bool, b_min: float) -> float:
+    """Score gap below which :func:`tie_break` calls two clusters of a row tied: the plan's
+    own accuracy after a solve to a tolerance (a column off by ``err`` moves its score by
+    about ``err / b``; capped at 1e-3), rounding only after a fixed ``n_iter``."""
+    if not tolerance_mode or not b_min > 0:
+        return 0.0
+    return min(1e-3, 2.0 * err / b_min)
+
+
+def _spread_duplicates(xp, X, lam, g, labels, b_mass):
+    N, K = X.shape
+    sizes = xp.bincount(labels, minlength=K)
+    if not bool(((sizes == 0) & (b_mass >= 1.0)).any()):
+        return labels
+    Xh = np.asarray(to_host(X))
+    finite = np.where(np.isfinite(Xh), Xh, -1e300)
+    h = finite @ np.random.default_rng(0).standard_normal(K)
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    starts = np.nonzero(np.r_[True, hs[1:] != hs[:-1]])[0]
+    ends = np.r_[starts[1:], N]
+    out = None
+    gh = np.asarray(to_host(g))
+    for lo, hi in zip(starts, ends):
+        if hi - lo < 2:
+            continue
+        members = order[lo:hi]
+        members = members[np.all(Xh[members] == Xh[members[0]], axis=1)]  # not a collision
+        if members.size < 2:
+            continue
+        with np.errstate(invalid="ignore", over="ignore"):
+            s = lam * Xh[members[0]].astype(np.float64) + gh
+        p = np.exp(s - s.max())
+        p /= p.sum()
+        counts = target_sizes(members.size, p)
+        if out is None:
+            out = np.array(to_host(labels), copy=True)
+        out[members] = np.repeat(np.argsort(-p, kind="stable"),
+                                 counts[np.argsort(-p, kind="stable")])
+    return labels if out is None else xp.asarray(out)

@@ -6,7 +6,7 @@ import numbers
 
 import numpy as np
 
-from ._arrays import Native, to_host
+from ._arrays import Native, constant, to_host
 
 _FLOAT_KINDS = {"float64", "float32", "float16", "bfloat16"}
 # Largest magnitude the kernels may meet in S = alpha * X (computed in float32 at least).
@@ -98,6 +98,7 @@ def marginal(v, n: int, name: str, xp, allow_zero_sum: bool = False) -> Weights:
     if v is None:
         w = xp.full(n, 1.0 / n)
         return Weights(w, xp.log(w), 1.0, False)
+    v = constant(v)
     if hasattr(v, "__dlpack__") and not isinstance(v, (np.ndarray,)) and \
             type(v).__module__.split(".")[0] != xp.__name__:
         v = xp.from_dlpack(v)
@@ -131,7 +132,7 @@ def init_potential(init, m: int, xp):
     """The column potential to warm-start from: a previous result, or its g."""
     if init is None:
         return None
-    g = getattr(init, "g", init)
+    g = constant(getattr(init, "g", init))
     if hasattr(g, "__dlpack__") and type(g).__module__.split(".")[0] != xp.__name__:
         g = xp.from_dlpack(g)
     g = xp.asarray(g, dtype=xp.float64).copy()
