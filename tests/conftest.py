@@ -13,6 +13,10 @@ try:  # keep hypothesis small and deterministic on the shared 2-core machines
     settings.register_profile(
         "sinkhorn", max_examples=40, deadline=None, derandomize=True,
         suppress_health_check=[HealthCheck.too_slow])
+    # HYPOTHESIS_PROFILE=long: the fuzzing suite (tests/test_fuzz.py) at length, by hand
+    settings.register_profile(
+        "long", max_examples=1000, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "sinkhorn"))
 except ImportError:  # pragma: no cover
     pass

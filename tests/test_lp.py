@@ -44,7 +44,10 @@ def test_matches_pot_emd(n, m, total):
 def test_assignment_path():
     C, _, _ = _problem(50, 50, seed=3)
     res = sinkhorn_ot.emd(C)
-    assert res.method == "assignment" and res.f is None and res.g is None
+    assert res.method == "assignment"
+    # duals on this path too: feasible and tight (strong duality)
+    assert (res.f[:, None] + res.g[None, :] - C).max() <= 1e-12
+    np.testing.assert_allclose(res.f.sum() / 50 + res.g.sum() / 50, res.cost, rtol=1e-12)
     np.testing.assert_allclose(res.cost, ot.emd2([], [], C), rtol=1e-9)
     P = res.plan().toarray()
     np.testing.assert_allclose(P.sum(0), 1 / 50, rtol=1e-14)

@@ -60,7 +60,11 @@ def emd(C, a=None, b=None, *, max_entries=None) -> EMDResult:
     g\rangle`.  With ``n == m`` and uniform marginals it is an assignment problem, solved
     by :func:`scipy.optimize.linear_sum_assignment`; otherwise by HiGHS
     (:func:`scipy.optimize.linprog`) on the sparse ``(n + m) x nnz`` constraint matrix, one
-    variable per allowed pair.  The plan returned is a basic (vertex) solution, so it has at
+    variable per allowed pair.  Either answer only starts an exact finish: its support is
+    made a spanning-tree basis and the transport simplex pivots until every reduced cost is
+    nonnegative, so the plan meets ``a`` and ``b`` to round-off, its cost is optimal to
+    round-off, and the duals certify it (no reliance on HiGHS's tolerances, nor on its
+    verdict of infeasibility).  The plan returned is a basic (vertex) solution, so it has at
     most ``n + m - 1`` nonzeros, and it is integral when ``a`` and ``b`` are.
 
     Parameters
@@ -81,8 +85,8 @@ def emd(C, a=None, b=None, *, max_entries=None) -> EMDResult:
     Returns
     -------
     EMDResult
-        ``cost``, the duals ``f`` (n,) and ``g`` (m,) (``None`` from the assignment
-        solver), ``method`` and ``plan()``, a ``scipy.sparse.csr_array`` (n, m).
+        ``cost``, the duals ``f`` (n,) and ``g`` (m,), ``method`` and ``plan()``, a
+        ``scipy.sparse.csr_array`` (n, m).
 
     Raises
     ------
@@ -122,39 +126,94 @@ def emd(C, a=None, b=None, *, max_entries=None) -> EMDResult:
     V.matrix_values(_check(X), X.shape, "C", math.inf, 1.0, native.dtype)
     Xd = np.asarray(X, dtype=np.float64)
 
-    if n == m and n <= ASSIGNMENT_MAX_N and _uniform(a, wa) and _uniform(b, wb):
+    finite = np.isfinite(Xd)
+    assignment = n == m and n <= ASSIGNMENT_MAX_N and _uniform(a, wa) and _uniform(b, wb)
+    if assignment:
         try:
             rows, cols = optimize.linear_sum_assignment(Xd)
         except ValueError as exc:  # "cost matrix is infeasible"
             raise ValueError("emd: infeasible problem: no assignment avoids the forbidden "
                              "(+inf) pairs") from exc
-        vals = np.full(n, wa[0])
-        plan = sparse.csr_array((vals, (rows, cols)), shape=(n, m))
-        cost = float(np.dot(vals, Xd[rows, cols]))
-        return EMDResult(cost=cost, f=None, g=None, method="assignment", _plan=plan)
-
-    ii, jj = np.nonzero(np.isfinite(Xd))
-    nnz = ii.size
-    c = Xd[ii, jj]
-    k = np.arange(nnz)
-    A = sparse.csr_array((np.ones(2 * nnz), (np.concatenate([ii, n + jj]),
-                                             np.concatenate([k, k]))), shape=(n + m, nnz))
-    # Scale the marginals to total 1 for HiGHS's tolerances; undo on the way out.
-    scale = float(wa.sum())
-    res = optimize.linprog(c, A_eq=A, b_eq=np.concatenate([wa, wb]) / scale, bounds=(0, None),
-                           method="highs")
-    if res.status == 2:
-        raise ValueError("emd: infeasible problem: the marginals cannot be met through the "
-                         "allowed (finite-cost) pairs")
-    if res.status != 0:
-        raise RuntimeError(f"emd: HiGHS failed (status {res.status}): {res.message}")
-    x = np.maximum(res.x, 0.0) * scale
+        start = list(zip(rows.tolist(), cols.tolist()))
+    Cm = _big_m(Xd, finite)
+    if not assignment:
+        start = _highs_support(Cm, wa, wb)
+    rows, cols, x, f, g = _finish(Cm, finite, wa, wb, start)
     keep = x > 0
-    plan = sparse.csr_array((x[keep], (ii[keep], jj[keep])), shape=(n, m))
-    duals = np.asarray(res.eqlin.marginals, dtype=np.float64)
-    cost = float(np.dot(x, c))
-    return EMDResult(cost=cost, f=duals[:n].copy(), g=duals[n:].copy(), method="highs",
+    plan = sparse.csr_array((x[keep], (rows[keep], cols[keep])), shape=(n, m))
+    cost = float(np.dot(x[keep], Xd[rows[keep], cols[keep]]))
+    return EMDResult(cost=cost, f=f, g=g, method="assignment" if assignment else "highs",
                      _plan=plan)
+
+
+def _highs_support(Cm, wa, wb, k_near=8, rounds=20):
+    """The pairs of a HiGHS vertex, largest flow first: a starting basis for the exact finish.
+
+    Column generation keeps the LPs small: the first holds each row's and each column's
+    ``k_near`` cheapest pairs plus the northwest-corner tree (so it is feasible; forbidden
+    pairs cost the big-M of ``Cm``); each round adds, for every row, its pair of most
+    negative reduced cost under HiGHS's duals, until none is negative to HiGHS's tolerance.
+    Empty when HiGHS fails (its presolve can call a feasible problem infeasible): the
+    exact finish then starts on its own.
+    """
+    from scipy import optimize, sparse
+
+    from ._simplex import _northwest
+
+    n, m = Cm.shape
+    k_r, k_c = min(k_near, m), min(k_near, n)
+    sel = np.zeros((n, m), dtype=bool)
+    sel[np.arange(n)[:, None], np.argpartition(Cm, k_r - 1, axis=1)[:, :k_r]] = True
+    sel[np.argpartition(Cm, k_c - 1, axis=0)[:k_c, :], np.arange(m)[None, :]] = True
+    nw = np.array(_northwest(wa, wb))
+    sel[nw[:, 0], nw[:, 1]] = True
+    scale = float(wa.sum())  # marginals of total 1 for HiGHS's tolerances
+    b_eq = np.concatenate([wa, wb]) / scale
+    tol = 1e-9 * (float(np.abs(Cm).max()) + 1.0)
+    res = None
+    for _ in range(rounds):
+        ii, jj = np.nonzero(sel)
+        nnz = ii.size
+        kk = np.arange(nnz)
+        A = sparse.csr_array((np.ones(2 * nnz), (np.concatenate([ii, n + jj]),
+                                                 np.concatenate([kk, kk]))),
+                             shape=(n + m, nnz))
+        res = optimize.linprog(Cm[ii, jj], A_eq=A, b_eq=b_eq, bounds=(0, None),
+                               method="highs")
+        if res.status != 0 or res.x is None:
+            return []
+        duals = np.asarray(res.eqlin.marginals, dtype=np.float64)
+        R = Cm - duals[:n, None] - duals[None, n:]
+        R[sel] = np.inf
+        j_best = np.argmin(R, axis=1)
+        add = R[np.arange(n), j_best] < -tol
+        if not add.any():
+            break
+        sel[np.nonzero(add)[0], j_best[add]] = True
+    x = res.x
+    order = np.argsort(-x, kind="stable")
+    order = order[x[order] > 0]
+    return list(zip(ii[order].tolist(), jj[order].tolist()))
+
+
+def _big_m(Xd, finite):
+    """The cost with forbidden pairs at a big-M larger than any cycle of allowed costs can
+    save, so an optimum uses one only when the problem is infeasible."""
+    n, m = Xd.shape
+    fin = Xd[finite]
+    span = float(fin.max() - fin.min()) if fin.size else 0.0
+    big = float(np.abs(fin).max() if fin.size else 0.0) + 2.0 * (n + m) * span + 1.0
+    return np.where(finite, Xd, big)
+
+
+def _finish(Cm, finite, wa, wb, start):
+    """The exact transport simplex (sinkhorn_ot._simplex) from ``start``."""
+    from ._simplex import Infeasible, finish
+
+    try:
+        return finish(Cm, wa, wb, start, forbidden=~finite)
+    except Infeasible as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _check(X):

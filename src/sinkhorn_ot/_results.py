@@ -117,14 +117,16 @@ class EMDResult:
     ----------
     cost : float
         Optimal cost ``<P, C>``.
-    f : ndarray of float64, shape (n,) or None
-        Row dual potential; with ``g``, ``f_i + g_j <= C_ij`` on allowed pairs and
-        ``<a, f> + <b, g> = cost``.  ``None`` when the assignment solver was used
-        (:func:`scipy.optimize.linear_sum_assignment` gives no duals).
-    g : ndarray of float64, shape (m,) or None
+    f : ndarray of float64, shape (n,)
+        Row dual potential; with ``g``, ``f_i + g_j <= C_ij`` on allowed pairs (to
+        round-off), ``f_i + g_j = C_ij`` wherever the plan is positive, and ``<a, f> + <b,
+        g> = cost``.
+    g : ndarray of float64, shape (m,)
         Column dual potential.
     method : str
-        ``"highs"`` (sparse LP, :func:`scipy.optimize.linprog`) or ``"assignment"``.
+        What started the exact finish: ``"highs"`` (sparse LP,
+        :func:`scipy.optimize.linprog`) or ``"assignment"``
+        (:func:`scipy.optimize.linear_sum_assignment`).
     """
 
     cost: float

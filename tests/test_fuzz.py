@@ -1,0 +1,250 @@
+"""Differential fuzzing of the solvers (hypothesis): every result honest on every input.
+
+Run derandomised in CI (the ``sinkhorn`` profile of conftest.py); at length by hand with
+``HYPOTHESIS_PROFILE=long python -m pytest tests/test_fuzz.py``.  Each property names the
+reference it checks against:
+
+- ``reference.plan_from_potentials``: the plan of the returned potentials evaluated
+  independently in float64 on the input as given; its L1 marginal violation is the
+  "independent err" every reported ``err`` must match (within 5%, or 1e-7 in float64 /
+  1e-6 in float32, whose passes round exp(t - m) in float32).
+- the library's own plain iterations (``acceleration=None, eps_scaling=False``): whatever
+  converges plainly must converge with the defaults too.
+- ``reference.reference_solve``: the float64 NumPy reference solve, for the potentials.
+- the same call on a C-contiguous copy: layouts (Fortran order, views, negative strides)
+  change nothing.
+
+Inputs are built feasible: the allowed pattern and the marginals come from a strictly
+positive plan on it (so finite potentials exist), then columns/rows of zero mass are added.
+"""
+import math
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import sinkhorn_ot
+from reference import plan_from_potentials, reference_solve
+
+N_EX = settings.default.max_examples
+
+
+def _quiet():
+    w = warnings.catch_warnings()
+    w.__enter__()
+    warnings.simplefilter("ignore", UserWarning)
+    return w
+
+
+@st.composite
+def feasible(draw, n_max, m_max, n_min=1, m_min=1, assign=False):
+    """(X, a, b, mask) with a strictly feasible allowed pattern: a random plan positive on a
+    random pattern (every row and column keeps a pair) gives the marginals.  ``assign``:
+    rows of equal mass (balanced_assign's a = 1/N).  Skewed: lognormal plan entries with
+    sigma up to 6; zero-mass columns (and rows unless ``assign``) appended at random."""
+    n = draw(st.integers(n_min, n_max))
+    m = draw(st.integers(m_min, m_max))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    density = draw(st.sampled_from([1.0, 1.0, 0.7, 0.4]))
+    mask = rng.random((n, m)) < density
+    mask[np.arange(n), rng.integers(0, m, n)] = True
+    mask[rng.integers(0, n, m), np.arange(m)] = True
+    sigma = draw(st.sampled_from([0.0, 1.0, 3.0, 6.0]))
+    Q = np.where(mask, np.exp(sigma * rng.standard_normal((n, m))), 0.0)
+    if assign:
+        Q /= Q.sum(axis=1, keepdims=True) * n
+    Q /= Q.sum()
+    a, b = Q.sum(axis=1), Q.sum(axis=0)
+    scale = draw(st.sampled_from([0.1, 1.0, 3.0]))
+    X = scale * rng.standard_normal((n, m))
+    X[~mask] = np.inf
+    zb = draw(st.integers(0, 2))
+    if zb:  # zero-mass columns with any pattern that keeps an allowed entry
+        Xz = scale * rng.standard_normal((n, zb))
+        Xz[rng.random((n, zb)) < 0.5] = np.inf
+        Xz[0] = 0.0
+        X = np.concatenate([X, Xz], axis=1)
+        b = np.concatenate([b, np.zeros(zb)])
+    if not assign and draw(st.booleans()):
+        Xz = scale * rng.standard_normal((1, X.shape[1]))
+        Xz[0, 0] = 0.0
+        X = np.concatenate([X, Xz], axis=0)
+        a = np.concatenate([a, [0.0]])
+    return X, a, b
+
+
+def _err_tol(err_ref, dtype):
+    return max(0.05 * err_ref, 1e-7 if dtype == np.float64 else 1e-6)
+
+
+def _independent_err(S, f, g, a, b):
+    P = plan_from_potentials(S, f, g)
+    return float(np.abs(P.sum(1) - a).sum() + np.abs(P.sum(0) - b).sum()), P
+
+
+def _check_balanced(res, S, a, b, dtype):
+    f, g = np.asarray(res.f, np.float64), np.asarray(res.g, np.float64)
+    assert np.isfinite(f[a > 0]).all() and np.isfinite(g[b > 0]).all()
+    # moderate: within a few times the spread of S of the gauge-free optimum
+    s_max = np.abs(S[np.isfinite(S)]).max() + 1.0
+    gc = g[b > 0] - g[b > 0].mean()
+    assert np.abs(gc).max() <= 4 * min(S.shape) * (s_max + 1500), np.abs(gc).max()
+    err_ref, P = _independent_err(S, f, g, a, b)
+    assert abs(res.err - err_ref) <= _err_tol(err_ref, dtype), (res.err, err_ref)
+    assert abs(P.sum() - a.sum()) <= err_ref + 1e-6
+    Pr = np.asarray(res.plan(), np.float64)  # plan() itself: same plan, input's precision
+    assert abs(Pr.sum() - a.sum()) <= err_ref + (1e-12 if dtype == np.float64 else 1e-5)
+    return err_ref
+
+
+# --- 1. tiny problems, large lam: the accelerated defaults stay honest ------------------
+
+@settings(max_examples=3 * N_EX)
+@given(prob=feasible(6, 6, 2, 2, assign=True), log_lam=st.floats(0.0, 4.0),
+       dtype=st.sampled_from([np.float64, np.float32]))
+def test_tiny_accelerated_assign_is_honest(prob, log_lam, dtype):
+    """balanced_assign defaults on 2x2..6x6 (+ zero-mass columns), lam 1..1e4; references:
+    the float64 evaluation of the plan of the returned potentials, and plain iterations."""
+    X, _, b = prob
+    logP = (-X).astype(dtype)
+    lam = 10.0 ** log_lam
+    N = logP.shape[0]
+    a = np.full(N, 1.0 / N)
+    w = _quiet()
+    try:
+        res = sinkhorn_ot.balanced_assign(logP, lam, b=b, max_iter=3000)
+        plain = sinkhorn_ot.balanced_assign(logP, lam, b=b, acceleration=None,
+                                            eps_scaling=False, max_iter=1000)
+    finally:
+        w.__exit__(None, None, None)
+    S = lam * logP.astype(np.float64)
+    _check_balanced(res, S, a, b, dtype)
+    _check_balanced(plain, S, a, b, dtype)
+    assert res.converged or not plain.converged
+    assert res.n_iter <= 3000
+    sizes = np.bincount(np.asarray(res.labels), minlength=logP.shape[1])
+    np.testing.assert_array_equal(np.asarray(res.sizes), sizes)
+
+
+@settings(max_examples=3 * N_EX)
+@given(prob=feasible(6, 6, 2, 2), log_reg=st.floats(-4.0, 0.0),
+       dtype=st.sampled_from([np.float64, np.float32]))
+def test_tiny_accelerated_sinkhorn_is_honest(prob, log_reg, dtype):
+    """sinkhorn defaults, skewed and zero-mass a and b, forbidden pairs, reg 1e-4..1;
+    references as above."""
+    X, a, b = prob
+    C = X.astype(dtype)
+    reg = 10.0 ** log_reg
+    w = _quiet()
+    try:
+        res = sinkhorn_ot.sinkhorn(C, a, b, reg=reg, max_iter=3000)
+        plain = sinkhorn_ot.sinkhorn(C, a, b, reg=reg, acceleration=None, eps_scaling=False,
+                                     max_iter=1000)
+    finally:
+        w.__exit__(None, None, None)
+    S = -C.astype(np.float64) / reg
+    _check_balanced(res, S, a, b, dtype)
+    assert res.converged or not plain.converged
+
+
+# --- 2. shapes 1..300, every layout ------------------------------------------------------
+
+def _layouts(A, which):
+    """A (C-contiguous) as the layout ``which``: same values, different memory."""
+    if which == "F":
+        return np.asfortranarray(A)
+    if which == "view":
+        big = np.zeros((A.shape[0] + 1, A.shape[1] + 2), A.dtype)
+        big[1:, 1:-1] = A
+        return big[1:, 1:-1]
+    if which == "neg":
+        return np.ascontiguousarray(A[::-1, ::-1])[::-1, ::-1]
+    return A
+
+
+@settings(max_examples=N_EX)
+@given(prob=feasible(300, 300), log_reg=st.floats(-4.0, 4.0),
+       dtype=st.sampled_from([np.float64, np.float32]),
+       layout=st.sampled_from(["C", "F", "view", "neg"]),
+       fn=st.sampled_from(["sinkhorn", "assign", "unbalanced"]))
+def test_any_shape_layout_and_reg_is_honest(prob, log_reg, dtype, layout, fn):
+    """Shapes 1..300 (N = 1, K = 1, N < K included), reg / (1 / lam) 1e-4..1e4, float32 and
+    float64, C / F order, views and negative strides.  References: the float64 evaluation
+    of the returned potentials' plan (err honest), and the same call on a C-contiguous copy
+    (identical results)."""
+    X, a, b = prob
+    n, m = X.shape
+    if fn == "assign":
+        a = np.full(n, 1.0 / n)
+        b = None if b.sum() == 0 else b
+    A = X.astype(dtype)
+    Av = _layouts(A, layout)
+    reg = 10.0 ** log_reg
+    w = _quiet()
+    try:
+        if fn == "sinkhorn":
+            call = lambda M: sinkhorn_ot.sinkhorn(M, a, b, reg=reg, max_iter=300)  # noqa: E731
+        elif fn == "assign":
+            # balanced_assign takes log-probabilities: -X, any b giving the columns mass
+            bb = None
+            call = lambda M: sinkhorn_ot.balanced_assign(-M, 1.0 / reg, b=bb,  # noqa: E731
+                                                         max_iter=300)
+            b = np.full(m, 1.0 / m)
+        else:
+            call = lambda M: sinkhorn_ot.sinkhorn_unbalanced(  # noqa: E731
+                M, a, b, reg=reg, reg_m=(math.inf, 1.0), max_iter=300)
+        res, ref = call(Av), call(A)
+    finally:
+        w.__exit__(None, None, None)
+    np.testing.assert_array_equal(res.g, ref.g)
+    np.testing.assert_array_equal(res.f, ref.f)
+    assert res.err == ref.err and res.n_iter == ref.n_iter
+    S = -A.astype(np.float64) / reg
+    f, g = np.asarray(res.f, np.float64), np.asarray(res.g, np.float64)
+    if fn != "unbalanced":
+        _check_balanced(res, S, a, b, dtype)
+        return
+    # semi-relaxed: exact rows, columns against b~ = b^(1/rho) exp(g (1 - 1/rho))
+    rho = 1.0 / (1.0 + reg)
+    P = plan_from_potentials(S, f, g)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        bt = np.where(b > 0, np.exp(np.log(b) / rho + g * (1 - 1 / rho)), 0.0)
+    err_ref = float(np.abs(P.sum(0) - bt).sum())
+    assert abs(res.err - err_ref) <= _err_tol(err_ref, dtype), (res.err, err_ref)
+    np.testing.assert_allclose(P.sum(1), a, rtol=1e-5 if dtype == np.float32 else 1e-9,
+                               atol=1e-12)
+
+
+@settings(max_examples=N_EX)
+@given(prob=feasible(12, 12), log_reg=st.floats(-0.5, 1.0))
+def test_potentials_match_the_float64_reference(prob, log_reg):
+    """Converged defaults against reference.reference_solve (float64 NumPy, log domain) at
+    moderate reg: same plan."""
+    X, a, b = prob
+    reg = 10.0 ** log_reg
+    res = sinkhorn_ot.sinkhorn(X, a, b, reg=reg, tol=1e-11, max_iter=20_000)
+    assert res.converged
+    _, _, P_ref, err_ref, _ = reference_solve(-X / reg, a, b, tol=1e-13)
+    assume(err_ref <= 1e-10)  # the reference's own budget (200k plain passes) suffices
+    np.testing.assert_allclose(res.plan(), P_ref, atol=1e-9)
+
+
+# --- 3. max_iter bounds every pass of a call ---------------------------------------------
+
+@settings(max_examples=N_EX)
+@given(prob=feasible(40, 40, 2, 2, assign=True), log_lam=st.floats(1.0, 4.0),
+       max_iter=st.integers(1, 60))
+def test_max_iter_bounds_all_passes(prob, log_lam, max_iter):
+    """Reference: max_iter itself; the warning states the passes run."""
+    X, _, b = prob
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = sinkhorn_ot.balanced_assign(-X, 10.0 ** log_lam, b=b, tol=1e-300,
+                                          max_iter=max_iter)
+    assert 1 <= res.n_iter <= max_iter
+    msgs = [str(r.message) for r in rec if "did not converge" in str(r.message)]
+    assert len(msgs) == 1 and f"in {res.n_iter} iterations" in msgs[0]
+    assert rec[0].filename == __file__
