@@ -27,3 +27,29 @@ def test_ctrl_c_stops_a_solve_within_a_second():
     assert "interrupted after" in out.stdout
     elapsed = float(out.stdout.split("after")[1].split()[0])
     assert elapsed < 0.5 + 1.0, out.stdout
+
+
+EMD_SCRIPT = textwrap.dedent("""
+    import os, signal, threading, time
+    import numpy as np
+    import sinkhorn_ot
+    rng = np.random.default_rng(0)
+    C = rng.random((3000, 2000))
+    a, b = np.full(3000, 2.0), np.full(2000, 3.0)
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    t0 = time.perf_counter()
+    try:
+        sinkhorn_ot.emd(C, a, b, max_entries=C.size)   # seconds: only the interrupt ends it in time
+        print("finished after %.2f s" % (time.perf_counter() - t0))
+    except KeyboardInterrupt:
+        print("interrupted after %.2f s" % (time.perf_counter() - t0))
+""")
+
+
+def test_ctrl_c_stops_emd_within_a_second():
+    out = subprocess.run([sys.executable, "-c", EMD_SCRIPT], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "interrupted after" in out.stdout, out.stdout
+    elapsed = float(out.stdout.split("after")[1].split()[0])
+    assert elapsed < 0.5 + 1.0, out.stdout

@@ -136,9 +136,10 @@ def emd(C, a=None, b=None, *, max_entries=None) -> EMDResult:
                              "(+inf) pairs") from exc
         start = list(zip(rows.tolist(), cols.tolist()))
     Cm = _big_m(Xd, finite)
+    duals = None
     if not assignment:
-        start = _highs_support(Cm, wa, wb)
-    rows, cols, x, f, g = _finish(Cm, finite, wa, wb, start)
+        start, duals = _highs_support(Cm, wa, wb)
+    rows, cols, x, f, g = _finish(Cm, finite, wa, wb, start, duals)
     keep = x > 0
     plan = sparse.csr_array((x[keep], (rows[keep], cols[keep])), shape=(n, m))
     cost = float(np.dot(x[keep], Xd[rows[keep], cols[keep]]))
@@ -146,7 +147,7 @@ def emd(C, a=None, b=None, *, max_entries=None) -> EMDResult:
                      _plan=plan)
 
 
-def _highs_support(Cm, wa, wb, k_near=8, rounds=20):
+def _highs_support(Cm, wa, wb, k_near=16, k_add=4, rounds=20):
     """The pairs of a HiGHS vertex, largest flow first: a starting basis for the exact finish.
 
     Column generation keeps the LPs small: the first holds each row's and each column's
@@ -181,19 +182,23 @@ def _highs_support(Cm, wa, wb, k_near=8, rounds=20):
         res = optimize.linprog(Cm[ii, jj], A_eq=A, b_eq=b_eq, bounds=(0, None),
                                method="highs")
         if res.status != 0 or res.x is None:
-            return []
+            return [], None
         duals = np.asarray(res.eqlin.marginals, dtype=np.float64)
         R = Cm - duals[:n, None] - duals[None, n:]
         R[sel] = np.inf
-        j_best = np.argmin(R, axis=1)
-        add = R[np.arange(n), j_best] < -tol
-        if not add.any():
+        k_r = min(k_add, m)
+        j_best = np.argpartition(R, k_r - 1, axis=1)[:, :k_r]
+        i_best = np.argmin(R, axis=0)
+        add_r = R[np.arange(n)[:, None], j_best] < -tol
+        add_c = R[i_best, np.arange(m)] < -tol
+        if not (add_r.any() or add_c.any()):
             break
-        sel[np.nonzero(add)[0], j_best[add]] = True
+        sel[np.nonzero(add_r)[0], j_best[add_r]] = True
+        sel[i_best[add_c], np.nonzero(add_c)[0]] = True
     x = res.x
     order = np.argsort(-x, kind="stable")
     order = order[x[order] > 0]
-    return list(zip(ii[order].tolist(), jj[order].tolist()))
+    return list(zip(ii[order].tolist(), jj[order].tolist())), (duals[:n], duals[n:])
 
 
 def _big_m(Xd, finite):
@@ -206,12 +211,12 @@ def _big_m(Xd, finite):
     return np.where(finite, Xd, big)
 
 
-def _finish(Cm, finite, wa, wb, start):
+def _finish(Cm, finite, wa, wb, start, duals):
     """The exact transport simplex (sinkhorn_ot._simplex) from ``start``."""
     from ._simplex import Infeasible, finish
 
     try:
-        return finish(Cm, wa, wb, start, forbidden=~finite)
+        return finish(Cm, wa, wb, start, duals=duals, forbidden=~finite)
     except Infeasible as exc:
         raise ValueError(str(exc)) from None
 

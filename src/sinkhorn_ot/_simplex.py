@@ -107,19 +107,21 @@ def _duals(n, m, tree, Cm, adj):
     return pot[:n], pot[n:], par, pedge, depth
 
 
-def finish(Cm, a, b, start=(), *, forbidden=None, big=None, max_pivots=None,
-           interrupt=None):
+def finish(Cm, a, b, start=(), *, duals=None, forbidden=None, max_pivots=None):
     """Optimal basic plan and duals of ``min <P, Cm>`` over the transport polytope.
 
     ``Cm`` (n x m, finite; forbidden pairs already set to ``big``), ``a``, ``b`` (same total);
-    ``start``: pairs to build the first basis from (priority order).  Returns ``(rows,
+    ``start``: pairs to build the first basis from (priority order), completed to a spanning
+    tree by the pairs of least reduced cost under ``duals`` (approximate ``(f, g)``, e.g.
+    HiGHS's: the degenerate basic pairs it had are the tight ones), or of least cost.
+    Returns ``(rows,
     cols, flows, f, g)`` of the tree (zero flows included).  Raises :class:`Infeasible` when
     the optimum uses a ``forbidden`` pair (boolean n x m).
     """
     n, m = Cm.shape
     scale = float(np.abs(Cm).max()) + 1.0
     eps = 1e-12 * scale
-    R0 = Cm
+    R0 = Cm if duals is None else Cm - duals[0][:, None] - duals[1][None, :]
     tree = _spanning_tree(n, m, list(start), R0)
     adj = _adjacency(n, m, tree)
     x = _flows(n, m, tree, a, b, adj)
@@ -131,8 +133,6 @@ def finish(Cm, a, b, start=(), *, forbidden=None, big=None, max_pivots=None,
     x = np.maximum(x, 0.0)
     limit = max_pivots if max_pivots is not None else 50 * (n + m) ** 2
     for it in range(limit + 1):
-        if interrupt is not None and it % 64 == 0:
-            interrupt()
         f, g, par, pedge, depth = _duals(n, m, tree, Cm, adj)
         R = Cm - f[:, None] - g[None, :]
         k = int(np.argmin(R))
