@@ -68,9 +68,11 @@ def feasible(draw, n_max, m_max, n_min=1, m_min=1, assign=False):
         Xz[0] = 0.0
         X = np.concatenate([X, Xz], axis=1)
         b = np.concatenate([b, np.zeros(zb)])
-    if not assign and draw(st.booleans()):
+    if not assign and draw(st.booleans()):  # a zero-mass row, every pair forbidden or not
         Xz = scale * rng.standard_normal((1, X.shape[1]))
         Xz[0, 0] = 0.0
+        if draw(st.booleans()):
+            Xz[:] = np.inf
         X = np.concatenate([X, Xz], axis=0)
         a = np.concatenate([a, [0.0]])
     return X, a, b
@@ -177,7 +179,9 @@ def test_any_shape_layout_and_reg_is_honest(prob, log_reg, dtype, layout, fn):
     (identical results)."""
     X, a, b = prob
     n, m = X.shape
-    if fn == "assign":
+    if fn == "assign":  # its rows have mass 1/N: no zero-mass row
+        X = X[a > 0]
+        n = X.shape[0]
         a = np.full(n, 1.0 / n)
         b = None if b.sum() == 0 else b
     A = X.astype(dtype)
@@ -248,3 +252,32 @@ def test_max_iter_bounds_all_passes(prob, log_lam, max_iter):
     msgs = [str(r.message) for r in rec if "did not converge" in str(r.message)]
     assert len(msgs) == 1 and f"in {res.n_iter} iterations" in msgs[0]
     assert rec[0].filename == __file__
+
+
+# --- 4. the exact LP ----------------------------------------------------------------------
+
+@settings(max_examples=N_EX)
+@given(prob=feasible(300, 300))
+def test_emd_matches_pot(prob):
+    """emd against POT's network simplex (ot.emd, forbidden pairs at a huge cost): same
+    cost to 1e-10 relative, plan exact on its marginals, duals feasible and tight."""
+    ot = pytest.importorskip("ot")
+    X, a, b = prob
+    res = sinkhorn_ot.emd(X, a, b)
+    allowed = np.isfinite(X)
+    M = np.where(allowed, X, 1e3 * (np.abs(X[allowed]).max() + 1.0) * sum(X.shape))
+    if X.size == 1:  # POT's network simplex calls every 1 x 1 problem infeasible
+        ref = float(a[0] * X[0, 0])
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # POT's own doubts would void the reference
+            ref = float(np.sum(ot.emd(a, b * (a.sum() / b.sum()), M, numItermax=10**7) * M))
+    np.testing.assert_allclose(res.cost, ref, rtol=1e-10, atol=1e-13)
+    P = res.plan()
+    assert np.abs(P.sum(1) - a).sum() + np.abs(P.sum(0) - b).sum() <= 1e-12
+    assert P.toarray()[~allowed].sum() == 0
+    R = np.where(allowed, X, np.inf) - res.f[:, None] - res.g[None, :]
+    cmax = np.abs(X[allowed]).max() + 1.0
+    assert R.min() >= -1e-10 * cmax
+    Pc = P.tocoo()
+    np.testing.assert_allclose(R[Pc.row, Pc.col], 0.0, atol=1e-10 * cmax)

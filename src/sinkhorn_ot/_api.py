@@ -8,7 +8,8 @@ import numpy as np
 from . import _validation as V
 from ._arrays import to_host, to_native
 from ._results import Assignment, OTResult
-from ._solver import drop_massless_columns, restore_columns, solve
+from ._solver import (drop_massless_columns, drop_unconstrained_empty, restore_columns,
+                      restore_rows, solve)
 
 __all__ = ["sinkhorn", "balanced_assign"]
 
@@ -72,12 +73,24 @@ def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n
     Xs, logb_s, g0, keep = drop_massless_columns(X, wb, logb, g0, xp, mb.any_zero)
     g0 = V.finite_init(g0)
     check = backend.check(Xs, forbidden)
+    Xs, loga_s, logb_s, g0, keep, rows, check = drop_unconstrained_empty(
+        backend, Xs, ma[0], loga, logb_s, g0, keep, check, forbidden, rho_a, rho_b)
     V.matrix_values(check, Xs.shape, name, forbidden, alpha, native.dtype)
-    sol = solve(backend, Xs, alpha, loga, logb_s, rho_a=rho_a, rho_b=rho_b, g0=g0, tol=tol,
+    sol = solve(backend, Xs, alpha, loga_s, logb_s, rho_a=rho_a, rho_b=rho_b, g0=g0, tol=tol,
                 max_iter=max_iter, n_iter=n_iter, want_labels=want_labels,
                 acceleration=acceleration, eps_scaling=eps_scaling,
                 max_abs=float(check["max_abs"]))
-    return native, backend, X, restore_columns(sol, keep, K, xp)
+    _diagnose(sol, Xs, ma[0] if rows is None else ma[0][rows],
+              mb[0] if keep is None else mb[0][keep], name, xp,
+              rho_a == 1.0 and rho_b == 1.0, n_iter is not None)
+    return native, backend, X, restore_rows(restore_columns(sol, keep, K, xp), rows, N, xp)
+
+
+def _diagnose(sol, Xs, wa, wb, name, xp, balanced, fixed):
+    """An unconverged balanced solve on a support with no plan at all raises (max-flow)."""
+    from ._feasibility import diagnose
+
+    diagnose(sol, Xs, wa, wb, name, xp, balanced, fixed)
 
 
 def _common(native, backend, X, alpha, sol, cost):

@@ -123,8 +123,17 @@ def emd(C, a=None, b=None, *, max_entries=None) -> EMDResult:
     (wa, _), (wb, _) = ma, mb
     V.balanced_totals(ma.total, mb.total)
     wb = wb * (ma.total / mb.total)
-    V.matrix_values(_check(X), X.shape, "C", math.inf, 1.0, native.dtype)
+    check = _check(X)
     Xd = np.asarray(X, dtype=np.float64)
+    ri, ci = _massless_empty(Xd, wa, wb, check)
+    if ri is not None:  # solve without them: their plan rows / columns are zero
+        sub = emd(Xd[np.ix_(ri, ci)], wa[ri], wb[ci], max_entries=max_entries)
+        P = sub.plan().tocoo()
+        f, g = np.zeros(n), np.zeros(m)  # no pair constrains their duals
+        f[ri], g[ci] = sub.f, sub.g
+        plan = sparse.csr_array((P.data, (ri[P.row], ci[P.col])), shape=(n, m))
+        return EMDResult(cost=sub.cost, f=f, g=g, method=sub.method, _plan=plan)
+    V.matrix_values(check, X.shape, "C", math.inf, 1.0, native.dtype)
 
     finite = np.isfinite(Xd)
     assignment = n == m and n <= ASSIGNMENT_MAX_N and _uniform(a, wa) and _uniform(b, wb)
@@ -145,6 +154,20 @@ def emd(C, a=None, b=None, *, max_entries=None) -> EMDResult:
     cost = float(np.dot(x[keep], Xd[rows[keep], cols[keep]]))
     return EMDResult(cost=cost, f=f, g=g, method="assignment" if assignment else "highs",
                      _plan=plan)
+
+
+def _massless_empty(Xd, wa, wb, check):
+    """Indices of the rows and columns to keep when every row or column with every pair
+    forbidden has zero mass (and at least one has); else (None, None)."""
+    if int(check["first_empty_row"]) < 0 and int(check["first_empty_col"]) < 0:
+        return None, None
+    if int(check["first_invalid"]) >= 0:
+        return None, None
+    allowed = np.isfinite(Xd)
+    er, ec = ~allowed.any(axis=1), ~allowed.any(axis=0)
+    if (wa[er] > 0).any() or (wb[ec] > 0).any() or er.all() or ec.all():
+        return None, None  # the validation names the row or column
+    return np.nonzero(~er)[0], np.nonzero(~ec)[0]
 
 
 def _highs_support(Cm, wa, wb, k_near=16, k_add=4, rounds=20):

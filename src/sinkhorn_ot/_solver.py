@@ -265,6 +265,49 @@ def restore_columns(sol: Solution, keep, K: int, xp) -> Solution:
     return sol
 
 
+def drop_unconstrained_empty(backend, X, wa, loga, logb, g0, keep, check, forbidden,
+                             rho_a: float, rho_b: float):
+    """Rows and columns with every pair forbidden that need no pair: a row of zero mass, or
+    any row (column) of a KL-relaxed side, whose plan row (column) is then zero.  They are
+    solved without (one copy of X) and get f = -inf (g = -inf) afterwards; an empty row or
+    column that does need a pair stays, for the validation to name.  Only looked for when
+    the validation scan found an empty row or column.  Returns ``(X, loga, logb, g0, keep,
+    rows, check)``: ``keep`` composes with drop_massless_columns', ``rows`` is None when
+    every row is kept."""
+    xp = backend.xp
+    rows, changed = None, False
+    if int(check["first_empty_row"]) >= 0:
+        empty = ~(X != forbidden).any(axis=1)
+        drop = empty & ((wa == 0) if rho_a == 1.0 else True)
+        if bool(drop.any()) and not bool(drop.all()):
+            rows = xp.nonzero(~drop)[0]
+            X, loga = xp.ascontiguousarray(X[rows]), loga[rows]
+    if int(check["first_empty_col"]) >= 0 and rho_b != 1.0:
+        empty = ~(X != forbidden).any(axis=0)
+        if bool(empty.any()) and not bool(empty.all()):
+            cols = xp.nonzero(~empty)[0]
+            X, logb = xp.ascontiguousarray(X[:, cols]), logb[cols]
+            g0 = None if g0 is None else g0[cols]
+            keep = cols if keep is None else keep[cols]
+            changed = True
+    if rows is not None or changed:
+        check = backend.check(X, forbidden)
+    return X, loga, logb, g0, keep, rows, check
+
+
+def restore_rows(sol: Solution, rows, N: int, xp) -> Solution:
+    """Undo the row dropping of drop_unconstrained_empty: f = -inf on dropped rows."""
+    if rows is not None:
+        f = xp.full(N, -math.inf)
+        f[rows] = sol.f
+        sol.f = f
+        if sol.labels is not None:
+            lab = xp.zeros(N, dtype=sol.labels.dtype)
+            lab[rows] = sol.labels
+            sol.labels = lab
+    return sol
+
+
 def eps_stages(eps_scaling, alpha: float, max_abs: float) -> list:
     """The smaller ``alpha`` of the epsilon-scaling stages run before ``alpha`` itself.
 

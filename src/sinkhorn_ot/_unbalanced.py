@@ -142,7 +142,9 @@ def sinkhorn_unbalanced(C, a=None, b=None, *, reg, reg_m, tol=None, max_iter=100
     # The columns are measured by one more pass at the returned g with the solver's own
     # arguments: it recomputes the same f and returns the column sums of Q(f, g).
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        log_r = xp.where(xp.isneginf(loga), -math.inf, loga / rho_a + f * (1 - 1 / rho_a))
+        # f = -inf: a row of zero mass, or a relaxed row with every pair forbidden (no plan)
+        log_r = xp.where(xp.isneginf(loga) | xp.isneginf(f), -math.inf,
+                         loga / rho_a + f * (1 - 1 / rho_a))
         c, _, _ = backend.fused_pass(X, alpha, g, loga / rho_a, rho_a, xp.empty(n), None)
         log_c = xp.log(c)
         r = xp.exp(log_r)
@@ -150,7 +152,8 @@ def sinkhorn_unbalanced(C, a=None, b=None, *, reg, reg_m, tol=None, max_iter=100
         def target(logw, pot, rho):
             if rho == 1.0:
                 return xp.exp(logw)
-            return xp.where(xp.isneginf(logw), 0.0, xp.exp(logw / rho + pot * (1 - 1 / rho)))
+            return xp.where(xp.isneginf(logw) | xp.isneginf(pot), 0.0,
+                            xp.exp(logw / rho + pot * (1 - 1 / rho)))
 
         ta, tb = target(loga, f, rho_a), target(logb, g, rho_b)
         err_a, err_b = float(xp.abs(r - ta).sum()), float(xp.abs(c - tb).sum())
