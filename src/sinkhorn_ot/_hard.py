@@ -265,8 +265,9 @@ def _spread_duplicates(xp, X, lam, g, labels, b_mass):
     if not bool(((sizes == 0) & (b_mass >= 1.0)).any()):
         return labels
     Xh = np.asarray(to_host(X))
-    finite = np.where(np.isfinite(Xh), Xh, -1e300)
-    h = finite @ np.random.default_rng(0).standard_normal(K)
+    allowed = np.isfinite(Xh)
+    r = np.random.default_rng(0).standard_normal((2, K))
+    h = np.where(allowed, Xh, 0.0).astype(np.float64) @ r[0] + (~allowed) @ r[1]
     order = np.argsort(h, kind="stable")
     hs = h[order]
     starts = np.nonzero(np.r_[True, hs[1:] != hs[:-1]])[0]
