@@ -136,3 +136,24 @@ def test_anderson_never_much_slower_than_plain_on_ott_like_data(reg):
         fast = sinkhorn_ot.sinkhorn(C, a, b, reg=reg, max_iter=20_000)
     assert plain.converged and fast.converged
     assert fast.n_iter <= 1.1 * plain.n_iter
+
+
+def test_translation_invariant_relaxed_solves_near_the_balanced_limit():
+    """KL-relaxed solves near the balanced limit: reg_m / reg = 1000 used to take ~10^4
+    plain passes.  Reference: POT's ot.unbalanced.sinkhorn_unbalanced (log domain, run to
+    1e-13), same plan."""
+    ot = pytest.importorskip("ot")
+    rng = np.random.default_rng(0)
+    x, y = rng.random((60, 2)), rng.random((40, 2))
+    C = ((x[:, None] - y[None]) ** 2).sum(-1)
+    a = rng.random(60) + 0.1
+    a /= a.sum()
+    b = 1.5 * (rng.random(40) + 0.1) / 40
+    for reg_m in (100.0, (math.inf, 10.0)):
+        res = sinkhorn_ot.sinkhorn_unbalanced(C, a, b, reg=0.1, reg_m=reg_m, tol=1e-10)
+        assert res.converged and res.n_iter <= 300, res.n_iter
+        if isinstance(reg_m, tuple):
+            continue
+        P = ot.sinkhorn_unbalanced(a, b, C, 0.1, reg_m, method="sinkhorn_translation_invariant",
+                                   numItermax=200_000, stopThr=1e-15)
+        np.testing.assert_allclose(res.plan(), P, atol=1e-9)

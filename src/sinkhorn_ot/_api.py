@@ -246,10 +246,10 @@ def balanced_assign(logP, lam=25.0, *, b=None, size_penalty=None, hard="argmax",
         ``c`` trade ``size_penalty * KL(c || b)`` against the mean log-probability.  Small
         values (``<< 1``) approach the plain argmax (no protection against collapse),
         large ones (``>> 1``) the balanced solution; about 0.1 to 1 lets a 10:1 imbalance
-        through while still preventing collapse.  Iterations grow roughly like
-        ``lam * size_penalty`` (the total mass converges at the rate ``rho``), so for
-        near-balanced behaviour prefer ``size_penalty=None``.  ``None`` (default): sizes
-        exact.
+        through while still preventing collapse.  A translation-invariant step after
+        each pass (Sejourne et al. 2022) keeps large values from costing ~``lam *
+        size_penalty`` passes (the rate of plain passes on the total mass); for exactly
+        balanced sizes prefer ``size_penalty=None``.  ``None`` (default): sizes exact.
     hard : {"argmax", "exact", "greedy"}, default "argmax"
         How ``labels`` are made from the plan.  ``"argmax"``: the argmax of each row of the
         plan (free, from the last pass; sizes near but not exactly ``N * b``, and far from
