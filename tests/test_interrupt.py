@@ -39,7 +39,7 @@ EMD_SCRIPT = textwrap.dedent("""
     threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
     t0 = time.perf_counter()
     try:
-        sinkhorn_ot.emd(C, a, b, max_entries=C.size)   # seconds: only the interrupt ends it in time
+        sinkhorn_ot.emd(C, a, b, max_entries=C.size)   # seconds: only Ctrl-C ends it in time
         print("finished after %.2f s" % (time.perf_counter() - t0))
     except KeyboardInterrupt:
         print("interrupted after %.2f s" % (time.perf_counter() - t0))

@@ -44,11 +44,8 @@ def check_support(allowed, a, b, name: str):
         return
     # The min cut: rows still reachable from the source in the residual graph hold more
     # mass than their allowed columns (all reachable too) can take.
-    flow = res.flow.tocsr() if hasattr(res, "flow") else res.residual.tocsr()
-    resid = (G - flow).tocsr()
-    back = (-flow).tocsr()
-    back.data = np.maximum(back.data, 0)
-    R = (sparse.csr_array(resid, copy=True) + back).tocsr()
+    # (scipy's flow is antisymmetric: G - flow is the residual graph, reverse edges included)
+    R = (G - res.flow).tocsr()
     R.data = (R.data > 0).astype(np.int8)
     R.eliminate_zeros()
     reach = breadth_first_order(R, src, directed=True, return_predecessors=False)

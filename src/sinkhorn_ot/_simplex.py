@@ -114,12 +114,12 @@ def finish(Cm, a, b, start=(), *, duals=None, forbidden=None, max_pivots=None):
     ``start``: pairs to build the first basis from (priority order), completed to a spanning
     tree by the pairs of least reduced cost under ``duals`` (approximate ``(f, g)``, e.g.
     HiGHS's: the degenerate basic pairs it had are the tight ones), or of least cost.
-    Returns ``(rows,
-    cols, flows, f, g)`` of the tree (zero flows included).  Raises :class:`Infeasible` when
-    the optimum uses a ``forbidden`` pair (boolean n x m).
+    Returns ``(rows, cols, flows, f, g)`` of the tree (zero flows included).  Raises
+    :class:`Infeasible` when the optimum uses a ``forbidden`` pair (boolean n x m).
     """
     n, m = Cm.shape
-    scale = float(np.abs(Cm).max()) + 1.0
+    allowed = Cm if forbidden is None else Cm[~forbidden]
+    scale = (float(np.abs(allowed).max()) if allowed.size else 0.0) + 1.0
     eps = 1e-12 * scale
     R0 = Cm if duals is None else Cm - duals[0][:, None] - duals[1][None, :]
     tree = _spanning_tree(n, m, list(start), R0)
@@ -162,7 +162,11 @@ def finish(Cm, a, b, start=(), *, duals=None, forbidden=None, max_pivots=None):
     else:
         raise RuntimeError("emd: the transport simplex did not finish")
     # exact flows on the final tree, and duals certified by the pricing above
-    x = np.maximum(_flows(n, m, tree, a, b, adj), 0.0)
+    x = _flows(n, m, tree, a, b, adj)
+    if (x < -1e-12 * tot).any():  # the incremental flows said feasible: rounding cannot
+        raise RuntimeError("emd: the transport simplex lost primal feasibility; please "
+                           "report this input")
+    x = np.maximum(x, 0.0)
     rows = np.array([e[0] for e in tree], dtype=np.int64)
     cols = np.array([e[1] for e in tree], dtype=np.int64)
     if forbidden is not None and (x[forbidden[rows, cols]] > 0).any():
