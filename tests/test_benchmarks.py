@@ -69,5 +69,5 @@ def test_bench_codes(tmp_path):
         assert site in out, site
     import re
     agree = [float(v) for v in re.findall(r"labels ([0-9.]+)% equal", out)]
-    assert len(agree) == 3 and min(agree) >= 99.0, agree
+    assert len(agree) >= 3 and min(agree) >= 99.0, agree
     assert "<!-- BEGIN bench_codes -->" in res.read_text()
