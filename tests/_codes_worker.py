@@ -62,6 +62,15 @@ def cases():
     return out
 
 
+def error_case(rank):
+    """MSN targets with a negative entry on rank 1 only (its local row 3, global row 51):
+    both ranks must raise the same error, naming the global entry."""
+    p = C.msn_targets(BS, 30, seed=40 + rank)
+    if rank == 1:
+        p[3, 7] = -0.5
+    return p
+
+
 def _codes(m, **kw):
     import sinkhorn_ot
 
@@ -81,6 +90,15 @@ def main(argv):
             ref = original(m)
             res[f"{name}.original"] = (ref if rows is None else ref[rows]).numpy()
             res[f"{name}.ours"] = ours(m).numpy()
+        # an empty block: rank 0 holds no rows, rank 1 all of them
+        full = C.cosine_scores(2 * BS, 40, seed=50)
+        mine = full[:0] if rank == 0 else full
+        res["empty_rank0.ours"] = _codes(mine, eps=0.05).numpy()
+        try:
+            _codes(error_case(rank), eps=1.0, probabilities=True)
+            res["error"] = np.array("no error")
+        except ValueError as exc:
+            res["error"] = np.array(str(exc))
         np.savez(os.path.join(outdir, f"rank{rank}.npz"), **res)
     finally:
         dist.destroy_process_group()

@@ -185,6 +185,13 @@ def test_two_processes_gloo(tmp_path):
                                        err_msg=name)
             np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=0,
                                        atol=1e-12 if dt == torch.float64 else 1e-5)
+    full = C.cosine_scores(2 * W.BS, 40, seed=50)
+    assert parts[0]["empty_rank0.ours"].shape == (0, 40)
+    np.testing.assert_allclose(parts[1]["empty_rank0.ours"],
+                               sinkhorn_ot.codes(full, eps=0.05).numpy(), rtol=0, atol=1e-12)
+    msgs = [str(parts[r]["error"]) for r in range(2)]
+    assert msgs[0] == msgs[1], msgs
+    assert "scores has a negative, NaN or infinite probability at (51, 7)" in msgs[0]
 
 
 # --------------------------------------------------------------------------- the API

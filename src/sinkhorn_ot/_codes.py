@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import sys
 
 import numpy as np
@@ -70,17 +71,19 @@ def _as_input(scores, probabilities: bool):
         return xp.log(arr)
 
 
-def _check_probabilities(L):
-    """``L = log P`` is NaN where ``P`` is negative or NaN and +inf where ``P`` is +inf:
-    name the first such entry (``L < inf`` is false for both, one comparison)."""
-    ok = L < math.inf
-    if bool(ok.all()):
-        return
-    bad = np.asarray(to_host(ok.cpu().numpy() if _is_torch(ok) else ok))
-    i, j = np.unravel_index(int(np.argmin(bad)), bad.shape)
-    raise ValueError(f"scores has a negative, NaN or infinite probability at ({i}, {j}); "
-                     "with probabilities=True every entry must be finite and >= 0 (0 is a "
-                     "forbidden pair)")
+# log P is NaN where P is negative or NaN and +inf where P is +inf: the solver's scan finds
+# them as it finds a NaN score; its message is reworded for probabilities (on every rank
+# alike under comm, with the same entry), so no separate scan of P is needed.
+_BAD_ENTRY = re.compile(r"scores has a NaN or \+inf entry at (\(\d+, \d+\))")
+
+
+def _probability_error(exc: ValueError):
+    m = _BAD_ENTRY.search(str(exc))
+    if m is None:
+        return exc
+    return ValueError(f"{str(exc)[:m.start()]}scores has a negative, NaN or infinite "
+                      f"probability at {m.group(1)}; with probabilities=True every entry must "
+                      "be finite and >= 0 (0 is a forbidden pair)")
 
 
 def _row_index(rows, N: int, xp):
@@ -239,18 +242,17 @@ def codes(scores, *, eps, n_iter=3, probabilities=False, rows=None, comm="auto",
     n_iter = V.positive_int(n_iter, "n_iter")
     out_dtype = _family_dtype(scores)
     X_in = _as_input(scores, bool(probabilities))
-    if probabilities and hasattr(X_in, "shape") and len(X_in.shape) == 2:
-        if comm is None:
-            _check_probabilities(X_in)
-        else:  # raised on every rank alike
-            from .distributed import agreed
-
-            agreed(comm, _check_probabilities, X_in)
     alpha = 1.0 / eps
-    native, backend, X, sol = _solve(
-        X_in, "scores", alpha=alpha, a=None, b=b, rho_a=1.0, rho_b=1.0, tol=tol,
-        max_iter=max_iter, n_iter=None if tol is not None else n_iter, init=None,
-        n_threads=n_threads, want_labels=False, balanced=True, comm=comm)
+    try:
+        native, backend, X, sol = _solve(
+            X_in, "scores", alpha=alpha, a=None, b=b, rho_a=1.0, rho_b=1.0, tol=tol,
+            max_iter=max_iter, n_iter=None if tol is not None else n_iter, init=None,
+            n_threads=n_threads, want_labels=False, balanced=True, comm=comm)
+    except ValueError as exc:
+        err = _probability_error(exc) if probabilities else exc
+        if err is exc:
+            raise
+        raise err from exc
     N = X.shape[0]
     n_total = N
     if comm is not None:  # the global number of rows: every rank's codes rows sum to 1
