@@ -190,6 +190,8 @@ def codes(scores, *, eps, n_iter=3, probabilities=False, rows=None, comm="auto",
         communicator, a process group, ``"torch"`` or a ``Comm`` as in :func:`sinkhorn`.
         ``scores`` is then this process's block of rows and ``B`` is the number of rows over
         all processes (every row sums to 1); every other argument must agree across ranks.
+        The call is then a collective that every process must make: pass ``None`` where
+        one process solves alone while the others wait.
     b : array of float, shape (K,), optional
         Cluster proportions (sum 1), uniform ``1/K`` by default (SeLaVi's prior).
     tol : float, optional
