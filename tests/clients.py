@@ -83,10 +83,11 @@ def ibot(teacher_output, teacher_temp, n_masked_patches_tensor, n_iterations=3):
 
 
 @torch.no_grad()
-def msn(Q, num_itr=3, use_dist=True):
-    """MSN ``distributed_sinkhorn``: the (sharpened) probabilities are the kernel."""
+def msn(Q, num_itr=3, use_dist=True, inplace=False):
+    """MSN ``distributed_sinkhorn``: the (sharpened) probabilities are the kernel.  The
+    original normalises the caller's tensor in place (``inplace=True``); by default a copy."""
     world = _world(use_dist)
-    Q = Q.t().clone()
+    Q = Q.t() if inplace else Q.t().clone()
     return _alternate(Q, num_itr, world, Q.shape[1] * world)
 
 
