@@ -45,7 +45,6 @@ def _sites(quick: bool):
     """(label, shape, dtype name, make input(torch dtype, device), loop(x), ours(x, n_threads)
     [, compare(ours, loop) -> text]); without compare, the largest absolute difference."""
     import clients as L
-    import torch
 
     import sinkhorn_ot
 
@@ -89,7 +88,6 @@ def _sites(quick: bool):
     out.append(("lightly `msn_loss.sinkhorn`", (B, K), "float32", targets(B, K),
                 lambda x: L.lightly_msn(x), lambda x, t: sinkhorn_ot.codes(
                     x, eps=1.0, probabilities=True, n_threads=t)))
-    del torch
     return out
 
 
