@@ -80,7 +80,7 @@ def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n
     sol = solve(backend, Xs, alpha, loga, logb_s, rho_a=rho_a, rho_b=rho_b, g0=g0,
                 L0=check.get("lse"), tol=tol, max_iter=max_iter, n_iter=n_iter,
                 want_labels=want_labels, acceleration=acceleration, eps_scaling=eps_scaling,
-                max_abs=float(check["max_abs"]), plan=plan)
+                max_abs=float(check["max_abs"]), plan=plan if keep is None else None)
     return native, backend, X, restore_columns(sol, keep, K, xp)
 
 

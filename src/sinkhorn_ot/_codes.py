@@ -116,6 +116,18 @@ def _row_index(rows, N: int, xp):
     return xp.asarray(np.where(idx < 0, idx + N, idx).astype(np.int64))
 
 
+def _fused_rows(rows, N: int):
+    """``rows`` in the form a pass can write (None: all, a step-1 slice, or a strictly
+    increasing host index array), or False when it cannot."""
+    if rows is None:
+        return None
+    if isinstance(rows, slice):
+        lo, hi, step = rows.indices(N)
+        return slice(lo, max(lo, hi)) if step == 1 else False
+    idx = to_host(_row_index(rows, N, np))
+    return idx if idx.size == 0 or bool((np.diff(idx) > 0).all()) else False
+
+
 def _write_codes(backend, X, alpha, f, g, rows, scale, out_dtype):
     """The codes ``scale * exp(alpha X + f_i + g_y)`` of ``rows``, in ``out_dtype`` where the
     family can hold it (bfloat16 comes back as float32, narrowed by the caller's family).
@@ -245,24 +257,41 @@ def codes(scores, *, eps, n_iter=3, probabilities=False, rows=None, comm="auto",
     out_dtype = _family_dtype(scores)
     X_in = _as_input(scores, bool(probabilities))
     alpha = 1.0 / eps
-    try:
-        native, backend, X, sol = _solve(
-            X_in, "scores", alpha=alpha, a=None, b=b, rho_a=1.0, rho_b=1.0, tol=tol,
-            max_iter=max_iter, n_iter=None if tol is not None else n_iter, init=None,
-            n_threads=n_threads, want_labels=False, balanced=True, comm=comm)
-    except ValueError as exc:
-        err = _probability_error(exc) if probabilities else exc
-        if err is exc:
-            raise
-        raise err from exc
-    N = X.shape[0]
+    shape = tuple(getattr(X_in, "shape", None) or np.shape(X_in))
+    N = int(shape[0]) if len(shape) == 2 else 0
     n_total = N
     if comm is not None:  # the global number of rows: every rank's codes rows sum to 1
         from .distributed import as_comm
 
         n_total = int(round(float(as_comm(comm).allreduce_sum(np.array([float(N)]))[0])))
-    idx = _row_index(rows, N, backend.xp)
-    Q = _write_codes(backend, X, alpha, sol.f, sol.g, idx, n_total, out_dtype)
+    # A fixed n_iter solve writes the codes in its last pass (one read fewer); a bad `rows`
+    # is raised after the solve, whose collectives every rank must enter.
+    try:
+        fused_rows, rows_exc = _fused_rows(rows, N), None
+    except (TypeError, ValueError) as exc:
+        fused_rows, rows_exc = None, exc
+    # rows a pass cannot write directly: all rows are written, then indexed
+    plan = (None, None if fused_rows is False else fused_rows, float(n_total)) \
+        if tol is None and rows_exc is None else None
+    try:
+        native, backend, X, sol = _solve(
+            X_in, "scores", alpha=alpha, a=None, b=b, rho_a=1.0, rho_b=1.0, tol=tol,
+            max_iter=max_iter, n_iter=None if tol is not None else n_iter, init=None,
+            n_threads=n_threads, want_labels=False, balanced=True, comm=comm, plan=plan)
+    except ValueError as exc:
+        err = _probability_error(exc) if probabilities else exc
+        if err is exc:
+            raise
+        raise err from exc
+    if rows_exc is not None:
+        raise rows_exc
+    if sol.plan is not None:
+        Q = sol.plan if fused_rows is not False else sol.plan[_row_index(rows, N, backend.xp)]
+        if out_dtype != "bfloat16" and Q.dtype != backend.xp.dtype(out_dtype):
+            Q = Q.astype(out_dtype)
+    else:
+        idx = _row_index(rows, N, backend.xp)
+        Q = _write_codes(backend, X, alpha, sol.f, sol.g, idx, n_total, out_dtype)
     out = native.wrap(Q)
     if _is_torch(out) and str(out.dtype) != f"torch.{out_dtype}":
         import torch

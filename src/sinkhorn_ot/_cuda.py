@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 
-from ._solver import Solution
+from ._solver import Solution, plan_buffer
 
 _NS = "sinkhorn_ot::cuda::"
 _TYPE = {"float64": "double", "float32": "float", "float16": _NS + "f16_t",
@@ -763,10 +763,11 @@ class CUDABackend:
                           "converged=False)", UserWarning, stacklevel=2)
         fb, gb = int(st["f_best"]), int(st["g_best"])
         if plan is not None:
+            plan = plan_buffer(self.xp, X, plan)
             self.write_plan(X, alpha, fslots[fb], gslots[gb], plan)
         return Solution(fslots[fb], gslots[gb].copy(),
                         labslots[fb] if want_labels else None, int(st["it"]), err,
-                        float(st["best_qx"]), converged)
+                        float(st["best_qx"]), converged, None if plan is None else plan[0])
 
 
 class _nullcontext:  # noqa: N801

@@ -31,6 +31,17 @@ class Solution:
     err: float
     qx: float          # sum_iy Q_iy X_iy of the returned plan
     converged: bool
+    plan: Any = None   # the plan rows written by the last pass, when asked (sinkhorn_loop)
+
+
+def plan_buffer(xp, X, plan):
+    """``plan = (out, rows, scale)`` with ``out`` allocated (X's dtype) when it is None."""
+    out, rows, scale = plan
+    if out is None:
+        n = X.shape[0] if rows is None else (
+            len(range(*rows.indices(X.shape[0]))) if isinstance(rows, slice) else len(rows))
+        out = xp.empty((n, X.shape[1]), dtype=X.dtype)
+    return out, rows, scale
 
 
 class Anderson:
@@ -155,6 +166,8 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     mixed = getattr(backend, "mixed_precision", False) and comm is None and \
         X.dtype == np.float32
     fast = FIRST_FAST if mixed else 0.0
+    if plan is not None:
+        plan = plan_buffer(xp, X, plan)
     for it in range(1, iters + 1):
         last = fixed and it == iters
         lab = lab_work if not fixed or last else None
@@ -205,7 +218,8 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
         warnings.warn(f"Sinkhorn did not converge in {max_iter} iterations: err = {err:.3e} "
                       f"> tol = {tol:.1e} (the best iterate is returned, converged=False)",
                       UserWarning, stacklevel=3)
-    return Solution(f_best, g, lab_best, it, float(err), float(qx), converged)  # it: passes run
+    return Solution(f_best, g, lab_best, it, float(err), float(qx), converged,  # it: passes run
+                    None if plan is None or not fixed else plan[0])
 
 
 def drop_massless_columns(X, wb, logb, g0, xp, any_zero: bool):
