@@ -166,5 +166,6 @@ def test_every_instruction_set_copy(isa):
             pytest.skip("this CPU has no AVX-512 to compare with")
         assert r.returncode == 0, r.stderr[-3000:]
         outs[which] = {dt: np.load(tmp + which + dt + ".npy") for dt in ("float32", "float64")}
-    for dt, rtol in (("float32", 2e-5), ("float64", 1e-12)):
-        np.testing.assert_allclose(outs[isa][dt], outs["avx512"][dt], rtol=rtol, atol=1e-7)
+    # float32: rounding that differs with the vector width, over 7 iterations
+    for dt, rtol, atol in (("float32", 2e-5, 5e-6), ("float64", 1e-12, 1e-12)):
+        np.testing.assert_allclose(outs[isa][dt], outs["avx512"][dt], rtol=rtol, atol=atol)
