@@ -39,14 +39,14 @@ def _ref_pass(X, alpha, g, loga):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (50, 17), (200, 64), (33, 1000)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (50, 17), (200, 64), (33, 1000), (130, 509)])
 def test_pass_against_float64(dtype, shape):
     X, lam = _problem(*shape, dtype, forbid=0.2 if shape[1] > 1 else 0.0)
     N, K = X.shape
     g = np.random.default_rng(1).standard_normal(K)
     loga = np.full(N, -np.log(N))
     f_ref, col_ref, cost_ref, lab_ref, Q_ref = _ref_pass(X, lam, g, loga)
-    for nt in (1, 2):
+    for nt in (1, 2):  # threads only from 32k entries: (130, 509) runs two
         f, lab = np.empty(N), np.empty(N, dtype=np.int64)
         P = np.empty((N, K), dtype=dtype)
         col, colmax, cost, slack = _core.fused_pass(X, lam, g, loga, 1.0, f, lab, nt, plan=P)

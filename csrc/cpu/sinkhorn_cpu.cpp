@@ -134,10 +134,11 @@ const Kernels<T>& kernels() {
 #undef SK_TABLE
 
 
-// Threads for a pass over N x K: as asked, else OpenMP's default, but no more than one per
-// 32k entries -- waking a team costs more than a small pass (and much more on a busy machine).
+// Threads for a pass over N x K: as asked (else OpenMP's default), but never more than one
+// per 32k entries -- waking a team costs more than a small pass (and much more on a busy
+// machine, where a descheduled thread stalls the others at the barrier).
 int resolve_threads(int n_threads, int64_t N, int64_t K) {
-    int64_t nt = n_threads > 0 ? n_threads : std::min<int64_t>(max_threads(), N * K / 32768);
+    int64_t nt = std::min<int64_t>(n_threads > 0 ? n_threads : max_threads(), N * K / 32768);
     return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, N)));
 }
 
