@@ -36,9 +36,10 @@ def _checked(comm, check, *args):
 
 
 def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n_threads,
-           want_labels, balanced, comm=None, acceleration="anderson", eps_scaling=True):
+           want_labels, balanced, comm=None, acceleration="anderson", eps_scaling=True,
+           plan=None):
     """Validate, dispatch on the array family, run the loop; returns what the public
-    functions wrap into results."""
+    functions wrap into results.  ``plan``: see ``_solver.sinkhorn_loop``."""
     if comm is not None:  # a block of rows per process: validation agreed across ranks
         from .distributed import _solve_sharded
 
@@ -72,14 +73,18 @@ def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n
     forbidden = -math.inf if alpha > 0 else math.inf
     Xs, logb_s, g0, keep = drop_massless_columns(X, wb, logb, g0, xp, mb.any_zero)
     g0 = V.finite_init(g0)
-    check = backend.check(Xs, forbidden)
+    # Without a warm start or epsilon scaling the solve begins with the column LSE of
+    # alpha X: the validation read computes it (where the backend can).
+    lse_first = g0 is None and (n_iter is not None or not eps_scaling)
+    check = backend.check(Xs, forbidden, alpha if lse_first else None)
     Xs, loga_s, logb_s, g0, keep, rows, check = drop_unconstrained_empty(
         backend, Xs, ma[0], loga, logb_s, g0, keep, check, forbidden, rho_a, rho_b)
     V.matrix_values(check, Xs.shape, name, forbidden, alpha, native.dtype)
-    sol = solve(backend, Xs, alpha, loga_s, logb_s, rho_a=rho_a, rho_b=rho_b, g0=g0, tol=tol,
-                max_iter=max_iter, n_iter=n_iter, want_labels=want_labels,
-                acceleration=acceleration, eps_scaling=eps_scaling,
-                max_abs=float(check["max_abs"]))
+    sol = solve(backend, Xs, alpha, loga_s, logb_s, rho_a=rho_a, rho_b=rho_b, g0=g0,
+                L0=check.get("lse"), tol=tol, max_iter=max_iter, n_iter=n_iter,
+                want_labels=want_labels, acceleration=acceleration, eps_scaling=eps_scaling,
+                max_abs=float(check["max_abs"]),
+                plan=plan if keep is None and rows is None else None)
     _diagnose(sol, Xs, ma[0] if rows is None else ma[0][rows],
               mb[0] if keep is None else mb[0][keep], name, xp,
               rho_a == 1.0 and rho_b == 1.0, n_iter is not None)
@@ -152,7 +157,8 @@ def sinkhorn(C, a=None, b=None, *, reg, tol=None, max_iter=1000, n_iter=None, in
         loose tolerance, each stage warm-starting the next.  Cuts the iterations on peaked
         problems by about 10x; ``n_iter`` counts the passes of every stage.
     n_threads : int, optional
-        CPU threads (default: OpenMP's default, one per 32k entries at most).
+        CPU threads, at most (default: OpenMP's default); never more than one per 32k
+        entries of the matrix, where starting threads costs more than they save.
     comm : optional
         Rows split across processes (see :mod:`sinkhorn_ot.distributed`): an mpi4py
         communicator, a ``torch.distributed`` process group, ``"torch"`` (the default

@@ -31,7 +31,18 @@ class Solution:
     err: float
     qx: float          # sum_iy Q_iy X_iy of the returned plan
     converged: bool
+    plan: Any = None   # the plan rows written by the last pass, when asked (sinkhorn_loop)
     stalled: bool = False   # stopped early by ``stall_window`` (see sinkhorn_loop)
+
+
+def plan_buffer(xp, X, plan):
+    """``plan = (out, rows, scale)`` with ``out`` allocated (X's dtype) when it is None."""
+    out, rows, scale = plan
+    if out is None:
+        n = X.shape[0] if rows is None else (
+            len(range(*rows.indices(X.shape[0]))) if isinstance(rows, slice) else len(rows))
+        out = xp.empty((n, X.shape[1]), dtype=X.dtype)
+    return out, rows, scale
 
 
 class Anderson:
@@ -123,11 +134,33 @@ def potential_bound(xp, loga, logb, s_max: float, n_rows: int, comm=None) -> flo
     return 4.0 * min(n_rows, K) * (s_max + lr + 1.0)
 
 
+# Mixed precision (CPU, float32 input): a pass may form rows in float32 when the bound on
+# their relative plan error (the backend's `slack`) is small against the error being
+# measured.  The next pass is allowed FAST_SHARE * err / mass (the first FIRST_FAST); a pass
+# whose bound could move its own err by more than HONEST_SHARE is redone in float64, so the
+# reported err always describes the plan of the returned potentials.
+FIRST_FAST, FAST_SHARE, HONEST_SHARE = 1e-4, 2.5e-3, 0.05
+
+
+def _mixed_pass(backend, X, alpha, g, loga, rho_a, f_out, labels_out, kw, fast, col_args):
+    """A pass allowed a relative plan error ``fast``, redone in float64 when its bound could
+    move its err by more than HONEST_SHARE.  Returns the pass, its column update and the
+    next pass's allowance."""
+    logb, log_n, rho_b = col_args
+    out = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, labels_out, fast=fast, **kw)
+    upd = backend.column_update(g, logb, out[0], out[1], log_n, rho_b)
+    err, mass = float(upd[1]), float(out[0].sum())
+    if backend.slack > 0 and not 2 * backend.slack * mass <= HONEST_SHARE * err:
+        out = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, labels_out, fast=0.0, **kw)
+        upd = backend.column_update(g, logb, out[0], out[1], log_n, rho_b)
+    return (*out, upd, FAST_SHARE * err / max(mass, 1e-300))
+
+
 def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
-                  rho_b: float = 1.0, g0=None, tol: float, max_iter: int, n_iter=None,
-                  want_labels: bool = False, comm=None,
+                  rho_b: float = 1.0, g0=None, L0=None, tol: float, max_iter: int,
+                  n_iter=None, want_labels: bool = False, comm=None,
                   acceleration: str | None = "anderson", warn: bool = True,
-                  s_max: float = math.inf, stall_window: int | None = None,
+                  plan=None, s_max: float = math.inf, stall_window: int | None = None,
                   translate: bool = True) -> Solution:
     """Run Sinkhorn passes until ``err <= tol`` (or exactly ``n_iter`` passes).
 
@@ -145,14 +178,18 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     returned ``g``: the L1 column violation of exactly that plan.  ``comm`` (optional)
     combines the column quantities of processes that each hold a block of rows: it provides
     ``allreduce_sum``, ``allreduce_max``, ``allreduce_lse`` and ``n_rows_total`` (and
-    optionally ``allreduce_pass``).
+    optionally ``allreduce_pass``).  ``L0``: the column log-sum-exp of ``alpha X`` when the
+    caller already has it (the validation read computes it).  ``plan``: ``(out, rows,
+    scale)``, written by the last pass of a fixed ``n_iter`` solve (the plan of the
+    returned potentials; see ``CPUBackend.fused_pass``).  With a fixed ``n_iter`` the labels
+    come from the last pass only: it is the one returned.
     """
     xp = backend.xp
     N = X.shape[0]
     n_rows = comm.n_rows_total if comm is not None else N
     log_n = math.log(max(n_rows, 1))
     if g0 is None:
-        L = backend.column_lse(X, alpha, None)
+        L = L0 if L0 is not None else backend.column_lse(X, alpha, None)
         if comm is not None:
             L = comm.allreduce_lse(L)
         g = rho_b * (logb - L)
@@ -181,8 +218,22 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     history = []       # best err after each pass, for stall_window
     stalled = False
     it = 0
+    mixed = getattr(backend, "mixed_precision", False) and comm is None and \
+        X.dtype == np.float32
+    fast = FIRST_FAST if mixed else 0.0
+    if plan is not None:
+        plan = plan_buffer(xp, X, plan)
     for it in range(1, iters + 1):
-        col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_work, lab_work)
+        last = fixed and it == iters
+        lab = lab_work if not fixed or last else None
+        kw = {} if plan is None or not last else {"plan": plan}
+        upd = None  # (g_next, err) when the pass computed them already
+        if mixed:
+            col, colmax, qx, upd, fast = _mixed_pass(backend, X, alpha, g, loga, rho_a,
+                                                     f_work, lab, kw, fast,
+                                                     (logb, log_n, rho_b))
+        else:
+            col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_work, lab, **kw)
         if comm is not None:
             qx = float(qx)
         if comm is not None and hasattr(comm, "allreduce_pass"):
@@ -191,7 +242,7 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
             col = comm.allreduce_sum(col)
             colmax = comm.allreduce_max(colmax)
             qx = float(comm.allreduce_sum(xp.asarray([qx]))[0])
-        g_next, err = backend.column_update(g, logb, col, colmax, log_n, rho_b)
+        g_next, err = upd or backend.column_update(g, logb, col, colmax, log_n, rho_b)
         if accel is None:
             err = float(err)
         else:  # the dual of this pass (its f is f_work until the swap below), read with err
@@ -231,7 +282,7 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     if warn and not fixed and not converged and not stalled:
         warn_unconverged(it, err, tol)
     return Solution(f_best, g, lab_best, it, float(err), float(qx), converged,  # it: passes
-                    stalled)
+                    None if plan is None or not fixed else plan[0], stalled)
 
 
 def _translation(xp, loga, logb, rho_a, rho_b, comm):
@@ -372,8 +423,9 @@ def eps_stages(eps_scaling, alpha: float, max_abs: float) -> list:
 
 
 def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: float = 1.0,
-          g0=None, tol: float, max_iter: int, n_iter=None, want_labels: bool = False,
-          comm=None, acceleration="anderson", eps_scaling=True, max_abs: float = 1.0):
+          g0=None, L0=None, tol: float, max_iter: int, n_iter=None,
+          want_labels: bool = False, comm=None, acceleration="anderson", eps_scaling=True,
+          max_abs: float = 1.0, plan=None):
     """Solve to ``tol`` with the chosen accelerations, or run exactly ``n_iter`` plain passes.
 
     Epsilon scaling (Schmitzer 2019) applies to balanced problems solved to a tolerance
@@ -381,7 +433,9 @@ def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: fl
     (``1e-2`` of the mass), each warm-starting the next with ``g`` rescaled by the ratio of
     the ``alpha``; the last stage solves the requested problem to ``tol``.  ``max_iter``
     bounds the passes of every stage together (the last stage keeps at least one), and
-    ``n_iter`` of the result counts them all.
+    ``n_iter`` of the result counts them all.  ``L0`` (the column log-sum-exp of ``alpha
+    X``, when the validation read computed it) and ``plan`` are handed to the loop (see
+    :func:`sinkhorn_loop`).
     """
     if acceleration not in ACCELERATIONS:
         raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got {acceleration!r}")
@@ -411,18 +465,19 @@ def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: fl
             g0 = g0 * (alpha / a_g)
     rest = max_iter - passes
     accelerated = not fixed and (passes > 0 or acceleration is not None)
-    sol = _final(backend, X, alpha, loga, logb, g0=g0, tol=tol, n_iter=n_iter, comm=comm,
-                 acceleration=acceleration, max_iter=rest, s_max=abs(alpha) * max_abs,
-                 stall_window=STALL_WINDOW if accelerated else None, **kw)
+    sol = _final(backend, X, alpha, loga, logb, g0=g0, L0=None if passes else L0, tol=tol,
+                 n_iter=n_iter, comm=comm, acceleration=acceleration, max_iter=rest,
+                 s_max=abs(alpha) * max_abs,
+                 stall_window=STALL_WINDOW if accelerated else None, plan=plan, **kw)
     if sol.stalled:
         # Extrapolation, or the warm start of the stages, can leave the iterate on a plateau
         # (a column starved of mass that must come back through exponentially small entries)
         # that plain passes from the cold start do not meet: restart with those.
         passes += sol.n_iter
         if max_iter > passes:
-            cold = _final(backend, X, alpha, loga, logb, g0=g0_user, tol=tol, n_iter=None,
-                          comm=comm, acceleration=None, max_iter=max_iter - passes,
-                          s_max=abs(alpha) * max_abs, **kw)
+            cold = _final(backend, X, alpha, loga, logb, g0=g0_user, L0=L0, tol=tol,
+                          n_iter=None, comm=comm, acceleration=None,
+                          max_iter=max_iter - passes, s_max=abs(alpha) * max_abs, **kw)
             passes += cold.n_iter
             if cold.err <= sol.err:
                 sol = cold
@@ -439,14 +494,16 @@ STALL_WINDOW = 100
 
 
 def _final(backend, X, alpha, loga, logb, *, comm, acceleration, n_iter, s_max,
-           stall_window=None, **kw):
+           stall_window=None, plan=None, **kw):
     """The solve at the requested ``alpha``: the generic loop, or the backend's own for plain
     passes (on the GPU a device-side loop).  Never warns: :func:`solve` does, once."""
     fixed = n_iter is not None
     if comm is not None or (acceleration is not None and not fixed) or stall_window:
         return sinkhorn_loop(backend, X, alpha, loga, logb, n_iter=n_iter, comm=comm,
                              acceleration=acceleration, warn=False, s_max=s_max,
-                             stall_window=stall_window, **kw)
+                             stall_window=stall_window, plan=plan, **kw)
+    if plan is not None:
+        kw["plan"] = plan
     with warnings.catch_warnings():  # its warning counts its own passes: solve() warns
         warnings.filterwarnings("ignore", "Sinkhorn did not converge", UserWarning)
         return backend.solve(X, alpha, loga, logb, n_iter=n_iter, **kw)
