@@ -201,9 +201,10 @@ def _argmax_ties(xp, X, lam, sol, b, n_iter, comm):
     """The argmax labels with ties spread as the plan spreads them (see _hard.tie_break)."""
     from . import _hard
 
-    if xp is not np and n_iter is not None:
-        # A fixed n_iter on a device never synchronises the host after its passes; finding
-        # ties would (the kernels' argmax should break ties itself: see _hard.tie_break).
+    if xp is not np:
+        # On a device the search would cost host reads the loop's budget does not have (a
+        # fixed n_iter reads none after its passes): the kernels' argmax should break ties
+        # as _hard.tie_break does.
         return sol.labels
     n_rows = X.shape[0] if comm is None else _comm_rows(comm, X.shape[0])
     wb = V.marginal(b, X.shape[1], "b", xp)[0]
