@@ -279,6 +279,19 @@ def test_validation_errors_on_device():
         sinkhorn_ot.balanced_assign(X)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(acceleration=None, eps_scaling=False)],
+                         ids=["generic-loop", "device-loop"])
+def test_non_convergence_warning_points_at_the_caller(kw):
+    X = cp.asarray(random_logp(rows(300, 64), 9, seed=3).astype(np.float32))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        res = sinkhorn_ot.balanced_assign(X, 50.0, max_iter=2, tol=1e-9, **kw)
+    assert not res.converged
+    hits = [x for x in w if "did not converge" in str(x.message)]
+    assert len(hits) == 1 and hits[0].filename == __file__, [(str(x.message), x.filename)
+                                                              for x in w]
+
+
 @pytest.mark.parametrize("dtype,accurate", DTYPE_ACC)
 @pytest.mark.parametrize("N,K", [(1000, 37), (20, 20000), (300, 3000)])
 def test_primitives_poisoned_outputs(dtype, accurate, N, K):
