@@ -1,9 +1,9 @@
 // CUDA twin of csrc/cpu/sinkhorn_cpu.cpp: the fused log-domain Sinkhorn pass and its helpers,
-// compiled at run time by NVRTC through CuPy (src/sinkhorn_ot/_cuda.py), which prepends
-// csrc/common/sinkhorn_math.h in place of the #include below.  No CUDA headers are used, so the
+// compiled at run time by NVRTC through CuPy (src/sinkhorn_ot/_cuda/kernels.py), which pastes
+// csrc/common/sinkhorn_math.h and kernel_args.cuh in place of their #includes.  No CUDA headers are used, so the
 // source compiles with NVRTC alone (no toolkit on the user's machine).
 //
-// Layout of the work (DESIGN.md section 3).  X is (N, K), row-major, read once per pass.
+// Layout of the work (docs/architecture.rst).  X is (N, K), row-major, read once per pass.
 //  - A block owns a contiguous range of rows (blockIdx.x: one of `nrb` row blocks) and a tile
 //    of columns (blockIdx.y; a single tile when K <= BT * CPT).  Thread `tid` owns the columns
 //    tile0 + (j * BT + tid) * V + v, j < CPT / V, v < V (V consecutive columns per vector load),
@@ -13,7 +13,7 @@
 //    over the block with warp shuffles and one shared-memory step each (two __syncthreads per
 //    R rows).
 //  - Column partial sums exp(t - m) * r_i are accumulated in the compute type per block and
-//    written once to [nrb, K]; finish_kernel combines them over blocks in float64.
+//    written once to [nrb, K]; fused_pass_finish_kernel combines them over blocks in float64.
 //  - When a row does not fit one block (K > BT * CPT), the pass runs in two launches over
 //    column tiles: MODE_STATS writes per-(tile, row) max / sum / argmax, MODE_APPLY combines
 //    them per row and accumulates the columns (the second read is an L2 hit for the shapes
@@ -31,6 +31,8 @@ extern __shared__ __align__(16) unsigned char sk_dyn_smem[];  // the pipelined p
 
 typedef long long i64;
 typedef unsigned long long u64;
+
+#include "kernel_args.cuh"
 
 // 16-bit storage types: bits only, converted with PTX / bit operations (no cuda_fp16.h).
 struct f16_t { unsigned short bits; };
@@ -199,22 +201,6 @@ __device__ __forceinline__ void load_rows(const T* __restrict__ X, long long K, 
         }
 }
 
-// Loop-control state of the device-side solve (mirrors _solver.sinkhorn_loop).  Shared with
-// _cuda.py (_STATE_DTYPE): keep the two in sync.
-struct State {
-    int done;        // set when converged (err <= tol, tolerance mode) or err is not finite
-    int it;          // passes completed
-    int f_best;      // slot (0/1) of f and labels of the best pass; passes write slot 1 - f_best
-    int g_cur;       // slot (0..2) of the g the next pass uses
-    int g_best;      // slot of the g of the best pass
-    unsigned counter;  // last-block ticket of finish_kernel (reset by the last block)
-    int pad0, pad1;
-    double best_err;
-    double best_qx;
-    double last_err;
-    double pad2;
-};
-
 __device__ __forceinline__ int next_g_slot(int cur, int best) {
     return (cur != 0 && best != 0) ? 0 : ((cur != 1 && best != 1) ? 1 : 2);
 }
@@ -226,7 +212,7 @@ constexpr int MODE_APPLY = 2;  // column-tiled, second launch: combine stats, ac
 constexpr int NO_ARG = 0x7fffffff;
 
 // This thread's part of the row max of t = alpha x + g (as float compute forms it: g rounded
-// to the compute type), and with ARG its first column; the pass and label_kernel share it, so
+// to the compute type), and with ARG its first column; the pass and labels_kernel share it, so
 // the labels written after a solve are those its passes would write.
 template <class C, int CPT, int R, int V, bool ARG>
 __device__ __forceinline__ void thread_row_max(const C (&x)[R][CPT], const C (&gr)[CPT],
@@ -426,7 +412,7 @@ __device__ __noinline__ void combine_row_stats(const C* st_m, const C* st_s, con
 // (accurate); ACC = false: the run-1 arithmetic, t = fmaf(alpha, x, g) in float.
 // MAXW: the most warps a block of this kernel has (sets the second step of the reductions).
 // LAB = false (MODE_FUSED): no labels (the row max alone, cheaper); the device loop writes the
-// labels of its best pass with label_kernel afterwards, or runs its last pass with LAB.
+// labels of its best pass with labels_kernel afterwards, or runs its last pass with LAB.
 template <class T, int CPT, int R, int V, int MODE, int S, bool ACC, int MAXW, bool LAB>
 __device__ __forceinline__ void
 pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
@@ -673,31 +659,28 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
     if (tid == 0) qxpart[static_cast<i64>(blockIdx.y) * nrb + blockIdx.x] = qb;
 }
 
-#define SK_PASS_PARAMS                                                                       \
-    const T *__restrict__ X, i64 N, i64 K, double alpha_d, const double *__restrict__ gslots, \
-        const double *__restrict__ loga, double rho_a, double *__restrict__ fslots,           \
-        i64 *__restrict__ labslots, typename In<T>::C *__restrict__ colpart,                 \
-        typename In<T>::C *__restrict__ cmpart, double *__restrict__ qxpart,                  \
-        typename In<T>::C *__restrict__ st_m, typename In<T>::C *__restrict__ st_s,           \
-        int *__restrict__ st_a, const State *__restrict__ state
-#define SK_PASS_ARGS                                                                         \
-    X, N, K, alpha_d, gslots, loga, rho_a, fslots, labslots, colpart, cmpart, qxpart, st_m,   \
-        st_s, st_a, state
+// The kernels take their arguments as one PassArgs (kernel_args.cuh), unpacked here into the
+// typed parameters of pass_body.
+#define SK_PASS_ARGS(a)                                                                       \
+    static_cast<const T*>(a.X), a.N, a.K, a.alpha, a.gslots, a.loga, a.rho_a, a.fslots,       \
+        a.labslots, static_cast<typename In<T>::C*>(a.colpart),                               \
+        static_cast<typename In<T>::C*>(a.cmpart), a.qxpart,                                   \
+        static_cast<typename In<T>::C*>(a.st_m), static_cast<typename In<T>::C*>(a.st_s),     \
+        a.st_a, a.state
 
 // The original pass: rows loaded into registers as their turn comes.
 template <class T, int CPT, int R, int V, int MODE, bool ACC, bool LAB>
-__global__ void __launch_bounds__(512) pass_kernel(SK_PASS_PARAMS) {
-    pass_body<T, CPT, R, V, MODE, 0, ACC, 16, LAB>(SK_PASS_ARGS);
+__global__ void __launch_bounds__(512) fused_pass_kernel(const PassArgs a) {
+    pass_body<T, CPT, R, V, MODE, 0, ACC, 16, LAB>(SK_PASS_ARGS(a));
 }
 
 // Pipelined pass (MODE_FUSED): S-stage cp.async ring in dynamic shared memory (S * R * BT *
 // CPT * sizeof(T) bytes, set by the launch), at most MAXT threads, MINB blocks per SM asked of
 // the register allocator.
 template <class T, int CPT, int R, int S, int MAXT, int MINB, bool ACC, bool LAB>
-__global__ void __launch_bounds__(MAXT, MINB) pass_pipe_kernel(SK_PASS_PARAMS) {
-    pass_body<T, CPT, R, 16 / sizeof(T), MODE_FUSED, S, ACC, MAXT / 32, LAB>(SK_PASS_ARGS);
+__global__ void __launch_bounds__(MAXT, MINB) fused_pass_pipe_kernel(const PassArgs a) {
+    pass_body<T, CPT, R, 16 / sizeof(T), MODE_FUSED, S, ACC, MAXT / 32, LAB>(SK_PASS_ARGS(a));
 }
-#undef SK_PASS_PARAMS
 #undef SK_PASS_ARGS
 
 // ---------------------------------------------------------------------------------------------
@@ -706,11 +689,19 @@ __global__ void __launch_bounds__(MAXT, MINB) pass_pipe_kernel(SK_PASS_PARAMS) {
 // 256 threads: 32 columns x 8 slices of row blocks.
 template <class C>
 __global__ void __launch_bounds__(256)
-finish_kernel(const C* __restrict__ colpart, const C* __restrict__ cmpart, int nrb, i64 K,
-              const double* __restrict__ qxpart, int nq, double* __restrict__ gslots,
-              const double* __restrict__ logb, double log_n_rows, double rho_b, double tol,
-              int fixed, double* __restrict__ errpart, double* __restrict__ col_out,
-              double* __restrict__ colmax_out, State* state) {
+fused_pass_finish_kernel(const FinishArgs a) {
+    const C* __restrict__ colpart = static_cast<const C*>(a.colpart);
+    const C* __restrict__ cmpart = static_cast<const C*>(a.cmpart);
+    const double* __restrict__ qxpart = a.qxpart;
+    double* __restrict__ gslots = a.gslots;
+    const double* __restrict__ logb = a.logb;
+    double* __restrict__ errpart = a.errpart;
+    double* __restrict__ col_out = a.col_out;
+    double* __restrict__ colmax_out = a.colmax_out;
+    State* state = a.state;
+    const i64 K = a.K;
+    const double log_n_rows = a.log_n_rows, rho_b = a.rho_b, tol = a.tol;
+    const int nrb = a.nrb, nq = a.nq, fixed = a.fixed;
     if (state->done) return;
     const int lane = threadIdx.x & 31, slice = threadIdx.x >> 5;
     const int gc = state->g_cur, gb = state->g_best, gn = next_g_slot(gc, gb);
@@ -771,7 +762,6 @@ finish_kernel(const C* __restrict__ colpart, const C* __restrict__ cmpart, int n
         const bool stop = (!fixed && err <= tol) || !finite;
         if (!stop) state->g_cur = gn;
         state->it = it;
-        state->last_err = err;
         if (stop) state->done = 1;
         state->counter = 0;
         __threadfence();
@@ -786,7 +776,7 @@ finish_kernel(const C* __restrict__ colpart, const C* __restrict__ cmpart, int n
 // first g at lam = 1e4 would otherwise be off by ~1).
 template <class T, int CPT, int V, bool ACC = true>
 __global__ void __launch_bounds__(512)
-lse_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d, const double* __restrict__ f,
+column_lse_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d, const double* __restrict__ f,
            typename In<T>::C* __restrict__ Mpart, typename In<T>::C* __restrict__ Zpart) {
     typedef typename In<T>::C C;
     constexpr bool EFT = ACC && sizeof(C) == 4;
@@ -863,7 +853,7 @@ __device__ __forceinline__ void init_state(State* st) {
     st->pad0 = st->pad1 = 0;
     st->best_err = 0;
     st->best_qx = 0;
-    st->last_err = 0;
+    st->pad3 = 0;
     st->pad2 = 0;
 }
 
@@ -871,7 +861,7 @@ __device__ __forceinline__ void init_state(State* st) {
 // into g_out, and (block 0) a fresh loop state.  256 threads: 32 columns x 8 slices.
 template <class C>
 __global__ void __launch_bounds__(256)
-lse_finish_kernel(const C* __restrict__ Mpart, const C* __restrict__ Zpart, int nrb, i64 K,
+column_lse_finish_kernel(const C* __restrict__ Mpart, const C* __restrict__ Zpart, int nrb, i64 K,
                   double* __restrict__ L_out, const double* __restrict__ logb, double rho_b,
                   double* __restrict__ g_out, State* state) {
     const int lane = threadIdx.x & 31, slice = threadIdx.x >> 5;
@@ -931,7 +921,7 @@ __global__ void column_update_kernel(const double* __restrict__ g, const double*
 // wrong infinity), rows / columns with at least one allowed entry, max |finite entry|.
 template <class T, int CPT, int V>
 __global__ void __launch_bounds__(512)
-check_kernel(const T* __restrict__ X, i64 N, i64 K, double forbidden_d,
+check_matrix_kernel(const T* __restrict__ X, i64 N, i64 K, double forbidden_d,
              u64* __restrict__ first_invalid, unsigned char* __restrict__ row_ok,
              unsigned char* __restrict__ col_ok, u64* __restrict__ max_bits) {
     typedef typename In<T>::C C;
@@ -988,14 +978,14 @@ check_kernel(const T* __restrict__ X, i64 N, i64 K, double forbidden_d,
 
 // The check's result words: [first invalid flat index, first empty row, first empty column]
 // (~0 = none, atomicMin) and the bits of max |finite entry| (0 = none, atomicMax).
-__global__ void check_init_kernel(u64* __restrict__ res) {
+__global__ void check_matrix_init_kernel(u64* __restrict__ res) {
     if (threadIdx.x < 3) res[threadIdx.x] = ~0ULL;
     else if (threadIdx.x == 3) res[3] = 0ULL;
 }
 
-// First row / column without an allowed entry (the flags written by check_kernel) into
+// First row / column without an allowed entry (the flags written by check_matrix_kernel) into
 // res[1] / res[2], so that the host reads the whole check back in one 32-byte copy.
-__global__ void check_finish_kernel(const unsigned char* __restrict__ row_ok, i64 N,
+__global__ void check_matrix_finish_kernel(const unsigned char* __restrict__ row_ok, i64 N,
                                     const unsigned char* __restrict__ col_ok, i64 K,
                                     u64* __restrict__ res) {
     const i64 stride = static_cast<i64>(gridDim.x) * blockDim.x;
@@ -1025,7 +1015,7 @@ __global__ void check_finish_kernel(const unsigned char* __restrict__ row_ok, i6
 // Same column layout as the single-tile pass: CPT columns a thread, R rows at a time.
 template <class T, int CPT, int R, int V>
 __global__ void __launch_bounds__(512)
-label_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
+labels_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
              const double* __restrict__ g, i64* __restrict__ lab) {
     typedef typename In<T>::C C;
     constexpr int NV = CPT / V;

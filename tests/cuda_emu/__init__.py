@@ -367,14 +367,11 @@ def installed():
 
     saved = sys.modules.get("cupy")
     sys.modules["cupy"] = fake_cupy()
-    caches = (_cuda._KERNELS, _cuda._WORK, _cuda._LAYOUTS, _cuda._SM_COUNT, _cuda._NUM_REGS)
-    for c in caches:
-        c.clear()
+    _cuda.clear_caches()
     try:
         yield sys.modules["cupy"]
     finally:
-        for c in caches:
-            c.clear()
+        _cuda.clear_caches()
         if saved is None:
             sys.modules.pop("cupy", None)
         else:
