@@ -230,8 +230,8 @@ def _wrap(x):
 # Device memory is mapped between two inaccessible pages, its end 16-byte aligned against the
 # second one: an access past either end faults at once (the run dies with a segmentation fault
 # and its traceback) instead of corrupting the emulation.  The < 16 bytes of slack before the
-# back page hold guard bytes, checked after every launch.  Run 2's float64 partials written
-# into float32-sized buffers would have faulted on the first launch.
+# back page hold guard bytes, checked after every launch.  (A buffer sized for float32
+# partials and written as float64 faults on the first launch.)
 _PAGE = mmap.PAGESIZE
 _GUARD_BYTE = 0xA5
 _LIVE: "weakref.WeakValueDictionary[int, np.ndarray]" = weakref.WeakValueDictionary()

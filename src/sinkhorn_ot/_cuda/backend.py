@@ -17,7 +17,7 @@ import numpy as np
 
 from .._solver import Solution
 from . import launch
-from .kernels import COMPUTE, TYPE, ceil_div, null
+from .kernels import COMPUTE, TYPE, ceil_div
 from .layout import ACCURATE, LAYOUTS
 from .launch import struct_dtype
 
