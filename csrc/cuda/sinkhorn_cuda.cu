@@ -291,12 +291,14 @@ struct MaxOp {
     template <class C> static __device__ __forceinline__ C identity() { return Num<C>::ninf(); }
     template <class C> static __device__ __forceinline__ C warp(C v) {
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
+        for (int off = 16; off > 0; off >>= 1)
+            v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
         return v;
     }
     template <int G, class C> static __device__ __forceinline__ C lanes(C v) {
 #pragma unroll
-        for (int off = G / 2; off > 0; off >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
+        for (int off = G / 2; off > 0; off >>= 1)
+            v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
         return v;
     }
     template <int G> static __device__ __forceinline__ int src(int lane) { return lane & (G - 1); }
@@ -842,8 +844,9 @@ fused_pass_finish_kernel(const FinishArgs a) {
 // first g at lam = 1e4 would otherwise be off by ~1).
 template <class T, int CPT, int V, bool ACC = true>
 __global__ void __launch_bounds__(512)
-column_lse_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d, const double* __restrict__ f,
-           typename In<T>::C* __restrict__ Mpart, typename In<T>::C* __restrict__ Zpart) {
+column_lse_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
+                  const double* __restrict__ f, typename In<T>::C* __restrict__ Mpart,
+                  typename In<T>::C* __restrict__ Zpart) {
     typedef typename In<T>::C C;
     constexpr bool EFT = ACC && sizeof(C) == 4;
     const FPair apair = split_double(alpha_d);
@@ -927,9 +930,9 @@ __device__ __forceinline__ void init_state(State* st) {
 // into g_out, and (block 0) a fresh loop state.  256 threads: 32 columns x 8 slices.
 template <class C>
 __global__ void __launch_bounds__(256)
-column_lse_finish_kernel(const C* __restrict__ Mpart, const C* __restrict__ Zpart, int nrb, i64 K,
-                  double* __restrict__ L_out, const double* __restrict__ logb, double rho_b,
-                  double* __restrict__ g_out, State* state) {
+column_lse_finish_kernel(const C* __restrict__ Mpart, const C* __restrict__ Zpart, int nrb,
+                         i64 K, double* __restrict__ L_out, const double* __restrict__ logb,
+                         double rho_b, double* __restrict__ g_out, State* state) {
     const int lane = threadIdx.x & 31, slice = threadIdx.x >> 5;
     const i64 y = static_cast<i64>(blockIdx.x) * 32 + lane;
     const double NINF = Num<double>::ninf();
@@ -988,8 +991,8 @@ __global__ void column_update_kernel(const double* __restrict__ g, const double*
 template <class T, int CPT, int V>
 __global__ void __launch_bounds__(512)
 check_matrix_kernel(const T* __restrict__ X, i64 N, i64 K, double forbidden_d,
-             u64* __restrict__ first_invalid, unsigned char* __restrict__ row_ok,
-             unsigned char* __restrict__ col_ok, u64* __restrict__ max_bits) {
+                    u64* __restrict__ first_invalid, unsigned char* __restrict__ row_ok,
+                    unsigned char* __restrict__ col_ok, u64* __restrict__ max_bits) {
     typedef typename In<T>::C C;
     constexpr int NV = CPT / V;
     const int tid = threadIdx.x, BT = blockDim.x, nrb = gridDim.x, lane = tid & 31;
@@ -1082,7 +1085,7 @@ __global__ void check_matrix_finish_kernel(const unsigned char* __restrict__ row
 template <class T, int CPT, int R, int V>
 __global__ void __launch_bounds__(512)
 labels_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
-             const double* __restrict__ g, i64* __restrict__ lab) {
+              const double* __restrict__ g, i64* __restrict__ lab) {
     typedef typename In<T>::C C;
     constexpr int NV = CPT / V;
     const int tid = threadIdx.x, BT = blockDim.x, nrb = gridDim.x;

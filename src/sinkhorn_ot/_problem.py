@@ -155,8 +155,8 @@ def prepare(M, name: str, *, alpha: float, a, b, rho_a: float, rho_b: float, opt
         exc = e
     native, backend, X, ma, mb, Xs, logb, g0, keep = out
     N, K = (0, 0) if X is None else X.shape
-    n_total, sum_a = red.agree_shape(exc, N, None if ma is None else ma.total,
-                                     _params(native, K, alpha, rho_a, rho_b, opts, a, mb, g0), name)
+    params = _params(native, K, alpha, rho_a, rho_b, opts, a, mb, g0)
+    n_total, sum_a = red.agree_shape(exc, N, None if ma is None else ma.total, params, name)
     if balanced:
         V.balanced_totals(sum_a, mb.total)
     xp = backend.xp
