@@ -105,6 +105,7 @@ class Problem:
     want_labels: bool
     max_abs: float             # largest finite |X| (epsilon-scaling stages)
     reducer: Any               # Local, or distributed.Sharded
+    L0: Any = None             # column log-sum-exp of alpha X, when the scan computed it
 
     @property
     def xp(self):
@@ -172,26 +173,35 @@ def prepare(M, name: str, *, alpha: float, a, b, rho_a: float, rho_b: float, opt
     forbidden = -math.inf if alpha > 0 else math.inf
     exc, chk = None, {"first_invalid": -1, "first_empty_row": -1, "first_empty_col": -1,
                       "max_abs": 0.0}
+    # Without a warm start or epsilon scaling the solve begins with the column LSE of
+    # alpha X: the validation read computes it (where the backend can; one process only).
+    lse_first = red.local and g0 is None and (opts.n_iter is not None or not opts.eps_scaling)
     try:
         if N > 0:
-            chk = backend.check(Xs, forbidden)
+            chk = backend.check(Xs, forbidden, alpha if lse_first else None)
     except Exception as e:  # noqa: BLE001 - as above
         exc = e
     chk = red.agree_scan(exc, chk, Xs, forbidden)
     V.matrix_values(chk, (n_total, Xs.shape[1]), name, forbidden, alpha, native.dtype)
     tol = DEFAULT_TOL[native.dtype] * sum_a if opts.tol is None else opts.tol
     return Problem(native, backend, X, Xs, keep, alpha, ma, mb, loga, logb, rho_a, rho_b, g0,
-                   tol, opts, want_labels, max(float(chk["max_abs"]), 0.0), red)
+                   tol, opts, want_labels, max(float(chk["max_abs"]), 0.0), red,
+                   chk.get("lse"))
 
 
-def run(p: Problem) -> Solution:
-    """Solve a prepared problem; raise its errors and warnings here, once."""
+def run(p: Problem, plan=None) -> Solution:
+    """Solve a prepared problem; raise its errors and warnings here, once.  ``plan``:
+    ``(out, rows, scale)``, plan rows the last pass of a fixed ``n_iter`` solve writes
+    (``Solution.plan``; only on one process and with every column kept)."""
     o = p.opts
     N = p.X.shape[0]
+    if not p.reducer.local or p.keep is not None:
+        plan = None
     sol = solve(p.reducer.loop_backend(p.backend, N), p.Xs, p.alpha, p.loga, p.logb,
-                rho_a=p.rho_a, rho_b=p.rho_b, g0=p.g0, tol=p.tol, max_iter=o.max_iter,
-                n_iter=o.n_iter, want_labels=p.want_labels, comm=p.reducer,
-                acceleration=o.acceleration, eps_scaling=o.eps_scaling, max_abs=p.max_abs)
+                rho_a=p.rho_a, rho_b=p.rho_b, g0=p.g0, L0=p.L0, tol=p.tol,
+                max_iter=o.max_iter, n_iter=o.n_iter, want_labels=p.want_labels,
+                comm=p.reducer, acceleration=o.acceleration, eps_scaling=o.eps_scaling,
+                max_abs=p.max_abs, plan=plan)
     if not math.isfinite(sol.err):
         raise FloatingPointError(  # a bug, never a property of valid input: say so loudly
             "sinkhorn_ot: the column error became non-finite; please report this input")

@@ -29,6 +29,17 @@ class Solution:
     err: float
     qx: float          # sum_iy Q_iy X_iy of the returned plan
     converged: bool
+    plan: Any = None   # the plan rows written by the last pass, when asked (sinkhorn_loop)
+
+
+def plan_buffer(xp, X, plan):
+    """``plan = (out, rows, scale)`` with ``out`` allocated (X's dtype) when it is None."""
+    out, rows, scale = plan
+    if out is None:
+        n = X.shape[0] if rows is None else (
+            len(range(*rows.indices(X.shape[0]))) if isinstance(rows, slice) else len(rows))
+        out = xp.empty((n, X.shape[1]), dtype=X.dtype)
+    return out, rows, scale
 
 
 class Anderson:
@@ -83,10 +94,30 @@ class Anderson:
         return g + r - (dG + dR) @ xp.asarray(gamma)
 
 
+# Mixed precision (CPU, float32 input): a pass may form rows in float32 when the bound on
+# their relative plan error (the backend's `slack`) is small against the error being
+# measured.  The next pass is allowed FAST_SHARE * err / mass (the first FIRST_FAST); a pass
+# whose bound could move its own err by more than HONEST_SHARE is redone in float64, so the
+# reported err always describes the plan of the returned potentials.
+FIRST_FAST, FAST_SHARE, HONEST_SHARE = 1e-4, 2.5e-3, 0.05
+
+
+def _mixed_pass(backend, X, alpha, g, loga, rho_a, f_out, labels_out, kw, fast, col_args):
+    """A pass allowed a relative plan error ``fast``, redone in float64 when its bound could
+    move its err by more than HONEST_SHARE; returns the pass and the next pass's allowance."""
+    out = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, labels_out, fast=fast, **kw)
+    col = out[0]
+    err = float(backend.column_update(g, col_args[0], col, out[1], *col_args[1:])[1])
+    mass = float(col.sum())
+    if backend.slack > 0 and not 2 * backend.slack * mass <= HONEST_SHARE * err:
+        out = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, labels_out, fast=0.0, **kw)
+    return (*out, FAST_SHARE * err / max(mass, 1e-300))
+
+
 def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
-                  rho_b: float = 1.0, g0=None, tol: float, max_iter: int, n_iter=None,
-                  want_labels: bool = False, comm=None,
-                  acceleration: str | None = "anderson") -> Solution:
+                  rho_b: float = 1.0, g0=None, L0=None, tol: float, max_iter: int,
+                  n_iter=None, want_labels: bool = False, comm=None,
+                  acceleration: str | None = "anderson", plan=None) -> Solution:
     """Run Sinkhorn passes until ``err <= tol`` (or exactly ``n_iter`` passes).
 
     Without ``g0`` the first half-iteration is a column normalisation of ``exp(S)``
@@ -95,7 +126,12 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     tolerance mode on balanced problems (fixed ``n_iter`` and KL-relaxed sides always run
     plain steps).  ``comm``, the reducer (default :class:`_reducer.Local`), combines the
     column quantities of processes that each hold a block of rows.  A non-finite error
-    stops the loop (the caller raises).
+    stops the loop (the caller raises).  ``L0``:
+    the column log-sum-exp of ``alpha X`` when the caller already has it (the validation
+    read computes it).  ``plan``: ``(out, rows, scale)``, written by the last pass of a
+    fixed ``n_iter`` solve (the plan of the returned potentials; see
+    ``CPUBackend.fused_pass``).  With a fixed ``n_iter`` the labels come from the last pass
+    only: it is the one returned.
     """
     xp = backend.xp
     N = X.shape[0]
@@ -103,7 +139,8 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     n_rows = N if comm.local else comm.n_rows_total
     log_n = math.log(max(n_rows, 1))
     if g0 is None:
-        g = rho_b * (logb - comm.allreduce_lse(backend.column_lse(X, alpha, None)))
+        L = L0 if L0 is not None else backend.column_lse(X, alpha, None)
+        g = rho_b * (logb - comm.allreduce_lse(L))
     else:
         g = g0
     fixed = n_iter is not None
@@ -122,9 +159,20 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     lab_work = xp.empty(N, dtype=xp.int64) if per_pass else None
     lab_best = xp.empty(N, dtype=xp.int64) if per_pass else None
     best = None
+    mixed = comm.local and backend.mixed_precision and X.dtype == np.float32
+    fast = FIRST_FAST if mixed else 0.0
+    if plan is not None:
+        plan = plan_buffer(xp, X, plan)
     for it in range(1, iters + 1):
-        col, colmax, qx = comm.allreduce_pass(
-            *backend.fused_pass(X, alpha, g, loga, rho_a, f_work, lab_work))
+        last = fixed and it == iters
+        lab = lab_work if not fixed or last else None
+        kw = {} if plan is None or not last else {"plan": plan}
+        if mixed:
+            col, colmax, qx, fast = _mixed_pass(backend, X, alpha, g, loga, rho_a, f_work,
+                                                lab, kw, fast, (logb, log_n, rho_b))
+        else:
+            col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_work, lab, **kw)
+        col, colmax, qx = comm.allreduce_pass(col, colmax, qx)
         g_next, err = backend.column_update(g, logb, col, colmax, log_n, rho_b)
         if accel is None:
             err = float(err)
@@ -149,7 +197,8 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     converged = err <= tol
     if want_labels and not per_pass and math.isfinite(err):
         lab_best = backend.labels(X, alpha, g, xp.empty(N, dtype=xp.int64))
-    return Solution(f_best, g, lab_best, it, float(err), float(qx), converged)  # it: passes run
+    return Solution(f_best, g, lab_best, it, float(err), float(qx), converged,  # it: passes run
+                    None if plan is None or not fixed else plan[0])
 
 
 def drop_massless_columns(X, wb, logb, g0, xp, any_zero: bool):
@@ -197,15 +246,18 @@ def eps_stages(eps_scaling, alpha: float, max_abs: float) -> list:
 
 
 def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: float = 1.0,
-          g0=None, tol: float, max_iter: int, n_iter=None, want_labels: bool = False,
-          comm=None, acceleration="anderson", eps_scaling=True, max_abs: float = 1.0):
+          g0=None, L0=None, tol: float, max_iter: int, n_iter=None,
+          want_labels: bool = False, comm=None, acceleration="anderson", eps_scaling=True,
+          max_abs: float = 1.0, plan=None):
     """Solve to ``tol`` with the chosen accelerations, or run exactly ``n_iter`` plain passes.
 
     Epsilon scaling (Schmitzer 2019) applies to balanced problems solved to a tolerance
     without a warm start: stages at ``alpha / 4**k`` are solved to a loose tolerance
     (``1e-2`` of the mass), each warm-starting the next with ``g`` rescaled by the ratio of
     the ``alpha``; the last stage solves the requested problem to ``tol``.  ``n_iter`` of
-    the result counts the passes of every stage.  ``comm`` is the reducer (default
+    the result counts the passes of every stage.  ``L0`` (the column log-sum-exp of
+    ``alpha X``, when the validation read computed it) and ``plan`` are handed to the loop
+    (see :func:`sinkhorn_loop`).  ``comm`` is the reducer (default
     :class:`_reducer.Local`); only a local solve may run the backend's own loop.
     """
     comm = comm if comm is not None else Local()
@@ -226,10 +278,15 @@ def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: fl
                 return st
             a_next = stages[k + 1] if k + 1 < len(stages) else alpha
             g0 = st.g * (a_next / a_k)
+    if stages:
+        L0 = None
+    if plan is not None:
+        kw["plan"] = plan
     if not comm.local or (acceleration is not None and not fixed):
-        sol = sinkhorn_loop(backend, X, alpha, loga, logb, g0=g0, tol=tol, n_iter=n_iter,
-                            comm=comm, acceleration=acceleration, **kw)
+        sol = sinkhorn_loop(backend, X, alpha, loga, logb, g0=g0, L0=L0, tol=tol,
+                            n_iter=n_iter, comm=comm, acceleration=acceleration, **kw)
     else:  # plain passes: the backend's own loop (on the GPU, a device-side loop)
-        sol = backend.solve(X, alpha, loga, logb, g0=g0, tol=tol, n_iter=n_iter, **kw)
+        sol = backend.solve(X, alpha, loga, logb, g0=g0, L0=L0, tol=tol, n_iter=n_iter,
+                            **kw)
     sol.n_iter += passes
     return sol

@@ -412,6 +412,7 @@ class _EmptyBlock:
         self._b = backend
         self.xp = backend.xp
         self.labels_per_pass = True   # no rows: no labels to compute after the loop
+        self.mixed_precision = False
 
     def column_lse(self, X, alpha, f):
         return self.xp.full(X.shape[1], -math.inf)

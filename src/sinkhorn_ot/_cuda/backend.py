@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from .._solver import Solution
+from .._solver import Solution, plan_buffer
 from . import launch
 from .kernels import COMPUTE, TYPE, ceil_div
 from .layout import ACCURATE, LAYOUTS
@@ -59,6 +59,7 @@ class CUDABackend:
     # A pass with labels pays for the argmax (comparisons, a wider block reduction): the
     # generic loop asks labels() once, at the best g, instead (_solver.sinkhorn_loop).
     labels_per_pass = False
+    mixed_precision = False  # (see _backend.Backend)
 
     def __init__(self, dtype: str, stream=None, layout_override=None, accurate=None):
         import cupy
@@ -142,7 +143,7 @@ class CUDABackend:
         return self._work("gslots", lambda: self.xp.empty((3, K), dtype=self.xp.float64), K)
 
     # -- backend primitives -------------------------------------------------------------
-    def check(self, X, forbidden: float) -> dict:
+    def check(self, X, forbidden: float, alpha=None) -> dict:  # alpha: the LSE is not fused
         xp = self.xp
         X = self._matrix(X)
         N, K = X.shape
@@ -170,9 +171,10 @@ class CUDABackend:
             launch.column_lse(L, self.dtype, X, alpha, f, bufs[0], bufs[1], L_out=out)
         return out
 
-    def fused_pass(self, X, alpha, g, loga, rho_a, f_out, labels_out):
-        """One pass at ``g``: writes ``f_out`` (and ``labels_out``), returns
-        ``(col, colmax, qx)`` (``qx`` a device scalar)."""
+    def fused_pass(self, X, alpha, g, loga, rho_a, f_out, labels_out, plan=None):
+        """One pass at ``g``: writes ``f_out`` (and ``labels_out``; ``plan`` as
+        :meth:`write_plan`, by one more read), returns ``(col, colmax, qx)`` (``qx`` a
+        device scalar)."""
         xp = self.xp
         X = self._matrix(X)
         N, K = X.shape
@@ -200,7 +202,16 @@ class CUDABackend:
             # reads it when it needs it, with other scalars
             at = struct_dtype("State").fields["best_qx"][1]
             qx = state[at:at + 8].view(xp.float64).copy()[0]
+        if plan is not None:
+            self.write_plan(X, alpha, f_out, g, plan)
         return col, colmax, qx
+
+    def write_plan(self, X, alpha, f, g, plan):
+        """``plan = (out, rows, scale)``: out[...] = scale * plan rows (rows a slice or an
+        index array)."""
+        out, rows, scale = plan
+        Q = self.plan(X, alpha, f, g)
+        out[...] = (Q if rows is None else Q[rows]) * scale
 
     def labels(self, X, alpha, g, out):
         """Write the first argmax over y of ``alpha X_iy + g_y`` (as a pass forms it) into
@@ -242,10 +253,12 @@ class CUDABackend:
         return out
 
     # -- the device loop ----------------------------------------------------------------
-    def solve(self, X, alpha, loga, logb, *, rho_a=1.0, rho_b=1.0, g0=None, tol, max_iter,
-              n_iter=None, want_labels=False, check_every=None):
+    def solve(self, X, alpha, loga, logb, *, rho_a=1.0, rho_b=1.0, g0=None, L0=None, tol,
+              max_iter, n_iter=None, want_labels=False, check_every=None, plan=None):
         """Same semantics as ``_solver.sinkhorn_loop`` (best pass returned, ``n_iter`` =
-        passes run, a fixed ``n_iter`` ignores ``tol``), run as a device loop."""
+        passes run, a fixed ``n_iter`` ignores ``tol``), run as a device loop.  ``L0`` is
+        not used (the device computes the column LSE itself); ``plan`` is written by the
+        plan kernel after the loop (one more read of X)."""
         xp = self.xp
         X = self._matrix(X)
         N, K = X.shape
@@ -293,6 +306,9 @@ class CUDABackend:
                               labslots[int(st["f_best"])])
         err = float(st["best_err"])
         fb, gb = int(st["f_best"]), int(st["g_best"])
+        if plan is not None:
+            plan = plan_buffer(self.xp, X, plan)
+            self.write_plan(X, alpha, fslots[fb], gslots[gb], plan)
         return Solution(fslots[fb], gslots[gb].copy(),
                         labslots[fb] if want_labels else None, int(st["it"]), err,
-                        float(st["best_qx"]), err <= tol)
+                        float(st["best_qx"]), err <= tol, None if plan is None else plan[0])
