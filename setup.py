@@ -16,7 +16,8 @@ from setuptools.command.build_py import build_py
 
 # CUDA kernel sources shipped inside the package (sinkhorn_ot/cuda/), compiled at run time by
 # NVRTC through CuPy: the wheel needs no CUDA toolkit.  The checkout keeps them in csrc/.
-_CUDA_SOURCES = ["csrc/cuda/sinkhorn_cuda.cu", "csrc/common/sinkhorn_math.h"]
+_CUDA_SOURCES = ["csrc/cuda/sinkhorn_cuda.cu", "csrc/cuda/kernel_args.cuh",
+                 "csrc/common/sinkhorn_math.h"]
 
 
 class BuildPy(build_py):

@@ -114,7 +114,7 @@ def test_tiled_and_single_tile_layouts_agree(dtype):
     np.testing.assert_allclose(cp.asnumpy(a.g), cp.asnumpy(b.g), atol=1e-4, rtol=0)
     np.testing.assert_allclose(cp.asnumpy(a.f), cp.asnumpy(b.f), atol=1e-4, rtol=0)
     # tolerance mode: the tiled passes write labels every pass, the single-tile ones leave
-    # them to label_kernel at the best g; both must be the best pass's argmax
+    # them to labels_kernel at the best g; both must be the best pass's argmax
     for layout in ((8, 256, True), (8, 384, False)):
         ref, sol, Xh = solve_both(logp, dtype, tol=1e-3, layout=layout)
         assert_close_solution(ref, sol, Xh, 25.0, 5e-3)
@@ -129,7 +129,7 @@ def _pipe_cases():
 
 @pytest.mark.parametrize("dtype,cfg,N,K", _pipe_cases())
 def test_pipelined_pass_matches_direct(dtype, cfg, N, K):
-    """The cp.async pass (pass_pipe_kernel) against the run-1 direct pass: same layout of
+    """The cp.async pass (fused_pass_pipe_kernel) against the run-1 direct pass: same layout of
     columns, so float32 results agree to rounding; uneven row blocks and tails of groups."""
     logp = random_logp(N, K, seed=13)
     logp[2, 5] = -np.inf
@@ -277,6 +277,19 @@ def test_validation_errors_on_device():
     X[:, 5] = -cp.inf
     with pytest.raises(ValueError, match="column 5"):
         sinkhorn_ot.balanced_assign(X)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(acceleration=None, eps_scaling=False)],
+                         ids=["generic-loop", "device-loop"])
+def test_non_convergence_warning_points_at_the_caller(kw):
+    X = cp.asarray(random_logp(rows(300, 64), 9, seed=3).astype(np.float32))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        res = sinkhorn_ot.balanced_assign(X, 50.0, max_iter=2, tol=1e-9, **kw)
+    assert not res.converged
+    hits = [x for x in w if "did not converge" in str(x.message)]
+    assert len(hits) == 1 and hits[0].filename == __file__, [(str(x.message), x.filename)
+                                                              for x in w]
 
 
 @pytest.mark.parametrize("dtype,accurate", DTYPE_ACC)

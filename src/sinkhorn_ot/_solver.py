@@ -1,23 +1,21 @@
-"""The Sinkhorn iteration, written once over backend primitives.
+"""The Sinkhorn iteration, written once over backend primitives (``_backend.Backend``) and a
+reducer (``_reducer.Local``, or ``distributed.Sharded`` when rows are split across processes).
 
-A backend provides three primitives on its own arrays (NumPy for the CPU core, CuPy for the
-CUDA kernels): ``column_lse`` (exact column log-sum-exp, used to initialise), ``fused_pass``
-(one read of the matrix: new ``f``, labels, the plan's column sums and column max, and
-``sum Q * X``) and ``column_update`` (the next ``g`` and the column error).  The two scalars
-(``sum Q * X`` and the error) may be device scalars: the loop reads what it needs of a pass in
-one transfer (each is a synchronisation on a GPU).  The update formulas live in
-``csrc/common/sinkhorn_math.h``, shared by both cores.
+The loop reads what it needs of a pass in one transfer (each is a synchronisation on a GPU):
+``sum Q * X`` and the column error may be device scalars.  The update formulas live in
+``csrc/common/sinkhorn_math.h``, shared by both cores.  Nothing here warns or raises on
+non-convergence: the loop returns its best iterate and ``_problem.run`` reports.
 """
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ._arrays import to_host
+from ._reducer import Local
 
 ACCELERATIONS = ("anderson", None)
 
@@ -121,17 +119,16 @@ def _mixed_pass(backend, X, alpha, g, loga, rho_a, f_out, labels_out, kw, fast, 
 def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
                   rho_b: float = 1.0, g0=None, L0=None, tol: float, max_iter: int,
                   n_iter=None, want_labels: bool = False, comm=None,
-                  acceleration: str | None = "anderson", warn: bool = True,
-                  plan=None) -> Solution:
+                  acceleration: str | None = "anderson", plan=None) -> Solution:
     """Run Sinkhorn passes until ``err <= tol`` (or exactly ``n_iter`` passes).
 
     Without ``g0`` the first half-iteration is a column normalisation of ``exp(S)``
     (``f = 0``), as SwAV's loop starts; so ``n_iter = 3`` is three column and three row
     normalisations.  ``acceleration="anderson"`` applies :class:`Anderson` mixing in
     tolerance mode on balanced problems (fixed ``n_iter`` and KL-relaxed sides always run
-    plain steps).  ``comm`` (optional) combines the column quantities of processes that
-    each hold a block of rows: it provides ``allreduce_sum``, ``allreduce_max``,
-    ``allreduce_lse`` and ``n_rows_total`` (and optionally ``allreduce_pass``).  ``L0``:
+    plain steps).  ``comm``, the reducer (default :class:`_reducer.Local`), combines the
+    column quantities of processes that each hold a block of rows.  A non-finite error
+    stops the loop (the caller raises).  ``L0``:
     the column log-sum-exp of ``alpha X`` when the caller already has it (the validation
     read computes it).  ``plan``: ``(out, rows, scale)``, written by the last pass of a
     fixed ``n_iter`` solve (the plan of the returned potentials; see
@@ -140,13 +137,12 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     """
     xp = backend.xp
     N = X.shape[0]
-    n_rows = comm.n_rows_total if comm is not None else N
+    comm = comm if comm is not None else Local()
+    n_rows = N if comm.local else comm.n_rows_total
     log_n = math.log(max(n_rows, 1))
     if g0 is None:
         L = L0 if L0 is not None else backend.column_lse(X, alpha, None)
-        if comm is not None:
-            L = comm.allreduce_lse(L)
-        g = rho_b * (logb - L)
+        g = rho_b * (logb - comm.allreduce_lse(L))
     else:
         g = g0
     fixed = n_iter is not None
@@ -160,13 +156,12 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     # Two buffers for f and the labels: the best solution seen so far is kept without copies.
     # A backend whose passes pay for the argmax (labels_per_pass False: the GPU) computes the
     # labels once, at the best g, after the loop.
-    per_pass = want_labels and getattr(backend, "labels_per_pass", True)
+    per_pass = want_labels and backend.labels_per_pass
     f_work, f_best = xp.empty(N), xp.empty(N)
     lab_work = xp.empty(N, dtype=xp.int64) if per_pass else None
     lab_best = xp.empty(N, dtype=xp.int64) if per_pass else None
     best = None
-    mixed = getattr(backend, "mixed_precision", False) and comm is None and \
-        X.dtype == np.float32
+    mixed = comm.local and backend.mixed_precision and X.dtype == np.float32
     fast = FIRST_FAST if mixed else 0.0
     if plan is not None:
         plan = plan_buffer(xp, X, plan)
@@ -181,22 +176,13 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
                                                      (logb, log_n, rho_b))
         else:
             col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_work, lab, **kw)
-        if comm is not None:
-            qx = float(qx)
-        if comm is not None and hasattr(comm, "allreduce_pass"):
-            col, colmax, qx = comm.allreduce_pass(col, colmax, qx)  # one collective if it can
-        elif comm is not None:
-            col = comm.allreduce_sum(col)
-            colmax = comm.allreduce_max(colmax)
-            qx = float(comm.allreduce_sum(xp.asarray([qx]))[0])
+        col, colmax, qx = comm.allreduce_pass(col, colmax, qx)
         g_next, err = upd or backend.column_update(g, logb, col, colmax, log_n, rho_b)
         if accel is None:
             err = float(err)
         else:  # the dual of this pass (its f is f_work until the swap below), read with err
             af = a * xp.where(a_pos, f_work, 0.0)  # a_i = 0 rows have f_i = -inf
-            local = xp.stack([af.sum(), xp.abs(af).sum()])
-            if comm is not None:
-                local = comm.allreduce_sum(local)
+            local = comm.allreduce_sum(xp.stack([af.sum(), xp.abs(af).sum()]))
             bg = b * g
             err, dual, scale = (float(v) for v in to_host(xp.stack([
                 xp.asarray(err, dtype=xp.float64), local[0] + bg.sum(),
@@ -213,15 +199,8 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
         g = accel.step(g, g_next, dual, scale)
     g, err, qx, _ = best
     converged = err <= tol
-    if not math.isfinite(err):
-        raise FloatingPointError(  # a bug, never a property of valid input: say so loudly
-            "sinkhorn_ot: the column error became non-finite; please report this input")
-    if want_labels and not per_pass:
+    if want_labels and not per_pass and math.isfinite(err):
         lab_best = backend.labels(X, alpha, g, xp.empty(N, dtype=xp.int64))
-    if warn and not fixed and not converged:
-        warnings.warn(f"Sinkhorn did not converge in {max_iter} iterations: err = {err:.3e} "
-                      f"> tol = {tol:.1e} (the best iterate is returned, converged=False)",
-                      UserWarning, stacklevel=3)
     return Solution(f_best, g, lab_best, it, float(err), float(qx), converged,  # it: passes run
                     None if plan is None or not fixed else plan[0])
 
@@ -282,10 +261,10 @@ def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: fl
     the ``alpha``; the last stage solves the requested problem to ``tol``.  ``n_iter`` of
     the result counts the passes of every stage.  ``L0`` (the column log-sum-exp of
     ``alpha X``, when the validation read computed it) and ``plan`` are handed to the loop
-    (see :func:`sinkhorn_loop`).
+    (see :func:`sinkhorn_loop`).  ``comm`` is the reducer (default
+    :class:`_reducer.Local`); only a local solve may run the backend's own loop.
     """
-    if acceleration not in ACCELERATIONS:
-        raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got {acceleration!r}")
+    comm = comm if comm is not None else Local()
     fixed = n_iter is not None
     balanced = rho_a == 1.0 and rho_b == 1.0
     kw = dict(rho_a=rho_a, rho_b=rho_b, want_labels=want_labels, max_iter=max_iter)
@@ -294,19 +273,20 @@ def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: fl
     passes = 0
     if stages:
         mass = float(backend.xp.exp(loga).sum())
-        if comm is not None:
-            mass = float(comm.allreduce_sum(backend.xp.asarray([mass]))[0])
+        mass = float(comm.allreduce_sum(backend.xp.asarray([mass]))[0])
         for k, a_k in enumerate(stages):
             st = sinkhorn_loop(backend, X, a_k, loga, logb, g0=g0, tol=max(tol, 1e-2 * mass),
-                               comm=comm, acceleration=acceleration, warn=False, **kw)
+                               comm=comm, acceleration=acceleration, **kw)
             passes += st.n_iter
+            if not math.isfinite(st.err):  # reported by the caller
+                return st
             a_next = stages[k + 1] if k + 1 < len(stages) else alpha
             g0 = st.g * (a_next / a_k)
     if stages:
         L0 = None
     if plan is not None:
         kw["plan"] = plan
-    if comm is not None or (acceleration is not None and not fixed):
+    if not comm.local or (acceleration is not None and not fixed):
         sol = sinkhorn_loop(backend, X, alpha, loga, logb, g0=g0, L0=L0, tol=tol,
                             n_iter=n_iter, comm=comm, acceleration=acceleration, **kw)
     else:  # plain passes: the backend's own loop (on the GPU, a device-side loop)
