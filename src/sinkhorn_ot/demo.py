@@ -303,6 +303,9 @@ def run_demo(*, rounds: int = 40, clusters: int = 10, heads: int = 3, overcluste
     say = tqdm.write if progress and echo is print else echo
     say(f"SeLa self-labelling on load_digits: N={N} images, heads K={sizes_k}, lam={lam:g}, "
         f"labels from {views} warped views + the image, {epochs} epochs/round, seed={seed}")
+    if lam == DEMO_LAM:
+        say(f"(lam {DEMO_LAM:g}, below the API's default 25: a softer plan lets the early, "
+            "mostly random\n pseudo-labels change between rounds instead of locking in)")
     say(_legend(N, clusters, tol))
     say(f"{'round':>5} {'NMI':>6} {'ARI':>6} {'acc':>6} {'sizes':>9} {'SK iters':>8} "
         f"{'ms':>6} {'err':>8}  {'loss':>6}")
