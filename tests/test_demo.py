@@ -29,7 +29,7 @@ def test_demo_command_runs(tmp_path):
     assert "nan" not in text.lower()
     rows = [line.split() for line in text.splitlines() if line.split()[:1] in (["1"], ["2"])]
     assert [r[0] for r in rows] == ["1", "2"] and rows[0][-1] == "-"  # no loss before training
-    assert "lam=10" in text
+    assert "lam=25 (the API default)" in text
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
