@@ -5,9 +5,6 @@
 
 #include <stdexcept>
 
-#include <cmath>
-
-#include "common/sinkhorn_math.h"
 #include "cpu/sinkhorn_cpu.h"
 
 namespace py = pybind11;
@@ -16,14 +13,10 @@ using namespace sinkhorn_ot;
 namespace {
 
 using F64 = py::array_t<double, py::array::c_style>;
+using I64 = py::array_t<int64_t, py::array::c_style>;
 
 void require(bool ok, const char* what) {
     if (!ok) throw std::invalid_argument(what);
-}
-
-template <class T>
-const T* matrix_ptr(const py::array& X) {
-    return static_cast<const T*>(X.data());
 }
 
 bool is_matrix(const py::array& X) {
@@ -36,78 +29,96 @@ bool interrupted() {
     return PyErr_CheckSignals() != 0;
 }
 
-template <class T>
-py::tuple fused_pass_t(const py::array& X, double alpha, const F64& g, const F64& loga,
-                       double rho_a, F64& f, py::object labels, int n_threads) {
-    const int64_t N = X.shape(0), K = X.shape(1);
-    require(g.size() == K && loga.size() == N && f.size() == N, "fused_pass: size mismatch");
-    F64 col(K), colmax(K);
-    cpu::PassOut out{f.mutable_data(), nullptr, col.mutable_data(), colmax.mutable_data(), 0.0};
-    py::array_t<int64_t, py::array::c_style> lab;
-    if (!labels.is_none()) {
-        lab = labels.cast<py::array_t<int64_t, py::array::c_style>>();
-        require(lab.size() == N, "fused_pass: labels size mismatch");
-        out.labels = lab.mutable_data();
-    }
-    bool done;
-    {
-        py::gil_scoped_release nogil;
-        done = cpu::fused_pass<T>(matrix_ptr<T>(X), N, K, alpha, g.data(), loga.data(), rho_a,
-                                  out, n_threads, interrupted);
-    }
-    if (!done) throw py::error_already_set();
-    return py::make_tuple(col, colmax, out.cost);
+// Calls f<float> or f<double> for X's dtype.
+template <class F>
+auto dispatch(const py::array& X, const char* name, F&& f) {
+    if (!is_matrix(X))
+        throw std::invalid_argument(std::string(name) + ": X must be a C-contiguous 2-d array");
+    if (py::isinstance<py::array_t<float>>(X)) return f(static_cast<const float*>(nullptr));
+    if (py::isinstance<py::array_t<double>>(X)) return f(static_cast<const double*>(nullptr));
+    throw std::invalid_argument(std::string(name) + ": X must be float32 or float64");
 }
 
+// The plan rows to write: `out` (n, K) of X's dtype, rows row0.. or the sorted `rows`.
 template <class T>
-F64 column_lse_t(const py::array& X, double alpha, py::object f, int n_threads) {
-    const int64_t N = X.shape(0), K = X.shape(1);
-    F64 L(K);
-    F64 fa;
-    const double* fp = nullptr;
-    if (!f.is_none()) {
-        fa = f.cast<F64>();
-        require(fa.size() == N, "column_lse: f size mismatch");
-        fp = fa.data();
+cpu::PlanOut<T> plan_out(py::object out, py::object rows, int64_t row0, double scale,
+                         int64_t N, int64_t K, py::array& keep_out, I64& keep_rows) {
+    cpu::PlanOut<T> p;
+    keep_out = out.cast<py::array>();
+    require(py::isinstance<py::array_t<T>>(keep_out) && is_matrix(keep_out) &&
+                keep_out.shape(1) == K && keep_out.writeable(),
+            "plan: out must be a writable C-contiguous (n, K) array of X's dtype");
+    p.out = static_cast<T*>(keep_out.mutable_data());
+    p.n_rows = keep_out.shape(0);
+    p.scale = scale;
+    if (!rows.is_none()) {
+        keep_rows = rows.cast<I64>();
+        require(keep_rows.size() == p.n_rows, "plan: rows and out differ in length");
+        p.rows = keep_rows.data();
+        for (int64_t k = 0; k < p.n_rows; ++k)
+            require(p.rows[k] >= 0 && p.rows[k] < N && (k == 0 || p.rows[k] > p.rows[k - 1]),
+                    "plan: rows must be increasing indices into X");
+    } else {
+        require(row0 >= 0 && row0 + p.n_rows <= N, "plan: row range out of bounds");
+        p.row0 = row0;
     }
-    bool done;
-    {
-        py::gil_scoped_release nogil;
-        done = cpu::column_lse<T>(matrix_ptr<T>(X), N, K, alpha, fp, L.mutable_data(),
-                                  n_threads, interrupted);
-    }
-    if (!done) throw py::error_already_set();
-    return L;
+    return p;
 }
 
 py::tuple fused_pass(const py::array& X, double alpha, const F64& g, const F64& loga,
-                     double rho_a, F64& f, py::object labels, int n_threads) {
-    require(is_matrix(X), "fused_pass: X must be a C-contiguous 2-d array");
-    if (py::isinstance<py::array_t<float>>(X))
-        return fused_pass_t<float>(X, alpha, g, loga, rho_a, f, labels, n_threads);
-    if (py::isinstance<py::array_t<double>>(X))
-        return fused_pass_t<double>(X, alpha, g, loga, rho_a, f, labels, n_threads);
-    throw std::invalid_argument("fused_pass: X must be float32 or float64");
+                     double rho_a, F64& f, py::object labels, int n_threads, py::object plan,
+                     int64_t plan_row0, py::object plan_rows, double plan_scale, double fast) {
+    return dispatch(X, "fused_pass", [&](auto tag) {
+        using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+        const int64_t N = X.shape(0), K = X.shape(1);
+        require(g.size() == K && loga.size() == N && f.size() == N, "fused_pass: size mismatch");
+        F64 col(K), colmax(K);
+        cpu::PassOut out{f.mutable_data(), nullptr, col.mutable_data(), colmax.mutable_data(),
+                         0.0, 0.0};
+        I64 lab;
+        if (!labels.is_none()) {
+            lab = labels.cast<I64>();
+            require(lab.size() == N, "fused_pass: labels size mismatch");
+            out.labels = lab.mutable_data();
+        }
+        py::array keep_out;
+        I64 keep_rows;
+        cpu::PlanOut<T> p;
+        if (!plan.is_none())
+            p = plan_out<T>(plan, plan_rows, plan_row0, plan_scale, N, K, keep_out, keep_rows);
+        bool done;
+        {
+            py::gil_scoped_release nogil;
+            done = cpu::fused_pass<T>(static_cast<const T*>(X.data()), N, K, alpha, g.data(),
+                                      loga.data(), rho_a, out, plan.is_none() ? nullptr : &p,
+                                      fast, n_threads, interrupted);
+        }
+        if (!done) throw py::error_already_set();
+        return py::make_tuple(col, colmax, out.cost, out.slack);
+    });
 }
 
-F64 column_lse(const py::array& X, double alpha, py::object f, int n_threads) {
-    require(is_matrix(X), "column_lse: X must be a C-contiguous 2-d array");
-    if (py::isinstance<py::array_t<float>>(X)) return column_lse_t<float>(X, alpha, f, n_threads);
-    if (py::isinstance<py::array_t<double>>(X)) return column_lse_t<double>(X, alpha, f, n_threads);
-    throw std::invalid_argument("column_lse: X must be float32 or float64");
+void plan(const py::array& X, double alpha, const F64& f, const F64& g, py::object out,
+          double scale, py::object rows, int64_t row0, int n_threads) {
+    dispatch(X, "plan", [&](auto tag) {
+        using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+        const int64_t N = X.shape(0), K = X.shape(1);
+        require(f.size() == N && g.size() == K, "plan: size mismatch");
+        py::array keep_out;
+        I64 keep_rows;
+        cpu::PlanOut<T> p = plan_out<T>(out, rows, row0, scale, N, K, keep_out, keep_rows);
+        bool done;
+        {
+            py::gil_scoped_release nogil;
+            done = cpu::plan<T>(static_cast<const T*>(X.data()), N, K, alpha, f.data(),
+                                g.data(), p, n_threads, interrupted);
+        }
+        if (!done) throw py::error_already_set();
+        return 0;
+    });
 }
 
-py::dict check_matrix(const py::array& X, double forbidden, int n_threads) {
-    require(is_matrix(X), "check_matrix: X must be a C-contiguous 2-d array");
-    const int64_t N = X.shape(0), K = X.shape(1);
-    cpu::CheckOut c;
-    bool f32 = py::isinstance<py::array_t<float>>(X);
-    require(f32 || py::isinstance<py::array_t<double>>(X), "check_matrix: float32 or float64");
-    {
-        py::gil_scoped_release nogil;
-        c = f32 ? cpu::check_matrix<float>(matrix_ptr<float>(X), N, K, forbidden, n_threads)
-                : cpu::check_matrix<double>(matrix_ptr<double>(X), N, K, forbidden, n_threads);
-    }
+py::dict check_dict(const cpu::CheckOut& c) {
     py::dict d;
     d["first_invalid"] = c.first_invalid;
     d["first_empty_row"] = c.first_empty_row;
@@ -116,21 +127,55 @@ py::dict check_matrix(const py::array& X, double forbidden, int n_threads) {
     return d;
 }
 
-// Applies next_g to every column and measures the column error of the plan at (f, g):
-// returns (g_next, sum_y |col_y - column_target_y|).
+py::object column_lse(const py::array& X, double alpha, py::object f, int n_threads,
+                      py::object forbidden) {
+    return dispatch(X, "column_lse", [&](auto tag) -> py::object {
+        using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+        const int64_t N = X.shape(0), K = X.shape(1);
+        F64 L(K), fa;
+        const double* fp = nullptr;
+        if (!f.is_none()) {
+            fa = f.cast<F64>();
+            require(fa.size() == N, "column_lse: f size mismatch");
+            fp = fa.data();
+        }
+        const bool chk = !forbidden.is_none();
+        const double forb = chk ? forbidden.cast<double>() : 0.0;
+        cpu::CheckOut c;
+        bool done;
+        {
+            py::gil_scoped_release nogil;
+            done = cpu::column_lse<T>(static_cast<const T*>(X.data()), N, K, alpha, fp,
+                                      L.mutable_data(), chk ? &c : nullptr, forb, n_threads,
+                                      interrupted);
+        }
+        if (!done) throw py::error_already_set();
+        if (!chk) return std::move(L);
+        return py::make_tuple(L, check_dict(c));
+    });
+}
+
+py::dict check_matrix(const py::array& X, double forbidden, int n_threads) {
+    return dispatch(X, "check_matrix", [&](auto tag) {
+        using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+        cpu::CheckOut c;
+        {
+            py::gil_scoped_release nogil;
+            c = cpu::check_matrix<T>(static_cast<const T*>(X.data()), X.shape(0), X.shape(1),
+                                     forbidden, n_threads);
+        }
+        return check_dict(c);
+    });
+}
+
 py::tuple column_update(const F64& g, const F64& logb, const F64& col, const F64& colmax,
                         double log_n_rows, double rho_b) {
     const int64_t K = g.size();
     require(logb.size() == K && col.size() == K && colmax.size() == K,
             "column_update: size mismatch");
     F64 out(K);
-    const double *gp = g.data(), *lb = logb.data(), *c = col.data(), *cm = colmax.data();
-    double* o = out.mutable_data();
-    double err = 0;
-    for (int64_t y = 0; y < K; ++y) {
-        err += std::abs(c[y] - column_target(lb[y], gp[y], rho_b));
-        o[y] = next_g(gp[y], lb[y], c[y], cm[y], log_n_rows, rho_b);
-    }
+    double err = cpu::column_update(g.data(), logb.data(), col.data(), colmax.data(), K,
+                                    log_n_rows, rho_b, out.mutable_data());
     return py::make_tuple(out, err);
 }
 
@@ -140,16 +185,26 @@ PYBIND11_MODULE(_core, m) {
     m.doc() = "Compiled CPU core of sinkhorn_ot (private; use the functions in sinkhorn_ot).";
     m.def("fused_pass", &fused_pass, py::arg("X"), py::arg("alpha"), py::arg("g"),
           py::arg("loga"), py::arg("rho_a"), py::arg("f").noconvert(), py::arg("labels"),
-          py::arg("n_threads"),
-          "One fused pass: writes f (and labels), returns (col, colmax, sum Q*X).");
+          py::arg("n_threads"), py::arg("plan") = py::none(), py::arg("plan_row0") = 0,
+          py::arg("plan_rows") = py::none(), py::arg("plan_scale") = 1.0,
+          py::arg("fast") = 0.0,
+          "One fused pass: writes f (labels, plan rows), returns (col, colmax, sum Q*X, "
+          "slack), slack the bound on the relative error of the plan entries measured.");
+    m.def("plan", &plan, py::arg("X"), py::arg("alpha"), py::arg("f"), py::arg("g"),
+          py::arg("out"), py::arg("scale") = 1.0, py::arg("rows") = py::none(),
+          py::arg("row0") = 0, py::arg("n_threads") = 0,
+          "Writes exp(alpha X + f + g) * scale of the chosen rows into out.");
     m.def("column_lse", &column_lse, py::arg("X"), py::arg("alpha"), py::arg("f"),
-          py::arg("n_threads"), "log sum_i exp(alpha X_iy + f_i) for every column y.");
+          py::arg("n_threads"), py::arg("forbidden") = py::none(),
+          "log sum_i exp(alpha X_iy + f_i) for every column y; with forbidden, also the "
+          "validation facts of check_matrix from the same read: (L, facts).");
     m.def("column_update", &column_update, py::arg("g"), py::arg("logb"), py::arg("col"),
           py::arg("colmax"), py::arg("log_n_rows"), py::arg("rho_b"),
           "(next g, L1 column error) from one pass's column sums.");
     m.def("check_matrix", &check_matrix, py::arg("X"), py::arg("forbidden"),
           py::arg("n_threads"), "Validation scan: invalid entries, empty rows and columns.");
     m.def("max_threads", &cpu::max_threads, "Threads OpenMP would use by default.");
+    m.def("isa", &cpu::isa_name, "Instruction set of the kernels in use.");
 #ifdef _OPENMP
     m.attr("openmp") = true;
 #else

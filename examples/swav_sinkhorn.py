@@ -3,15 +3,15 @@
 SwAV (Caron et al., NeurIPS 2020; the same step is in DINOv2's ``SinkhornKnopp`` centering)
 turns a batch of prototype scores ``out`` (B x K, cosine similarities) into soft codes: the
 entropic transport plan with uniform marginals, ``exp(out / eps)`` scaled by 3 column and 3
-row normalisations, rows rescaled to sum to 1.  That is ``balanced_assign(out, lam=1/eps,
-n_iter=3)``: a per-row shift of the scores is absorbed by the row potential, so raw scores
-can be passed as they are, and the matrix is read once per iteration instead of six times.
+row normalisations, rows rescaled to sum to 1.  That is ``codes(out, eps=eps)``
+(``balanced_assign(out, lam=1/eps, n_iter=3)`` with its plan times B): a per-row shift of the
+scores is absorbed by the row potential, so raw scores can be passed as they are.
 
     python examples/swav_sinkhorn.py            # random 4096 x 3000 batch, CPU or GPU
 
 Runs on the GPU when ``torch.cuda.is_available()`` (needs ``pip install
-"sinkhorn-ot[cuda]"``), otherwise on the CPU.  In multi-process training SwAV all-reduces the
-sums; run it with one process per batch, or see the distributed page of the documentation.
+"sinkhorn-ot[cuda]"``), otherwise on the CPU.  In multi-process training (torch.distributed
+initialised) ``codes`` all-reduces the column sums itself, as SwAV does.
 """
 from __future__ import annotations
 
@@ -27,14 +27,11 @@ import sinkhorn_ot
 def distributed_sinkhorn(out, epsilon=0.05, sinkhorn_iterations=3):
     """Soft codes of a B x K batch of scores: rows sum to 1, columns to B / K.
 
-    Same contract as SwAV's function of the same name (single process): ``out`` a B x K
-    tensor, returns a B x K tensor on the same device.
+    Same contract as SwAV's function of the same name: ``out`` a B x K tensor (this
+    process's rows when torch.distributed is initialised), returns a B x K tensor on the
+    same device.
     """
-    B = out.shape[0]
-    res = sinkhorn_ot.balanced_assign(out.contiguous(), lam=1.0 / epsilon,
-                                      n_iter=sinkhorn_iterations)
-    # res.plan() has rows summing to 1/B (exactly, after the last row update): scale by B.
-    return res.plan() * B
+    return sinkhorn_ot.codes(out, eps=epsilon, n_iter=sinkhorn_iterations)
 
 
 @torch.no_grad()
@@ -98,7 +95,7 @@ def compare(B, K, device, dtype, repeats=3):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="balanced_assign as SwAV's distributed_sinkhorn")
+    p = argparse.ArgumentParser(description="sinkhorn_ot.codes as SwAV's distributed_sinkhorn")
     p.add_argument("--batch", type=int, default=4096, help="B (4096)")
     p.add_argument("--prototypes", type=int, default=3000, help="K (3000)")
     p.add_argument("--repeats", type=int, default=3)

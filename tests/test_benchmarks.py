@@ -60,3 +60,16 @@ def test_scaling(tmp_path):
         "--out", str(png), "--results", str(res), *extra)
     assert png.stat().st_size > 1000
     assert "<!-- BEGIN scaling -->" in res.read_text()
+
+
+def test_bench_codes(tmp_path):
+    pytest.importorskip("torch")
+    res = tmp_path / "RESULTS.md"
+    out = run("bench_codes.py", "--results", str(res))
+    for site in ("SwAV with a queue", "solo-learn", "lightly `swav_loss.sinkhorn`", "DINOv2",
+                 "MSN", "lightly `msn_loss.sinkhorn`", "SeLa `optimize_L_sk`", "SeLaVi"):
+        assert site in out, site
+    import re
+    agree = [float(v) for v in re.findall(r"labels ([0-9.]+)% equal", out)]
+    assert len(agree) >= 3 and min(agree) >= 99.0, agree
+    assert "<!-- BEGIN bench_codes -->" in res.read_text()

@@ -577,3 +577,24 @@ def test_priors_unbalanced_hard_labels_and_rounding_on_the_device():
     np.testing.assert_allclose(F.sum(1), 1.0 / N, rtol=0, atol=1e-12)
     np.testing.assert_allclose(F.sum(0), prior, rtol=0, atol=1e-12)
     assert (F >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_codes_on_device_arrays(dtype):
+    """codes() on CuPy arrays: the CPU's codes of the same values, with rows, probabilities
+    and the dtype kept.  (bfloat16 reaches the device as a torch tensor only.)"""
+    N, K = rows(300, 48), 40
+    rng = np.random.default_rng(7)
+    S = rng.standard_normal((N, K)) * 0.3
+    Xd, ref = device_input(S, dtype)
+    q = sinkhorn_ot.codes(Xd, eps=0.05, rows=cp.asarray([0, N - 1, 5]))
+    assert isinstance(q, cp.ndarray) and q.dtype == np.dtype(dtype)
+    want = sinkhorn_ot.codes(ref, eps=0.05, rows=[0, N - 1, 5])
+    tol = 2e-6 if dtype == "float32" else 2e-3
+    np.testing.assert_allclose(_host(q).astype(np.float64), want, rtol=0, atol=tol)
+    P = np.exp(S) / np.exp(S).sum(1, keepdims=True)
+    qp = sinkhorn_ot.codes(cp.asarray(P.astype(dtype)), eps=1.0, probabilities=True,
+                           rows=slice(-8, None))
+    wantp = sinkhorn_ot.codes(P.astype(dtype).astype(np.float64), eps=1.0,
+                              probabilities=True, rows=slice(-8, None))
+    np.testing.assert_allclose(_host(qp).astype(np.float64), wantp, rtol=0, atol=tol)

@@ -4,200 +4,132 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SK_X86 1
+#endif
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(SK_NO_VECTOR_EXT)
+#define SK_VECTOR_EXT 1
+#endif
 
 #include "../common/sinkhorn_math.h"
-
-// The per-row bodies are compiled twice, for AVX2+FMA and for baseline x86-64, and picked at
-// load time: a wheel must not assume the CPU it runs on (no -march=native).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SK_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define SK_CLONES
-#endif
-// The bodies must be inlined into each clone to be compiled for its instruction set.
-#if defined(__GNUC__)
-#define SK_INLINE __attribute__((always_inline)) inline
-#else
-#define SK_INLINE inline
-#endif
 
 namespace sinkhorn_ot::cpu {
 namespace {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+constexpr double kNoMax = std::numeric_limits<double>::max();
 
-// exp(x) for x <= 0 written with arithmetic and bit operations only, so `omp simd` loops
-// vectorise it (libm's exp does not vectorise without -ffast-math).  Arguments whose result
-// would be subnormal return 0: subnormals are slow and carry no useful mass here.
-SK_INLINE float vexp(float x) {
-    const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-    float xc = std::max(x, -87.0f);
-    float nm = std::fma(xc, 1.44269504088896341f, magic);
-    float n = nm - magic;
-    float r = std::fma(n, -0.693359375f, xc);
-    r = std::fma(n, 2.12194440e-4f, r);
-    // Cephes expf polynomial, about 1 ulp on [-ln2/2, ln2/2].
-    float p = 1.9875691500e-4f;
-    p = std::fma(p, r, 1.3981999507e-3f);
-    p = std::fma(p, r, 8.3334519073e-3f);
-    p = std::fma(p, r, 4.1665795894e-2f);
-    p = std::fma(p, r, 1.6666665459e-1f);
-    p = std::fma(p, r, 5.0000001201e-1f);
-    p = std::fma(p, r * r, r) + 1.0f;
-    int32_t ni = __builtin_bit_cast(int32_t, nm) - __builtin_bit_cast(int32_t, magic);
-    float scale = __builtin_bit_cast(float, (ni + 127) << 23);
-    return x < -87.0f ? 0.0f : p * scale;
-}
+// What a kernel row returns.  RowResult::qs = r_i (sum_y e_iy (t_iy - m_i) + m_i s_i) =
+// sum_y Q_iy (S_iy + g_y): the row's share of the cost before the column term (fused_pass).
+// RowResult::slack: the bound on the relative plan error of a row done in float32 (0 for a
+// row done in float64).
+struct RowResult {
+    double qs = 0;
+    double slack = 0;
+};
+struct LseRow {
+    bool bad = false;      // a NaN or wrong-infinity entry in the row
+    bool allowed = false;  // an entry that is not forbidden
+    double mx = 0;         // largest |finite entry|
+};
 
-SK_INLINE double vexp(double x) {
-    const double magic = 6755399441055744.0;  // 1.5 * 2^52
-    double xc = std::max(x, -700.0);
-    double nm = std::fma(xc, 1.4426950408889634, magic);
-    double n = nm - magic;
-    double r = std::fma(n, -6.93145751953125e-1, xc);
-    r = std::fma(n, -1.42860682030941723212e-6, r);
-    // Taylor polynomial of degree 12: error below 2e-16 on [-ln2/2, ln2/2].
-    double p = 1.0 / 479001600.0;
-    p = std::fma(p, r, 1.0 / 39916800.0);
-    p = std::fma(p, r, 1.0 / 3628800.0);
-    p = std::fma(p, r, 1.0 / 362880.0);
-    p = std::fma(p, r, 1.0 / 40320.0);
-    p = std::fma(p, r, 1.0 / 5040.0);
-    p = std::fma(p, r, 1.0 / 720.0);
-    p = std::fma(p, r, 1.0 / 120.0);
-    p = std::fma(p, r, 1.0 / 24.0);
-    p = std::fma(p, r, 1.0 / 6.0);
-    p = std::fma(p, r, 0.5);
-    p = std::fma(p, r, 1.0);
-    p = std::fma(p, r, 1.0);
-    int64_t ni = __builtin_bit_cast(int64_t, nm) - __builtin_bit_cast(int64_t, magic);
-    double scale = __builtin_bit_cast(double, (ni + 1023) << 52);
-    return x < -700.0 ? 0.0 : p * scale;
-}
+// The row kernels, once per instruction set, chosen at load time: a wheel must not assume
+// the CPU it runs on (no -march=native).  GCC builds AVX-512 (x86-64-v4), AVX2+FMA
+// (x86-64-v3) and baseline copies, each with vectors of its native width; other compilers
+// and CPUs get the baseline copy only.  Only our own code lies inside the target regions:
+// the standard headers are included above, so their inline functions stay baseline.
+#if defined(SK_X86) && defined(__GNUC__) && !defined(__clang__) && defined(SK_VECTOR_EXT)
+#define SK_MULTI_ISA 1
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // _mm512_cvtps_pd's undefined base
+namespace v4 {
+#define SK_W 64
+#include "sinkhorn_cpu_kernels.h"
+#undef SK_W
+}  // namespace v4
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+namespace v3 {
+#define SK_W 32
+#include "sinkhorn_cpu_kernels.h"
+#undef SK_W
+}  // namespace v3
+#pragma GCC pop_options
+#endif
+namespace base {
+#define SK_W 16
+#include "sinkhorn_cpu_kernels.h"
+#undef SK_W
+}  // namespace base
 
-// Reductions run in W independent lanes (fixed-size inner loops the compiler turns into
-// SIMD): without -ffast-math it may not reorder a single floating-point sum itself.
-constexpr int64_t W = 8;
-
+// The entry points of one instruction set's kernels.
 template <class T>
-SK_INLINE T clamp_finite(T v) {  // +-inf -> +-max, so that 0 * v is 0 for forbidden pairs
-    const T big = std::numeric_limits<T>::max();
-    return std::max(std::min(v, big), -big);
-}
+struct Kernels {
+    RowResult (*row_nolab)(const T*, const double*, const float*, int64_t, double, double,
+                           double, T*, float*, double*, double&, int64_t*, T*, double, double,
+                           double);
+    decltype(row_nolab) row_lab;
+    void (*flush_cols)(float*, double*, int64_t);
+    void (*plan_row)(const T*, const double*, int64_t, double, T*);
+    void (*colmax_row)(const T*, int64_t, double, double, double*);
+    LseRow (*lse_row_check)(const T*, int64_t, double, double, T, double*, double*);
+    decltype(lse_row_check) lse_row_plain;
+};
 
-// One row of the fused pass.  t (double) and e (T) are per-thread scratch rows of length K.
-// t = alpha x + g and t - m are formed in double for every input type: in float32 the
-// rounding of t (|t| reaches 1e7 at lam = 1e4) would make the plan the kernels measure differ
-// from the plan the potentials define.  Only exp(t - m), in [0, 1], runs in T.
-template <class T>
-SK_INLINE void row_body(const T* __restrict x, const double* __restrict g, int64_t K,
-                        double alpha, double loga_i, double rho_a, double* __restrict t,
-                        T* __restrict e, double* __restrict col, double* __restrict colmax,
-                        double& cost, double& f_i, int64_t* label) {
-    const double ninf = -std::numeric_limits<double>::infinity();
-    const int64_t Kv = K - K % W;
-    double m = ninf;
-#pragma omp simd reduction(max : m)
-    for (int64_t y = 0; y < K; ++y) {  // a max is exact in any order: omp simd may reorder it
-        double v = alpha * static_cast<double>(x[y]) + g[y];
-        t[y] = v;
-        m = std::max(m, v);
+#define SK_TABLE(ns, T)                                                                    \
+    Kernels<T> {                                                                           \
+        &ns::row_nolab<T>, &ns::row_lab<T>, &ns::flush_cols, &ns::plan_row<T>,             \
+            &ns::colmax_row<T>, &ns::lse_row_check<T>, &ns::lse_row_plain<T>               \
     }
-    if (label) {
-        int64_t arg = 0;
-        while (t[arg] != m) ++arg;  // first maximiser; m is one of the t[y]
-        *label = arg;
-    }
-    // exp(t - m), its row sum, and the row's sum e_y x_y (for the transport cost), in T
-    T sv[W] = {}, cv[W] = {};
-    for (int64_t y = 0; y < Kv; y += W)
-        for (int64_t l = 0; l < W; ++l) {
-            double d = t[y + l] - m;
-            t[y + l] = d;
-            T v = vexp(static_cast<T>(d));
-            e[y + l] = v;
-            sv[l] += v;
-            cv[l] += v * clamp_finite(x[y + l]);  // forbidden: v = 0, x clamped to finite
+
+// The widest instruction set this CPU has, capped by SINKHORN_OT_CPU_ISA ("avx512", "avx2"
+// or "baseline"; for benchmarks and for testing every copy on one machine).
+int isa_level() {
+    static const int level = [] {
+        int cap = 2;
+        if (const char* env = std::getenv("SINKHORN_OT_CPU_ISA")) {
+            const std::string v(env);
+            cap = v == "baseline" ? 0 : v == "avx2" ? 1 : 2;
         }
-    T s = 0, c = 0;
-    for (int64_t y = Kv; y < K; ++y) {
-        t[y] -= m;
-        e[y] = vexp(static_cast<T>(t[y]));
-        s += e[y];
-        c += e[y] * clamp_finite(x[y]);
-    }
-    for (int64_t l = 0; l < W; ++l) {
-        s += sv[l];
-        c += cv[l];
-    }
-    const double log_s = std::log(static_cast<double>(s));
-    f_i = row_potential(loga_i, m, log_s, rho_a);
-    const double logr = log_row_factor(loga_i, m, log_s, rho_a);
-    const double r = std::exp(logr);
-    for (int64_t y = 0; y < K; ++y) {
-        col[y] += static_cast<double>(e[y]) * r;
-        colmax[y] = std::max(colmax[y], t[y] + logr);
-    }
-    cost += r * static_cast<double>(c);
+        int have = 0;
+#ifdef SK_MULTI_ISA
+        __builtin_cpu_init();
+        have = __builtin_cpu_supports("x86-64-v4") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;
+#endif
+        return std::min(cap, have);
+    }();
+    return level;
 }
 
-SK_CLONES void row_f32(const float* x, const double* g, int64_t K, double alpha,
-                       double loga_i, double rho_a, double* t, float* e, double* col,
-                       double* colmax, double& cost, double& f_i, int64_t* label) {
-    row_body(x, g, K, alpha, loga_i, rho_a, t, e, col, colmax, cost, f_i, label);
-}
-SK_CLONES void row_f64(const double* x, const double* g, int64_t K, double alpha,
-                       double loga_i, double rho_a, double* t, double* e, double* col,
-                       double* colmax, double& cost, double& f_i, int64_t* label) {
-    row_body(x, g, K, alpha, loga_i, rho_a, t, e, col, colmax, cost, f_i, label);
-}
-inline void row(const float* x, const double* g, int64_t K, double alpha, double loga_i,
-                double rho_a, double* t, float* e, double* col, double* colmax, double& cost,
-                double& f_i, int64_t* label) {
-    row_f32(x, g, K, alpha, loga_i, rho_a, t, e, col, colmax, cost, f_i, label);
-}
-inline void row(const double* x, const double* g, int64_t K, double alpha, double loga_i,
-                double rho_a, double* t, double* e, double* col, double* colmax, double& cost,
-                double& f_i, int64_t* label) {
-    row_f64(x, g, K, alpha, loga_i, rho_a, t, e, col, colmax, cost, f_i, label);
-}
-
-// Online log-sum-exp of one row into per-column running (M, Z): Z * exp(M) = sum so far.
 template <class T>
-SK_INLINE void lse_row_body(const T* __restrict x, int64_t K, T alpha, T f_i, T* __restrict M,
-                         double* __restrict Z) {
-    const T ninf = -std::numeric_limits<T>::infinity();
-    for (int64_t y = 0; y < K; ++y) {  // no reduction: vectorises without help
-        T u = alpha * x[y] + f_i;
-        T Mn = std::max(M[y], u);
-        bool dead = Mn == ninf;  // every entry so far forbidden: keep Z = 0, avoid inf - inf
-        T d1 = dead ? ninf : M[y] - Mn;
-        T d2 = dead ? ninf : u - Mn;
-        Z[y] = Z[y] * static_cast<double>(vexp(d1)) + static_cast<double>(vexp(d2));
-        M[y] = Mn;
-    }
+const Kernels<T>& kernels() {
+    static const Kernels<T> k = [] {
+#ifdef SK_MULTI_ISA
+        if (isa_level() == 2) return SK_TABLE(v4, T);
+        if (isa_level() == 1) return SK_TABLE(v3, T);
+#endif
+        return SK_TABLE(base, T);
+    }();
+    return k;
 }
-SK_CLONES void lse_row_f32(const float* x, int64_t K, float alpha, float f_i, float* M,
-                           double* Z) {
-    lse_row_body(x, K, alpha, f_i, M, Z);
-}
-SK_CLONES void lse_row_f64(const double* x, int64_t K, double alpha, double f_i, double* M,
-                           double* Z) {
-    lse_row_body(x, K, alpha, f_i, M, Z);
-}
-inline void lse_row(const float* x, int64_t K, float a, float f, float* M, double* Z) {
-    lse_row_f32(x, K, a, f, M, Z);
-}
-inline void lse_row(const double* x, int64_t K, double a, double f, double* M, double* Z) {
-    lse_row_f64(x, K, a, f, M, Z);
-}
+#undef SK_TABLE
+
 
 // Threads for a pass over N x K: as asked, else OpenMP's default, but no more than one per
 // 32k entries -- waking a team costs more than a small pass (and much more on a busy machine).
@@ -214,11 +146,25 @@ int thread_id() {
 #endif
 }
 
+// Flush-to-zero and denormals-are-zero for the duration of a kernel on this thread: a product
+// that would be subnormal (a plan entry below 1e-38) costs a microcode assist of ~100 cycles
+// on x86 and carries no mass the solver can use.
+class FlushDenormals {
+  public:
+#ifdef SK_X86
+    FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }
+    ~FlushDenormals() { _mm_setcsr(saved_); }
+
+  private:
+    unsigned saved_;
+#endif
+};
+
 // Rows are split into one contiguous block per thread (static, so results do not depend on
 // timing); the calling thread polls `interrupted` every 256 rows once 0.2 s have passed.
 class Interrupt {
   public:
-    explicit Interrupt(const std::function<bool()>& cb) : cb_(cb), last_(clock::now()) {}
+    explicit Interrupt(const Interrupted& cb) : cb_(cb), last_(clock::now()) {}
     bool poll(int64_t i) {
         if (stop_.load(std::memory_order_relaxed)) return true;
         if (thread_id() != 0 || (i & 255) != 0 || !cb_) return false;
@@ -232,7 +178,7 @@ class Interrupt {
 
   private:
     using clock = std::chrono::steady_clock;
-    const std::function<bool()>& cb_;
+    const Interrupted& cb_;
     clock::time_point last_;
     std::atomic<bool> stop_{false};
 };
@@ -242,7 +188,64 @@ void row_range(int64_t N, int nt, int tid, int64_t& lo, int64_t& hi) {
     hi = N * (tid + 1) / nt;
 }
 
+// Per-thread scratch kept between passes (OpenMP reuses its threads): a pass allocates
+// nothing once the first has run at this K.
+template <class T>
+struct Scratch {
+    std::vector<T> e;         // exp(t - m) of the current row
+    std::vector<float> colf;  // float32 column accumulators (float32 input)
+    std::vector<double> col;  // the thread's column sums
+};
+
+// float32 column accumulators move into float64 every kFlushRows rows: each float32 sum
+// then holds at most 8 terms (relative error below 5e-7, about 1e-7 in practice).
+constexpr int64_t kFlushRows = 8;
+template <class T>
+Scratch<T>& scratch() {
+    thread_local Scratch<T> s;
+    return s;
+}
+
+// Where a pass writes plan row i, or null.
+template <class T>
+T* plan_row_ptr(const PlanOut<T>* p, int64_t i, int64_t K, int64_t& cursor) {
+    if (!p) return nullptr;
+    if (!p->rows) {
+        int64_t k = i - p->row0;
+        return (k >= 0 && k < p->n_rows) ? p->out + k * K : nullptr;
+    }
+    if (cursor == 0) cursor = std::lower_bound(p->rows, p->rows + p->n_rows, i) - p->rows;
+    while (cursor < p->n_rows && p->rows[cursor] < i) ++cursor;
+    return (cursor < p->n_rows && p->rows[cursor] == i) ? p->out + cursor * K : nullptr;
+}
+
+template <class T>
+void exact_colmax(const T* X, int64_t N, int64_t K, double alpha, const double* f,
+                  const double* g, double* colmax, int nt) {
+    std::vector<std::vector<double>> part(nt);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int tid = thread_id();
+        part[tid].assign(K, kNegInf);
+        int64_t lo, hi;
+        row_range(N, nt, tid, lo, hi);
+        for (int64_t i = lo; i < hi; ++i)
+            if (f[i] > kNegInf)
+                kernels<T>().colmax_row(X + i * K, K, alpha, f[i], part[tid].data());
+    }
+    for (int64_t y = 0; y < K; ++y) {
+        double mx = kNegInf;
+        for (int k = 0; k < nt; ++k) mx = std::max(mx, part[k][y]);
+        colmax[y] = mx + g[y];
+    }
+}
+
 }  // namespace
+
+const char* isa_name() {
+    static const char* names[] = {"baseline", "avx2", "avx512"};
+    return names[isa_level()];
+}
 
 int max_threads() {
 #ifdef _OPENMP
@@ -254,76 +257,172 @@ int max_threads() {
 
 template <class T>
 bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
-                const double* loga, double rho_a, PassOut& out, int n_threads,
-                const std::function<bool()>& interrupted) {
-    int nt = resolve_threads(n_threads, N, K);
-    // Per-thread column accumulators, combined in thread order so results are reproducible.
-    std::vector<std::vector<double>> col(nt), colmax(nt);
-    std::vector<double> cost(nt, 0.0);
+                const double* loga, double rho_a, PassOut& out, const PlanOut<T>* plan,
+                double fast, int n_threads, const Interrupted& interrupted) {
+    const int nt = resolve_threads(n_threads, N, K);
+    std::vector<float> gf;  // float32 g for the float32 row shift and float32 rows
+    double g_absmax = 0;
+    if constexpr (std::is_same_v<T, float>) {
+        gf.resize(K);
+        for (int64_t y = 0; y < K; ++y) {
+            gf[y] = static_cast<float>(g[y]);
+            g_absmax = std::max(g_absmax, std::abs(g[y]));
+        }
+    }
+    std::vector<double*> cols(nt);
+    std::vector<double> qs(nt, 0.0), slack(nt, 0.0);
     Interrupt intr(interrupted);
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int tid = thread_id();
-        std::vector<double>& c = col[tid];
-        std::vector<double>& cm = colmax[tid];
-        c.assign(K, 0.0);
-        cm.assign(K, kNegInf);
-        std::vector<double> t(K);
-        std::vector<T> e(K);
+        FlushDenormals ftz;
+        const int tid = thread_id();
+        const Kernels<T>& kern = kernels<T>();
+        const auto row = out.labels ? kern.row_lab : kern.row_nolab;
+        Scratch<T>& s = scratch<T>();
+        if (static_cast<int64_t>(s.e.size()) < K) s.e.resize(K);
+        s.col.assign(K, 0.0);
+        if constexpr (std::is_same_v<T, float>) s.colf.assign(K, 0.0f);
+        cols[tid] = s.col.data();
         int64_t lo, hi;
         row_range(N, nt, tid, lo, hi);
-        double cost_t = 0;
+        double qs_t = 0, slack_t = 0;
+        int64_t cursor = 0;
+        const double pscale = plan ? plan->scale : 1.0;
         for (int64_t i = lo; i < hi; ++i) {
             if (intr.poll(i - lo)) break;
-            row(X + i * K, g, K, alpha, loga[i], rho_a, t.data(),
-                e.data(), c.data(), cm.data(), cost_t, out.f[i],
-                out.labels ? out.labels + i : nullptr);
+            T* prow = plan_row_ptr(plan, i, K, cursor);
+            RowResult r = row(X + i * K, g, gf.data(), K, alpha, loga[i], rho_a, s.e.data(),
+                              s.colf.data(), s.col.data(), out.f[i],
+                              out.labels ? out.labels + i : nullptr, prow, pscale, fast,
+                              g_absmax);
+            qs_t += r.qs;
+            slack_t = std::max(slack_t, r.slack);
+            if (std::is_same_v<T, float> && (i - lo) % kFlushRows == kFlushRows - 1)
+                kern.flush_cols(s.colf.data(), s.col.data(), K);
         }
-        cost[tid] = cost_t;
+        if (std::is_same_v<T, float>) kern.flush_cols(s.colf.data(), s.col.data(), K);
+        qs[tid] = qs_t;
+        slack[tid] = slack_t;
+#pragma omp barrier
+        // Combine the per-thread column sums, a slice of columns per thread, in thread order
+        // (reproducible).
+        const int64_t y0 = K * tid / nt, y1 = K * (tid + 1) / nt;
+        for (int64_t y = y0; y < y1; ++y) {
+            double c = 0;
+            for (int k = 0; k < nt; ++k) c += cols[k][y];
+            out.col[y] = c;
+        }
     }
     if (intr.stopped()) return false;
-    out.cost = 0;
-    for (int64_t y = 0; y < K; ++y) {
-        double s = 0, mx = kNegInf;
-        for (int k = 0; k < nt; ++k) {
-            s += col[k][y];
-            mx = std::max(mx, colmax[k][y]);
-        }
-        out.col[y] = s;
-        out.colmax[y] = mx;
+    double qsum = 0, gsum = 0;
+    out.slack = 0;
+    for (int k = 0; k < nt; ++k) {
+        qsum += qs[k];
+        out.slack = std::max(out.slack, slack[k]);
     }
-    for (int k = 0; k < nt; ++k) out.cost += cost[k];
+    bool underflow = false;
+    for (int64_t y = 0; y < K; ++y) {
+        if (out.col[y] > 0) gsum += out.col[y] * g[y];
+        underflow |= !(out.col[y] > kColumnUnderflow);
+    }
+    // sum_iy Q_iy S_iy = sum_i r_i sum_y e_iy (t_iy - m_i) + r_i m_i s_i - sum_y col_y g_y
+    out.cost = (qsum - gsum) / alpha;
+    if (underflow) {
+        exact_colmax(X, N, K, alpha, out.f, g, out.colmax, nt);
+    } else {
+        // col_y >= max_i Q_iy for the entries kept, and a dropped entry is below
+        // exp(-87) r_i (float32) or exp(-708) r_i (float64), far below col_y here.
+        for (int64_t y = 0; y < K; ++y) out.colmax[y] = std::log(out.col[y]);
+    }
     return true;
 }
 
 template <class T>
-bool column_lse(const T* X, int64_t N, int64_t K, double alpha, const double* f, double* L,
-                int n_threads, const std::function<bool()>& interrupted) {
-    int nt = resolve_threads(n_threads, N, K);
-    std::vector<std::vector<T>> M(nt);
-    std::vector<std::vector<double>> Z(nt);
+bool plan(const T* X, int64_t N, int64_t K, double alpha, const double* f, const double* g,
+          const PlanOut<T>& p, int n_threads, const Interrupted& interrupted) {
+    const int64_t n = p.n_rows;
+    const int nt = resolve_threads(n_threads, std::max<int64_t>(n, 1), K);
+    const double log_scale = std::log(p.scale);
     Interrupt intr(interrupted);
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int tid = thread_id();
-        M[tid].assign(K, -std::numeric_limits<T>::infinity());
+        FlushDenormals ftz;
+        std::vector<double> c(K);
+        int64_t lo, hi;
+        row_range(n, nt, thread_id(), lo, hi);
+        for (int64_t k = lo; k < hi; ++k) {
+            if (intr.poll(k - lo)) break;
+            const int64_t i = p.rows ? p.rows[k] : p.row0 + k;
+            const double fi = f[i] + log_scale;
+            for (int64_t y = 0; y < K; ++y) c[y] = fi + g[y];
+            kernels<T>().plan_row(X + i * K, c.data(), K, alpha, p.out + k * K);
+        }
+    }
+    (void)N;
+    return !intr.stopped();
+}
+
+template <class T>
+bool column_lse(const T* X, int64_t N, int64_t K, double alpha, const double* f, double* L,
+                CheckOut* check, double forbidden, int n_threads,
+                const Interrupted& interrupted) {
+    const int nt = resolve_threads(n_threads, N, K);
+    std::vector<std::vector<double>> M(nt), Z(nt);
+    std::vector<CheckOut> part(nt);
+    // t = alpha x with alpha > 0 maps a forbidden -inf to -inf; alpha < 0 maps +inf to -inf
+    const T sgn = forbidden < 0 ? T(1) : T(-1);
+    Interrupt intr(interrupted);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        FlushDenormals ftz;
+        const int tid = thread_id();
+        M[tid].assign(K, kNoMax);
         Z[tid].assign(K, 0.0);
+        CheckOut& pc = part[tid];
         int64_t lo, hi;
         row_range(N, nt, tid, lo, hi);
         for (int64_t i = lo; i < hi; ++i) {
             if (intr.poll(i - lo)) break;
-            lse_row(X + i * K, K, static_cast<T>(alpha), static_cast<T>(f ? f[i] : 0.0),
-                    M[tid].data(), Z[tid].data());
+            const T* x = X + i * K;
+            const double fi = f ? f[i] : 0.0;
+            if (!check) {
+                kernels<T>().lse_row_plain(x, K, alpha, fi, sgn, M[tid].data(), Z[tid].data());
+                continue;
+            }
+            LseRow r =
+                kernels<T>().lse_row_check(x, K, alpha, fi, sgn, M[tid].data(), Z[tid].data());
+            pc.max_abs = std::max(pc.max_abs, r.mx);
+            if (r.bad && pc.first_invalid < 0)
+                for (int64_t y = 0; y < K; ++y)
+                    if (!(sgn * x[y] < std::numeric_limits<T>::infinity())) {
+                        pc.first_invalid = i * K + y;
+                        break;
+                    }
+            if (!r.allowed && pc.first_empty_row < 0) pc.first_empty_row = i;
         }
     }
     if (intr.stopped()) return false;
-    for (int64_t y = 0; y < K; ++y) {
-        double mx = kNegInf;
-        for (int k = 0; k < nt; ++k) mx = std::max(mx, static_cast<double>(M[k][y]));
+    for (int64_t y = 0; y < K; ++y) {  // M = -nM per thread; nM = kNoMax: no entry
+        double nmx = kNoMax;
+        for (int k = 0; k < nt; ++k) nmx = std::min(nmx, M[k][y]);
         double z = 0;
-        if (mx != kNegInf)
-            for (int k = 0; k < nt; ++k) z += Z[k][y] * std::exp(static_cast<double>(M[k][y]) - mx);
-        L[y] = mx + std::log(z);
+        if (nmx != kNoMax)
+            for (int k = 0; k < nt; ++k)
+                if (M[k][y] != kNoMax) z += Z[k][y] * std::exp(nmx - M[k][y]);
+        L[y] = nmx == kNoMax ? kNegInf : -nmx + std::log(z);
+    }
+    if (check) {
+        *check = CheckOut();
+        for (int k = 0; k < nt; ++k) {  // threads hold increasing row ranges: first hit wins
+            if (check->first_invalid < 0) check->first_invalid = part[k].first_invalid;
+            if (check->first_empty_row < 0) check->first_empty_row = part[k].first_empty_row;
+            check->max_abs = std::max(check->max_abs, part[k].max_abs);
+        }
+        for (int64_t y = 0; y < K; ++y)
+            if (L[y] == kNegInf) {
+                check->first_empty_col = y;
+                break;
+            }
     }
     return true;
 }
@@ -334,7 +433,7 @@ CheckOut check_matrix(const T* X, int64_t N, int64_t K, double forbidden, int n_
     const T forb = static_cast<T>(forbidden);
     std::vector<std::vector<unsigned char>> col_ok(nt);
     std::vector<CheckOut> part(nt);
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int tid = thread_id();
         std::vector<unsigned char>& ok = col_ok[tid];
@@ -373,24 +472,34 @@ CheckOut check_matrix(const T* X, int64_t N, int64_t K, double forbidden, int n_
         out.max_abs = std::max(out.max_abs, part[k].max_abs);
     }
     for (int64_t y = 0; y < K && out.first_empty_col < 0; ++y) {
-        bool any = false;
-        for (int k = 0; k < nt; ++k) any |= col_ok[k][y] != 0;
-        if (!any) out.first_empty_col = y;
+        bool any_ok = false;
+        for (int k = 0; k < nt; ++k) any_ok |= col_ok[k][y] != 0;
+        if (!any_ok) out.first_empty_col = y;
     }
     return out;
 }
 
-template CheckOut check_matrix<float>(const float*, int64_t, int64_t, double, int);
-template CheckOut check_matrix<double>(const double*, int64_t, int64_t, double, int);
-template bool fused_pass<float>(const float*, int64_t, int64_t, double, const double*,
-                                const double*, double, PassOut&, int,
-                                const std::function<bool()>&);
-template bool fused_pass<double>(const double*, int64_t, int64_t, double, const double*,
-                                 const double*, double, PassOut&, int,
-                                 const std::function<bool()>&);
-template bool column_lse<float>(const float*, int64_t, int64_t, double, const double*, double*,
-                                int, const std::function<bool()>&);
-template bool column_lse<double>(const double*, int64_t, int64_t, double, const double*,
-                                 double*, int, const std::function<bool()>&);
+double column_update(const double* g, const double* logb, const double* col,
+                     const double* colmax, int64_t K, double log_n_rows, double rho_b,
+                     double* g_next) {
+    double err = 0;
+    for (int64_t y = 0; y < K; ++y) {
+        err += std::abs(col[y] - column_target(logb[y], g[y], rho_b));
+        g_next[y] = next_g(g[y], logb[y], col[y], colmax[y], log_n_rows, rho_b);
+    }
+    return err;
+}
+
+#define SK_INSTANTIATE(T)                                                                  \
+    template CheckOut check_matrix<T>(const T*, int64_t, int64_t, double, int);            \
+    template bool fused_pass<T>(const T*, int64_t, int64_t, double, const double*,          \
+                                const double*, double, PassOut&, const PlanOut<T>*, double, \
+                                int, const Interrupted&);                                       \
+    template bool plan<T>(const T*, int64_t, int64_t, double, const double*, const double*, \
+                          const PlanOut<T>&, int, const Interrupted&);                     \
+    template bool column_lse<T>(const T*, int64_t, int64_t, double, const double*, double*, \
+                                CheckOut*, double, int, const Interrupted&);
+SK_INSTANTIATE(float)
+SK_INSTANTIATE(double)
 
 }  // namespace sinkhorn_ot::cpu

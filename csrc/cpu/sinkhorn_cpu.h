@@ -6,29 +6,44 @@
 
 namespace sinkhorn_ot::cpu {
 
+using Interrupted = std::function<bool()>;
+
+// Optional output of a pass: the plan Q_iy * scale of rows row0 .. row0 + n_rows - 1 (or of
+// the rows listed in `rows`), written in the input's precision while the pass runs.
+template <class T>
+struct PlanOut {
+    T* out = nullptr;             // (n_rows, K), row-major
+    int64_t row0 = 0;             // first row written (when rows is null)
+    int64_t n_rows = 0;
+    const int64_t* rows = nullptr;  // sorted row indices, or null for a contiguous range
+    double scale = 1.0;
+};
+
 // Output of one fused pass over X (N x K, row-major).
 struct PassOut {
     double* f;          // (N) row potentials, written
     int64_t* labels;    // (N) argmax_y (S_iy + g_y), written when not null
     double* col;        // (K) column sums of the plan at (f, g), written
-    double* colmax;     // (K) max_i log Q_iy, written
+    double* colmax;     // (K) an upper bound of max_i log Q_iy (exact where col underflows)
     double cost;        // sum_iy Q_iy X_iy (forbidden entries skipped), written
+    double slack = 0;   // bound on the relative error of the plan entries measured, written
 };
 
-// Returns false if `interrupted` (called from the calling thread only, about every 0.2 s)
-// reported an interruption; the outputs are then incomplete.
+// One fused pass.  `fast` (float32 input, without labels): rows whose entries can be formed in
+// float32 with a relative plan error within `fast` are (out.slack: the largest such bound);
+// 0 keeps every row in float64.  Returns false if `interrupted` (called from the calling
+// thread only, about every 0.2 s) reported an interruption; the outputs are then incomplete.
 template <class T>
 bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
-                const double* loga, double rho_a, PassOut& out, int n_threads,
-                const std::function<bool()>& interrupted);
+                const double* loga, double rho_a, PassOut& out, const PlanOut<T>* plan,
+                double fast, int n_threads, const Interrupted& interrupted);
 
-// L_y = log sum_i exp(alpha X_iy + f_i), exactly, in one read (online log-sum-exp per column).
-// f may be null (then f = 0).
+// The plan exp(alpha X_iy + f_i + g_y) * scale of the rows of `plan`, in X's precision.
 template <class T>
-bool column_lse(const T* X, int64_t N, int64_t K, double alpha, const double* f, double* L,
-                int n_threads, const std::function<bool()>& interrupted);
+bool plan(const T* X, int64_t N, int64_t K, double alpha, const double* f, const double* g,
+          const PlanOut<T>& plan, int n_threads, const Interrupted& interrupted);
 
-// One read of X for validation.  `forbidden` is the infinity that marks a forbidden pair
+// What a validation read of X found.  `forbidden` is the infinity that marks a forbidden pair
 // (-inf in logP, +inf in a cost); NaN and the other infinity are invalid.
 struct CheckOut {
     int64_t first_invalid = -1;        // flat index of the first NaN or wrong infinity
@@ -36,9 +51,26 @@ struct CheckOut {
     int64_t first_empty_col = -1;      // first column whose entries are all forbidden
     double max_abs = 0;                // largest |finite entry|
 };
+
+// L_y = log sum_i exp(alpha X_iy + f_i) in one read (f may be null: f = 0).  With `check`,
+// the same read also validates X (as check_matrix does).
+template <class T>
+bool column_lse(const T* X, int64_t N, int64_t K, double alpha, const double* f, double* L,
+                CheckOut* check, double forbidden, int n_threads,
+                const Interrupted& interrupted);
+
+// One read of X for validation only.
 template <class T>
 CheckOut check_matrix(const T* X, int64_t N, int64_t K, double forbidden, int n_threads);
 
+// next_g on every column, and the L1 column error of the plan at (f, g) (returned).
+double column_update(const double* g, const double* logb, const double* col,
+                     const double* colmax, int64_t K, double log_n_rows, double rho_b,
+                     double* g_next);
+
 int max_threads();
+
+// The instruction set of the kernels in use: "avx512", "avx2" or "baseline".
+const char* isa_name();
 
 }  // namespace sinkhorn_ot::cpu

@@ -35,9 +35,10 @@ def _checked(comm, check, *args):
 
 
 def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n_threads,
-           want_labels, balanced, comm=None, acceleration="anderson", eps_scaling=True):
+           want_labels, balanced, comm=None, acceleration="anderson", eps_scaling=True,
+           plan=None):
     """Validate, dispatch on the array family, run the loop; returns what the public
-    functions wrap into results."""
+    functions wrap into results.  ``plan``: see ``_solver.sinkhorn_loop``."""
     if comm is not None:  # a block of rows per process: validation agreed across ranks
         from .distributed import _solve_sharded
 
@@ -71,12 +72,15 @@ def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n
     forbidden = -math.inf if alpha > 0 else math.inf
     Xs, logb_s, g0, keep = drop_massless_columns(X, wb, logb, g0, xp, mb.any_zero)
     g0 = V.finite_init(g0)
-    check = backend.check(Xs, forbidden)
+    # Without a warm start or epsilon scaling the solve begins with the column LSE of
+    # alpha X: the validation read computes it (where the backend can).
+    lse_first = g0 is None and (n_iter is not None or not eps_scaling)
+    check = backend.check(Xs, forbidden, alpha if lse_first else None)
     V.matrix_values(check, Xs.shape, name, forbidden, alpha, native.dtype)
-    sol = solve(backend, Xs, alpha, loga, logb_s, rho_a=rho_a, rho_b=rho_b, g0=g0, tol=tol,
-                max_iter=max_iter, n_iter=n_iter, want_labels=want_labels,
-                acceleration=acceleration, eps_scaling=eps_scaling,
-                max_abs=float(check["max_abs"]))
+    sol = solve(backend, Xs, alpha, loga, logb_s, rho_a=rho_a, rho_b=rho_b, g0=g0,
+                L0=check.get("lse"), tol=tol, max_iter=max_iter, n_iter=n_iter,
+                want_labels=want_labels, acceleration=acceleration, eps_scaling=eps_scaling,
+                max_abs=float(check["max_abs"]), plan=plan if keep is None else None)
     return native, backend, X, restore_columns(sol, keep, K, xp)
 
 

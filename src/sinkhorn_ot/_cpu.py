@@ -11,18 +11,41 @@ class CPUBackend:
     xp = np
     device = "cpu"
     labels_per_pass = True  # the argmax rides along in the fused pass at no extra read
+    # float32 input: rows may be formed in float32 within a relative error the loop allows
+    # (fused_pass(fast=...)), the bound used is reported in `slack`
+    mixed_precision = True
 
     def __init__(self, n_threads=None):
         self.n_threads = 0 if n_threads is None else int(n_threads)
+        self.slack = 0.0
 
-    def check(self, X, forbidden: float) -> dict:
-        return _core.check_matrix(X, forbidden, self.n_threads)
+    def check(self, X, forbidden: float, alpha=None) -> dict:
+        """The validation facts of X; with ``alpha``, from the same read, also the column
+        log-sum-exp ``log sum_i exp(alpha X_iy)`` under the key ``"lse"``."""
+        if alpha is None:
+            return _core.check_matrix(X, forbidden, self.n_threads)
+        L, facts = _core.column_lse(X, alpha, None, self.n_threads, forbidden)
+        facts["lse"] = L
+        return facts
 
     def column_lse(self, X, alpha, f):
         return _core.column_lse(X, alpha, f, self.n_threads)
 
-    def fused_pass(self, X, alpha, g, loga, rho_a, f_out, labels_out):
-        return _core.fused_pass(X, alpha, g, loga, rho_a, f_out, labels_out, self.n_threads)
+    def fused_pass(self, X, alpha, g, loga, rho_a, f_out, labels_out, plan=None, fast=0.0):
+        """One pass; ``plan`` (optional): ``(out, rows, scale)``, the plan rows (``rows`` a
+        slice of contiguous rows or a sorted index array) times ``scale`` written into
+        ``out`` (X's dtype) by the same read."""
+        kw = {}
+        if plan is not None:
+            out, rows, scale = plan
+            kw = dict(plan=out, plan_scale=scale)
+            if isinstance(rows, slice):
+                kw["plan_row0"] = rows.start or 0
+            elif rows is not None:
+                kw["plan_rows"] = np.ascontiguousarray(rows, dtype=np.int64)
+        col, colmax, qx, self.slack = _core.fused_pass(
+            X, alpha, g, loga, rho_a, f_out, labels_out, self.n_threads, fast=fast, **kw)
+        return col, colmax, qx
 
     def column_update(self, g, logb, col, colmax, log_n_rows, rho_b):
         return _core.column_update(g, logb, col, colmax, log_n_rows, rho_b)
@@ -31,14 +54,23 @@ class CPUBackend:
         """Plain Sinkhorn passes: the generic loop over this backend's primitives."""
         return sinkhorn_loop(self, X, alpha, loga, logb, acceleration=None, **kw)
 
-    def plan(self, X, alpha, f, g):
-        """exp(alpha X + f_i + g_y), computed a block of rows at a time in float64 and
-        returned in the input's precision."""
-        Q = np.empty(X.shape, dtype=X.dtype)
-        step = max(1, (1 << 22) // X.shape[1])
-        for lo in range(0, X.shape[0], step):
-            blk = X[lo:lo + step].astype(np.float64) * alpha
-            blk += f[lo:lo + step, None]
-            blk += g[None, :]
-            Q[lo:lo + step] = np.exp(blk)
-        return Q
+    def plan(self, X, alpha, f, g, scale=1.0, rows=None, out=None):
+        """``exp(alpha X + f_i + g_y) * scale`` of all rows (or of ``rows``: a slice of
+        contiguous rows or a sorted index array), in X's precision, by the kernels' own
+        arithmetic (t - m in float64, the exponential in X's precision)."""
+        N, K = X.shape
+        kw = {}
+        if rows is None:
+            n = N
+        elif isinstance(rows, slice):
+            lo, hi, _ = rows.indices(N)
+            n, kw["row0"] = max(hi - lo, 0), lo
+        else:
+            kw["rows"] = np.ascontiguousarray(rows, dtype=np.int64)
+            n = kw["rows"].shape[0]
+        if out is None:
+            out = np.empty((n, K), dtype=X.dtype)
+        _core.plan(X, alpha, np.ascontiguousarray(f, dtype=np.float64),
+                   np.ascontiguousarray(g, dtype=np.float64), out, scale=scale,
+                   n_threads=self.n_threads, **kw)
+        return out

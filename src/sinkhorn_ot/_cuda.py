@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 
-from ._solver import Solution
+from ._solver import Solution, plan_buffer
 
 _NS = "sinkhorn_ot::cuda::"
 _TYPE = {"float64": "double", "float32": "float", "float16": _NS + "f16_t",
@@ -554,7 +554,7 @@ class CUDABackend:
              _null() if colmax_out is None else colmax_out, state))
 
     # -- backend primitives -------------------------------------------------------------
-    def check(self, X, forbidden: float) -> dict:
+    def check(self, X, forbidden: float, alpha=None) -> dict:  # alpha: see CPUBackend
         if not FAST_CHECK:
             return self._check_legacy(X, forbidden)
         xp = self.xp
@@ -614,9 +614,10 @@ class CUDABackend:
             self._lse(X, L, alpha, f, (bufs[0], bufs[1]), L_out=out)
         return out
 
-    def fused_pass(self, X, alpha, g, loga, rho_a, f_out, labels_out):
-        """One pass at ``g``: writes ``f_out`` (and ``labels_out``), returns
-        ``(col, colmax, qx)`` (``qx`` a device scalar)."""
+    def fused_pass(self, X, alpha, g, loga, rho_a, f_out, labels_out, plan=None):
+        """One pass at ``g``: writes ``f_out`` (and ``labels_out``; ``plan`` as
+        :meth:`write_plan`, by one more read), returns ``(col, colmax, qx)`` (``qx`` a
+        device scalar)."""
         xp = self.xp
         X = self._matrix(X)
         N, K = X.shape
@@ -642,7 +643,16 @@ class CUDABackend:
             # sum Q X stays on the device (a copy: the state buffer is reused); the caller
             # reads it when it needs it, with other scalars
             qx = state[_QX_AT:_QX_AT + 8].view(xp.float64).copy()[0]
+        if plan is not None:
+            self.write_plan(X, alpha, f_out, g, plan)
         return col, colmax, qx
+
+    def write_plan(self, X, alpha, f, g, plan):
+        """``plan = (out, rows, scale)``: out[...] = scale * plan rows (rows a slice or an
+        index array)."""
+        out, rows, scale = plan
+        Q = self.plan(X, alpha, f, g)
+        out[...] = (Q if rows is None else Q[rows]) * scale
 
     def labels(self, X, alpha, g, out):
         """Write the first argmax over y of ``alpha X_iy + g_y`` (as a pass forms it) into
@@ -694,10 +704,12 @@ class CUDABackend:
         return out
 
     # -- the device loop ----------------------------------------------------------------
-    def solve(self, X, alpha, loga, logb, *, rho_a=1.0, rho_b=1.0, g0=None, tol, max_iter,
-              n_iter=None, want_labels=False, check_every=None):
+    def solve(self, X, alpha, loga, logb, *, rho_a=1.0, rho_b=1.0, g0=None, L0=None, tol,
+              max_iter, n_iter=None, want_labels=False, check_every=None, plan=None):
         """Same semantics as ``_solver.sinkhorn_loop`` (best pass returned, ``n_iter`` =
-        passes run, a fixed ``n_iter`` ignores ``tol``), run as a device loop."""
+        passes run, a fixed ``n_iter`` ignores ``tol``), run as a device loop.  ``L0`` is
+        not used (the device computes the column LSE itself); ``plan`` is written by the
+        plan kernel after the loop (one more read of X)."""
         xp = self.xp
         X = self._matrix(X)
         N, K = X.shape
@@ -750,9 +762,12 @@ class CUDABackend:
                           f"{err:.3e} > tol = {tol:.1e} (the best iterate is returned, "
                           "converged=False)", UserWarning, stacklevel=2)
         fb, gb = int(st["f_best"]), int(st["g_best"])
+        if plan is not None:
+            plan = plan_buffer(self.xp, X, plan)
+            self.write_plan(X, alpha, fslots[fb], gslots[gb], plan)
         return Solution(fslots[fb], gslots[gb].copy(),
                         labslots[fb] if want_labels else None, int(st["it"]), err,
-                        float(st["best_qx"]), converged)
+                        float(st["best_qx"]), converged, None if plan is None else plan[0])
 
 
 class _nullcontext:  # noqa: N801

@@ -31,6 +31,17 @@ class Solution:
     err: float
     qx: float          # sum_iy Q_iy X_iy of the returned plan
     converged: bool
+    plan: Any = None   # the plan rows written by the last pass, when asked (sinkhorn_loop)
+
+
+def plan_buffer(xp, X, plan):
+    """``plan = (out, rows, scale)`` with ``out`` allocated (X's dtype) when it is None."""
+    out, rows, scale = plan
+    if out is None:
+        n = X.shape[0] if rows is None else (
+            len(range(*rows.indices(X.shape[0]))) if isinstance(rows, slice) else len(rows))
+        out = xp.empty((n, X.shape[1]), dtype=X.dtype)
+    return out, rows, scale
 
 
 class Anderson:
@@ -85,10 +96,31 @@ class Anderson:
         return g + r - (dG + dR) @ xp.asarray(gamma)
 
 
+# Mixed precision (CPU, float32 input): a pass may form rows in float32 when the bound on
+# their relative plan error (the backend's `slack`) is small against the error being
+# measured.  The next pass is allowed FAST_SHARE * err / mass (the first FIRST_FAST); a pass
+# whose bound could move its own err by more than HONEST_SHARE is redone in float64, so the
+# reported err always describes the plan of the returned potentials.
+FIRST_FAST, FAST_SHARE, HONEST_SHARE = 1e-4, 2.5e-3, 0.05
+
+
+def _mixed_pass(backend, X, alpha, g, loga, rho_a, f_out, labels_out, kw, fast, col_args):
+    """A pass allowed a relative plan error ``fast``, redone in float64 when its bound could
+    move its err by more than HONEST_SHARE; returns the pass and the next pass's allowance."""
+    out = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, labels_out, fast=fast, **kw)
+    col = out[0]
+    err = float(backend.column_update(g, col_args[0], col, out[1], *col_args[1:])[1])
+    mass = float(col.sum())
+    if backend.slack > 0 and not 2 * backend.slack * mass <= HONEST_SHARE * err:
+        out = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, labels_out, fast=0.0, **kw)
+    return (*out, FAST_SHARE * err / max(mass, 1e-300))
+
+
 def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
-                  rho_b: float = 1.0, g0=None, tol: float, max_iter: int, n_iter=None,
-                  want_labels: bool = False, comm=None,
-                  acceleration: str | None = "anderson", warn: bool = True) -> Solution:
+                  rho_b: float = 1.0, g0=None, L0=None, tol: float, max_iter: int,
+                  n_iter=None, want_labels: bool = False, comm=None,
+                  acceleration: str | None = "anderson", warn: bool = True,
+                  plan=None) -> Solution:
     """Run Sinkhorn passes until ``err <= tol`` (or exactly ``n_iter`` passes).
 
     Without ``g0`` the first half-iteration is a column normalisation of ``exp(S)``
@@ -97,14 +129,19 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     tolerance mode on balanced problems (fixed ``n_iter`` and KL-relaxed sides always run
     plain steps).  ``comm`` (optional) combines the column quantities of processes that
     each hold a block of rows: it provides ``allreduce_sum``, ``allreduce_max``,
-    ``allreduce_lse`` and ``n_rows_total`` (and optionally ``allreduce_pass``).
+    ``allreduce_lse`` and ``n_rows_total`` (and optionally ``allreduce_pass``).  ``L0``:
+    the column log-sum-exp of ``alpha X`` when the caller already has it (the validation
+    read computes it).  ``plan``: ``(out, rows, scale)``, written by the last pass of a
+    fixed ``n_iter`` solve (the plan of the returned potentials; see
+    ``CPUBackend.fused_pass``).  With a fixed ``n_iter`` the labels come from the last pass
+    only: it is the one returned.
     """
     xp = backend.xp
     N = X.shape[0]
     n_rows = comm.n_rows_total if comm is not None else N
     log_n = math.log(max(n_rows, 1))
     if g0 is None:
-        L = backend.column_lse(X, alpha, None)
+        L = L0 if L0 is not None else backend.column_lse(X, alpha, None)
         if comm is not None:
             L = comm.allreduce_lse(L)
         g = rho_b * (logb - L)
@@ -126,8 +163,20 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     lab_work = xp.empty(N, dtype=xp.int64) if per_pass else None
     lab_best = xp.empty(N, dtype=xp.int64) if per_pass else None
     best = None
+    mixed = getattr(backend, "mixed_precision", False) and comm is None and \
+        X.dtype == np.float32
+    fast = FIRST_FAST if mixed else 0.0
+    if plan is not None:
+        plan = plan_buffer(xp, X, plan)
     for it in range(1, iters + 1):
-        col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_work, lab_work)
+        last = fixed and it == iters
+        lab = lab_work if not fixed or last else None
+        kw = {} if plan is None or not last else {"plan": plan}
+        if mixed:
+            col, colmax, qx, fast = _mixed_pass(backend, X, alpha, g, loga, rho_a, f_work,
+                                                lab, kw, fast, (logb, log_n, rho_b))
+        else:
+            col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_work, lab, **kw)
         if comm is not None:
             qx = float(qx)
         if comm is not None and hasattr(comm, "allreduce_pass"):
@@ -169,7 +218,8 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
         warnings.warn(f"Sinkhorn did not converge in {max_iter} iterations: err = {err:.3e} "
                       f"> tol = {tol:.1e} (the best iterate is returned, converged=False)",
                       UserWarning, stacklevel=3)
-    return Solution(f_best, g, lab_best, it, float(err), float(qx), converged)  # it: passes run
+    return Solution(f_best, g, lab_best, it, float(err), float(qx), converged,  # it: passes run
+                    None if plan is None or not fixed else plan[0])
 
 
 def drop_massless_columns(X, wb, logb, g0, xp, any_zero: bool):
@@ -217,15 +267,18 @@ def eps_stages(eps_scaling, alpha: float, max_abs: float) -> list:
 
 
 def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: float = 1.0,
-          g0=None, tol: float, max_iter: int, n_iter=None, want_labels: bool = False,
-          comm=None, acceleration="anderson", eps_scaling=True, max_abs: float = 1.0):
+          g0=None, L0=None, tol: float, max_iter: int, n_iter=None,
+          want_labels: bool = False, comm=None, acceleration="anderson", eps_scaling=True,
+          max_abs: float = 1.0, plan=None):
     """Solve to ``tol`` with the chosen accelerations, or run exactly ``n_iter`` plain passes.
 
     Epsilon scaling (Schmitzer 2019) applies to balanced problems solved to a tolerance
     without a warm start: stages at ``alpha / 4**k`` are solved to a loose tolerance
     (``1e-2`` of the mass), each warm-starting the next with ``g`` rescaled by the ratio of
     the ``alpha``; the last stage solves the requested problem to ``tol``.  ``n_iter`` of
-    the result counts the passes of every stage.
+    the result counts the passes of every stage.  ``L0`` (the column log-sum-exp of
+    ``alpha X``, when the validation read computed it) and ``plan`` are handed to the loop
+    (see :func:`sinkhorn_loop`).
     """
     if acceleration not in ACCELERATIONS:
         raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got {acceleration!r}")
@@ -245,10 +298,15 @@ def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: fl
             passes += st.n_iter
             a_next = stages[k + 1] if k + 1 < len(stages) else alpha
             g0 = st.g * (a_next / a_k)
+    if stages:
+        L0 = None
+    if plan is not None:
+        kw["plan"] = plan
     if comm is not None or (acceleration is not None and not fixed):
-        sol = sinkhorn_loop(backend, X, alpha, loga, logb, g0=g0, tol=tol, n_iter=n_iter,
-                            comm=comm, acceleration=acceleration, **kw)
+        sol = sinkhorn_loop(backend, X, alpha, loga, logb, g0=g0, L0=L0, tol=tol,
+                            n_iter=n_iter, comm=comm, acceleration=acceleration, **kw)
     else:  # plain passes: the backend's own loop (on the GPU, a device-side loop)
-        sol = backend.solve(X, alpha, loga, logb, g0=g0, tol=tol, n_iter=n_iter, **kw)
+        sol = backend.solve(X, alpha, loga, logb, g0=g0, L0=L0, tol=tol, n_iter=n_iter,
+                            **kw)
     sol.n_iter += passes
     return sol

@@ -1,0 +1,286 @@
+// Fixed-width vectors for the CPU kernels, SK_W bytes wide (16, 32 or 64: SSE2, AVX2,
+// AVX-512).  Included once per instruction set inside that set's namespace (see
+// sinkhorn_cpu.cpp), so it has no include guard: every name here is per-ISA.
+//
+// With GCC or Clang the types are the compilers' vector extensions, compiled to native SIMD
+// of the width of the enclosing `#pragma GCC target`.  Elsewhere (MSVC) they are structs whose
+// operations are plain loops over the lanes, correct and left to the auto-vectoriser.  The
+// kernels only use the functions and operators defined here.
+
+constexpr int NF = SK_W / 4;  // float32 lanes
+constexpr int ND = SK_W / 8;  // float64 lanes
+
+#if defined(SK_VECTOR_EXT)
+
+#define SK_V __attribute__((always_inline)) inline
+
+typedef float vf __attribute__((vector_size(SK_W)));
+typedef int32_t vi __attribute__((vector_size(SK_W)));
+typedef double vd __attribute__((vector_size(SK_W)));
+typedef int64_t vl __attribute__((vector_size(SK_W)));
+typedef float vfh __attribute__((vector_size(SK_W / 2)));  // ND floats
+
+template <class V, class S>
+SK_V V splat(S s) {
+    V v = {};
+    return v + s;
+}
+template <class To, class From>
+SK_V To bits(From a) {
+    static_assert(sizeof(To) == sizeof(From), "same width");
+    return (To)a;
+}
+template <class M, class V>
+SK_V V select(M m, V a, V b) { return m ? a : b; }
+// (a > b) ? a : b is exactly the x86 max instruction: the compiler emits one max.
+template <class V>
+SK_V V vmax(V a, V b) { return a > b ? a : b; }
+template <class V>
+SK_V V vmin(V a, V b) { return a < b ? a : b; }
+
+// float32 <-> float64 lanes.  GCC 12 splits __builtin_convertvector(float -> double) into
+// halves; the intrinsics give the single instruction.
+SK_V vd to_double(vfh a) {
+#if SK_W == 64 && defined(SK_X86)
+    return (vd)_mm512_cvtps_pd((__m256)a);
+#elif SK_W == 32 && defined(SK_X86)
+    return (vd)_mm256_cvtps_pd((__m128)a);
+#else
+    return __builtin_convertvector(a, vd);
+#endif
+}
+SK_V vfh to_float(vd a) { return __builtin_convertvector(a, vfh); }
+
+#if SK_W == 64
+#define SK_LO 0, 1, 2, 3, 4, 5, 6, 7
+#define SK_HI 8, 9, 10, 11, 12, 13, 14, 15
+#elif SK_W == 32
+#define SK_LO 0, 1, 2, 3
+#define SK_HI 4, 5, 6, 7
+#else
+#define SK_LO 0, 1
+#define SK_HI 2, 3
+#endif
+SK_V vf concat(vfh lo, vfh hi) { return __builtin_shufflevector(lo, hi, SK_LO, SK_HI); }
+SK_V vfh half_lo(vf a) { return __builtin_shufflevector(a, a, SK_LO); }
+SK_V vfh half_hi(vf a) { return __builtin_shufflevector(a, a, SK_HI); }
+#undef SK_LO
+#undef SK_HI
+
+#else  // portable lane loops
+
+#define SK_V inline
+
+template <class E, int N>
+struct Vec {
+    E v[N];
+    E& operator[](int i) { return v[i]; }
+    E operator[](int i) const { return v[i]; }
+};
+using vf = Vec<float, NF>;
+using vi = Vec<int32_t, NF>;
+using vd = Vec<double, ND>;
+using vl = Vec<int64_t, ND>;
+using vfh = Vec<float, ND>;
+
+template <class E> struct MaskOf;
+template <> struct MaskOf<float> { using type = int32_t; };
+template <> struct MaskOf<double> { using type = int64_t; };
+template <> struct MaskOf<int32_t> { using type = int32_t; };
+template <> struct MaskOf<int64_t> { using type = int64_t; };
+
+#define SK_BINOP(op)                                                         \
+    template <class E, int N>                                                \
+    inline Vec<E, N> operator op(Vec<E, N> a, Vec<E, N> b) {                 \
+        for (int i = 0; i < N; ++i) a.v[i] = a.v[i] op b.v[i];               \
+        return a;                                                            \
+    }                                                                        \
+    template <class E, int N, class S>                                       \
+    inline Vec<E, N> operator op(Vec<E, N> a, S s) {                         \
+        for (int i = 0; i < N; ++i) a.v[i] = a.v[i] op static_cast<E>(s);    \
+        return a;                                                            \
+    }                                                                        \
+    template <class E, int N>                                                \
+    inline Vec<E, N>& operator op##=(Vec<E, N>& a, Vec<E, N> b) { return a = a op b; }
+SK_BINOP(+)
+SK_BINOP(-)
+SK_BINOP(*)
+SK_BINOP(&)
+SK_BINOP(|)
+#undef SK_BINOP
+template <class E, int N>
+inline Vec<E, N> operator<<(Vec<E, N> a, int s) {
+    for (int i = 0; i < N; ++i) a.v[i] = a.v[i] << s;
+    return a;
+}
+template <class E, int N>
+inline Vec<E, N> operator~(Vec<E, N> a) {
+    for (int i = 0; i < N; ++i) a.v[i] = ~a.v[i];
+    return a;
+}
+template <class E, int N>
+inline Vec<E, N> operator-(Vec<E, N> a) {
+    for (int i = 0; i < N; ++i) a.v[i] = -a.v[i];
+    return a;
+}
+#define SK_CMPOP(op)                                                               \
+    template <class E, int N>                                                      \
+    inline Vec<typename MaskOf<E>::type, N> operator op(Vec<E, N> a, Vec<E, N> b) { \
+        Vec<typename MaskOf<E>::type, N> m;                                        \
+        for (int i = 0; i < N; ++i) m.v[i] = a.v[i] op b.v[i] ? -1 : 0;            \
+        return m;                                                                  \
+    }                                                                              \
+    template <class E, int N, class S>                                             \
+    inline Vec<typename MaskOf<E>::type, N> operator op(Vec<E, N> a, S s) {        \
+        Vec<typename MaskOf<E>::type, N> m;                                        \
+        for (int i = 0; i < N; ++i) m.v[i] = a.v[i] op static_cast<E>(s) ? -1 : 0; \
+        return m;                                                                  \
+    }
+SK_CMPOP(<)
+SK_CMPOP(>)
+SK_CMPOP(==)
+#undef SK_CMPOP
+
+template <class V, class S>
+inline V splat(S s) {
+    V v;
+    for (auto& e : v.v) e = static_cast<std::remove_reference_t<decltype(e)>>(s);
+    return v;
+}
+template <class To, class From>
+inline To bits(From a) {
+    static_assert(sizeof(To) == sizeof(From), "same width");
+    To r;
+    std::memcpy(&r, &a, sizeof r);
+    return r;
+}
+template <class M, class V>
+inline V select(M m, V a, V b) {
+    for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(a[0])); ++i) a[i] = m[i] ? a[i] : b[i];
+    return a;
+}
+template <class V>
+inline V vmax(V a, V b) { return select(a > b, a, b); }
+template <class V>
+inline V vmin(V a, V b) { return select(a < b, a, b); }
+inline vd to_double(vfh a) {
+    vd r;
+    for (int i = 0; i < ND; ++i) r.v[i] = a.v[i];
+    return r;
+}
+inline vfh to_float(vd a) {
+    vfh r;
+    for (int i = 0; i < ND; ++i) r.v[i] = static_cast<float>(a.v[i]);
+    return r;
+}
+inline vf concat(vfh lo, vfh hi) {
+    vf r;
+    for (int i = 0; i < ND; ++i) r.v[i] = lo.v[i], r.v[i + ND] = hi.v[i];
+    return r;
+}
+inline vfh half_lo(vf a) {
+    vfh r;
+    for (int i = 0; i < ND; ++i) r.v[i] = a.v[i];
+    return r;
+}
+inline vfh half_hi(vf a) {
+    vfh r;
+    for (int i = 0; i < ND; ++i) r.v[i] = a.v[i + ND];
+    return r;
+}
+
+#endif
+
+template <class V, class E>
+SK_V V load(const E* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+template <class V, class E>
+SK_V void store(E* p, V v) {
+    std::memcpy(p, &v, sizeof v);
+}
+template <class V>
+constexpr int lanes() { return static_cast<int>(sizeof(V) / sizeof(std::declval<V>()[0])); }
+
+template <class V>
+SK_V auto hmax(V a) -> std::remove_cv_t<std::remove_reference_t<decltype(a[0])>> {
+    auto m = a[0];
+    for (int i = 1; i < lanes<V>(); ++i) m = a[i] > m ? a[i] : m;
+    return m;
+}
+template <class V>
+SK_V double hsum(V a) {
+    double s = 0;
+    for (int i = 0; i < lanes<V>(); ++i) s += a[i];
+    return s;
+}
+template <class M>
+SK_V bool any(M m) {
+    for (int i = 0; i < lanes<M>(); ++i)
+        if (m[i]) return true;
+    return false;
+}
+
+// exp(x) for the sweeps, vectorised: Cephes' expf polynomial (about 1 ulp) or a degree-12
+// Taylor polynomial (error below 2e-16) on [-ln2/2, ln2/2] after x = n ln2 + r.  Arguments
+// are clamped below at -87 (-708): exp of the clamp, 1.7e-38 (3e-308), stands for anything
+// smaller, so the result is never subnormal; `xc` returns the clamped argument.  The caller
+// guarantees x < 88 (700): no overflow test.  NaN is not propagated (inputs are validated).
+SK_V vf vexp_clamped(vf x, vf& xc) {
+    const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+    xc = vmax(x, splat<vf>(-87.0f));
+    vf nm = xc * 1.44269504088896341f + magic;
+    vf n = nm - magic;
+    vf r = xc - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    vf p = splat<vf>(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    // 2^n from the low bits of nm: (nm - magic) as an integer, plus the exponent bias
+    vi scale = (bits<vi>(nm) - (0x4B400000 - 127)) << 23;  // 0x4B400000: the bits of magic
+    return p * bits<vf>(scale);
+}
+
+SK_V vd vexp_clamped(vd x, vd& xc) {
+    const double magic = 6755399441055744.0;  // 1.5 * 2^52
+    xc = vmax(x, splat<vd>(-708.0));
+    vd nm = xc * 1.4426950408889634 + magic;
+    vd n = nm - magic;
+    vd r = xc - n * 6.93145751953125e-1;
+    r = r - n * 1.42860682030941723212e-6;
+    vd p = splat<vd>(1.0 / 479001600.0);
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    vl scale = (bits<vl>(nm) - (int64_t(0x4338000000000000) - 1023)) << 52;  // bits of magic
+    return p * bits<vd>(scale);
+}
+
+// exp(x) with exact zeros below the clamp and +inf above the largest finite result: for
+// the plan, whose entries are returned to the user.
+template <class V>
+SK_V V vexp(V x) {
+    using E = std::remove_cv_t<std::remove_reference_t<decltype(x[0])>>;
+    constexpr bool f32 = sizeof(E) == 4;
+    const E lo = f32 ? E(-87) : E(-708), hi = f32 ? E(88.7) : E(709.7);
+    V xc;
+    V e = vexp_clamped(vmin(x, splat<V>(hi)), xc);
+    e = select(x < lo, splat<V>(E(0)), e);
+    return select(x > hi, splat<V>(std::numeric_limits<E>::infinity()), e);
+}

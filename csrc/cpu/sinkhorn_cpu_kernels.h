@@ -1,0 +1,412 @@
+// The per-row kernels of the CPU core, compiled once per instruction set: sinkhorn_cpu.cpp
+// includes this file inside a namespace per ISA with SK_W (the vector width in bytes) set and
+// the matching `#pragma GCC target`, then calls the right copy through a table.  No include
+// guard: every definition here is per-ISA.
+
+#include "simd.h"
+
+// ----------------------------------------------------------------------------------------
+// t - m = alpha x + (g_y - m) is formed in float64 for every input type: |alpha x| and |g|
+// reach 1e7 at lam = 1e4 while t - m must be exact to about 1e-7 for the plan the kernels
+// measure to be the plan the float64 potentials define.  Only exp(t - m), at most about 1,
+// runs in the input's precision.  Traits<T>::diff gives t - m for a block of B entries as a
+// vector of T (E), and its float64 lanes (lo, hi) for the labels.
+template <class T> struct Traits;
+
+template <> struct Traits<float> {
+    static constexpr int B = NF;
+    using E = vf;
+    static SK_V E diff(const float* x, const double* g, double alpha, double m, vd& lo,
+                       vd& hi) {
+        lo = to_double(load<vfh>(x)) * alpha + (load<vd>(g) - m);
+        hi = to_double(load<vfh>(x + ND)) * alpha + (load<vd>(g + ND) - m);
+        return concat(to_float(lo), to_float(hi));
+    }
+};
+
+template <> struct Traits<double> {
+    static constexpr int B = ND;
+    using E = vd;
+    static SK_V E diff(const double* x, const double* g, double alpha, double m, vd& lo,
+                       vd& hi) {
+        lo = load<vd>(x) * alpha + (load<vd>(g) - m);
+        hi = lo;
+        return lo;
+    }
+};
+
+// The tail of a row (fewer than B entries) as a full block, padded with entries that
+// contribute nothing (x = 0 with g = -inf gives t = -inf).
+template <class T>
+struct Tail {
+    T x[NF];
+    double g[NF];
+    Tail(const T* xr, const double* gr, int64_t n) {
+        for (int64_t l = 0; l < NF; ++l) {
+            x[l] = l < n ? xr[l] : T(0);
+            g[l] = l < n ? gr[l] : kNegInf;
+        }
+    }
+};
+
+// The exponentials' shift: max_y (alpha x_y + g_y), in float32 for float32 input (within a
+// few ulps of |t|, checked by the caller), exact in float64.
+template <class T>
+SK_V double row_shift(const T* x, const float* gf, const double* g, int64_t K, double alpha) {
+    constexpr int B = Traits<T>::B;
+    const int64_t Kb = K - K % B;
+    if constexpr (std::is_same_v<T, float>) {
+        const float af = static_cast<float>(alpha);
+        vf mx = splat<vf>(-std::numeric_limits<float>::infinity());
+        for (int64_t y = 0; y < Kb; y += B)
+            mx = vmax(mx, load<vf>(x + y) * af + load<vf>(gf + y));
+        float m = hmax(mx);
+        for (int64_t y = Kb; y < K; ++y) m = std::max(m, x[y] * af + gf[y]);
+        return m;
+    } else {
+        (void)gf;
+        vd mx = splat<vd>(kNegInf);
+        for (int64_t y = 0; y < Kb; y += B) mx = vmax(mx, load<vd>(x + y) * alpha + load<vd>(g + y));
+        double m = hmax(mx);
+        for (int64_t y = Kb; y < K; ++y) m = std::max(m, x[y] * alpha + g[y]);
+        return m;
+    }
+}
+
+// The main sweep of a row: e_y = exp(t_y - m) (stored), s = sum_y e_y, sd = sum_y e_y
+// (t_y - m) for the transport cost, and the first argmax of t when LAB.
+struct RowSums {
+    double s = 0, sd = 0;
+    int64_t arg = 0;
+};
+
+// Row sums run in SIMD lanes and move into float64 every kChunk entries, so their rounding
+// error does not grow with K.
+constexpr int64_t kChunk = 512;
+
+// FAST (float32 input only): t - m in float32 from float32 g, accurate to the bound the
+// caller computed (fast_error) instead of to float64.
+template <class T, bool LAB, bool FAST>
+SK_V void sweep(const T* x, const double* g, const float* gf, int64_t K, double alpha,
+                double m, T* e, RowSums& out) {
+    using Tr = Traits<T>;
+    using E = typename Tr::E;
+    constexpr int B = Tr::B;
+    E s = splat<E>(T(0)), sd = splat<E>(T(0));
+    vd best = splat<vd>(kNegInf), besth = best;
+    vl bidx = splat<vl>(int64_t(0)), bidxh = bidx, idx = bidx, idxh = bidx;
+    if constexpr (LAB)
+        for (int l = 0; l < ND; ++l) {
+            idx[l] = l;
+            idxh[l] = l + ND;
+        }
+    double s_acc = 0, sd_acc = 0;
+    const float af = static_cast<float>(alpha), mf = static_cast<float>(m);
+    auto block = [&](const T* xb, const double* gb, const float* gfb, T* eb, int64_t y) {
+        vd lo, hi;
+        E d;
+        if constexpr (FAST) {
+            (void)gb;
+            d = load<vf>(xb) * af + (load<vf>(gfb) - mf);
+        } else {
+            (void)gfb;
+            d = Tr::diff(xb, gb, alpha, m, lo, hi);
+        }
+        E dc;
+        E v = vexp_clamped(d, dc);
+        store(eb, v);
+        s += v;
+        sd += v * dc;  // dc, not d: a forbidden pair has d = -inf and e of the clamp
+        if constexpr (LAB) {
+            vl yv = splat<vl>(y);
+            auto up = lo > best;
+            best = select(up, lo, best);
+            bidx = select(up, idx + yv, bidx);
+            if constexpr (B == NF) {
+                auto uph = hi > besth;
+                besth = select(uph, hi, besth);
+                bidxh = select(uph, idxh + yv, bidxh);
+            }
+        }
+    };
+    const int64_t Kb = K - K % B;
+    for (int64_t y0 = 0; y0 < Kb; y0 += kChunk) {
+        const int64_t y1 = std::min(Kb, y0 + kChunk);
+        for (int64_t y = y0; y < y1; y += B) block(x + y, g + y, gf + y, e + y, y);
+        s_acc += hsum(s);
+        sd_acc += hsum(sd);
+        s = splat<E>(T(0));
+        sd = splat<E>(T(0));
+    }
+    if (Kb < K) {
+        Tail<T> t(x + Kb, g + Kb, K - Kb);
+        float gft[NF];
+        for (int l = 0; l < NF; ++l) gft[l] = static_cast<float>(t.g[l]);
+        T eb[NF];
+        block(t.x, t.g, gft, eb, Kb);
+        std::memcpy(e + Kb, eb, (K - Kb) * sizeof(T));
+        // padding lanes hold the clamp's exp (about 1e-38): subtract them from the sums
+        for (int64_t l = K - Kb; l < B; ++l) {
+            s[l] = 0;
+            sd[l] = 0;
+        }
+        s_acc += hsum(s);
+        sd_acc += hsum(sd);
+    }
+    out.s = s_acc;
+    out.sd = sd_acc;
+    if constexpr (LAB) {
+        double bv = kNegInf;
+        int64_t bi = 0;
+        for (int l = 0; l < ND; ++l)  // the first maximiser: smallest index among ties
+            for (int h = 0; h < (B == NF ? 2 : 1); ++h) {
+                double v = h ? besth[l] : best[l];
+                int64_t i = h ? bidxh[l] : bidx[l];
+                if (v > bv || (v == bv && i < bi)) {
+                    bv = v;
+                    bi = i;
+                }
+            }
+        out.arg = bi;
+    }
+}
+
+// Adds r e_y to the column sums: for a float32 row (`f32`) into float32 accumulators `colf`
+// that the caller moves into float64 every few rows (see flush_cols), unless r itself is
+// outside float32's comfortable range; otherwise straight into `col`, in float64.
+template <class T>
+SK_V void add_row(const T* e, int64_t K, double r, float* colf, double* col, bool f32) {
+    if constexpr (std::is_same_v<T, float>) {
+        if (f32 && r > 1e-30 && r < 1e30) {
+            const float rf = static_cast<float>(r);
+            const int64_t Kb = K - K % NF;
+            for (int64_t y = 0; y < Kb; y += NF)
+                store(colf + y, load<vf>(colf + y) + load<vf>(e + y) * rf);
+            for (int64_t y = Kb; y < K; ++y) colf[y] += e[y] * rf;
+            return;
+        }
+        const int64_t Kb = K - K % ND;
+        for (int64_t y = 0; y < Kb; y += ND)
+            store(col + y, load<vd>(col + y) + to_double(load<vfh>(e + y)) * r);
+        for (int64_t y = Kb; y < K; ++y) col[y] += static_cast<double>(e[y]) * r;
+    } else {
+        (void)colf;
+        const int64_t Kb = K - K % ND;
+        for (int64_t y = 0; y < Kb; y += ND) store(col + y, load<vd>(col + y) + load<vd>(e + y) * r);
+        for (int64_t y = Kb; y < K; ++y) col[y] += e[y] * r;
+    }
+}
+
+// One row of the fused pass: f_i, optionally the label, the row's share of the column sums
+// and of the cost, and optionally the plan row (scaled).
+// One row of the fused pass.  `fast` (float32 input, no labels) is the relative plan error
+// allowed for this row; the row is done in float32 when its bound (RowResult::slack) is
+// within it, in float64 otherwise.
+template <class T, bool LAB>
+SK_V RowResult row_body(const T* __restrict x, const double* __restrict g,
+                        const float* __restrict gf, int64_t K, double alpha, double loga_i,
+                        double rho_a, T* __restrict e, float* __restrict colf,
+                        double* __restrict col, double& f_i, int64_t* label,
+                        T* __restrict plan_row, double plan_scale, double fast,
+                        double g_absmax) {
+    RowResult res;
+    double m = row_shift(x, gf, g, K, alpha);
+    if (!(m > kNegInf)) {  // every pair forbidden (a row of zero mass): no plan row
+        f_i = kNegInf;
+        if (label) *label = 0;
+        if (plan_row) std::fill(plan_row, plan_row + K, T(0));
+        return res;
+    }
+    // The float32 shift is within a few ulps of |t| of the true maximum; beyond 1e6 that is
+    // more than exp's range can absorb, so take the exact float64 maximum.
+    if (std::is_same_v<T, float> && !(std::abs(m) < 1e6)) {
+        m = kNegInf;
+        for (int64_t y = 0; y < K; ++y) m = std::max(m, static_cast<double>(x[y]) * alpha + g[y]);
+    }
+    RowSums rs;
+    if constexpr (std::is_same_v<T, float> && !LAB) {
+        m = static_cast<float>(m);  // any shift works: one float32 can hold it exactly
+        // |error of t - m| over the entries that carry mass (t - m > -90, so |alpha x| <=
+        // |m| + |g| + 90): the roundings of alpha, g, g - m and alpha x + (g - m).
+        // Plus the float32 column accumulation of such rows (8 terms per sum: see
+        // kFlushRows in sinkhorn_cpu.cpp).
+        const double bound = 0x1p-24 * (2 * std::abs(m) + 3 * g_absmax + 180 + 8);
+        if (bound <= fast) {
+            res.slack = bound;
+            sweep<T, false, true>(x, g, gf, K, alpha, m, e, rs);
+        } else {
+            sweep<T, false, false>(x, g, gf, K, alpha, m, e, rs);
+        }
+    } else {
+        (void)fast;
+        (void)g_absmax;
+        sweep<T, LAB, false>(x, g, gf, K, alpha, m, e, rs);
+    }
+    if (label) *label = rs.arg;
+    const double log_s = std::log(rs.s);
+    f_i = row_potential(loga_i, m, log_s, rho_a);
+    const double logr = log_row_factor(loga_i, m, log_s, rho_a);
+    const double r = std::exp(logr);
+    res.qs = r * (rs.sd + m * rs.s);
+    if (r == 0) {
+        if (plan_row) std::fill(plan_row, plan_row + K, T(0));
+        return res;
+    }
+    add_row(e, K, r, colf, col, res.slack > 0);
+    if (plan_row) {
+        using E = typename Traits<T>::E;
+        constexpr int B = Traits<T>::B;
+        // e is exp of the clamp (not 0) for a forbidden or underflowed entry: write 0 there.
+        // FTZ is on, so products below the smallest normal number are 0 too.
+        const T q = static_cast<T>(r * plan_scale);
+        const T tiny = std::is_same_v<T, float> ? T(2e-38) : T(4e-308);
+        const int64_t Kq = K - K % B;
+        for (int64_t y = 0; y < Kq; y += B) {
+            E v = load<E>(e + y);
+            store(plan_row + y, select(v > tiny, v * q, splat<E>(T(0))));
+        }
+        for (int64_t y = Kq; y < K; ++y) plan_row[y] = e[y] > tiny ? e[y] * q : T(0);
+    }
+    return res;
+}
+
+template <class T>
+RowResult row_nolab(const T* x, const double* g, const float* gf, int64_t K, double alpha,
+                    double loga_i, double rho_a, T* e, float* colf, double* col, double& f_i,
+                    int64_t* label, T* plan_row, double plan_scale, double fast,
+                    double g_absmax) {
+    return row_body<T, false>(x, g, gf, K, alpha, loga_i, rho_a, e, colf, col, f_i, label,
+                              plan_row, plan_scale, fast, g_absmax);
+}
+template <class T>
+RowResult row_lab(const T* x, const double* g, const float* gf, int64_t K, double alpha,
+                  double loga_i, double rho_a, T* e, float* colf, double* col, double& f_i,
+                  int64_t* label, T* plan_row, double plan_scale, double fast,
+                  double g_absmax) {
+    return row_body<T, true>(x, g, gf, K, alpha, loga_i, rho_a, e, colf, col, f_i, label,
+                             plan_row, plan_scale, fast, g_absmax);
+}
+
+// col += colf; colf = 0 (float32 column accumulators into float64).
+void flush_cols(float* colf, double* col, int64_t K) {
+    const int64_t Kb = K - K % ND;
+    for (int64_t y = 0; y < Kb; y += ND) {
+        store(col + y, load<vd>(col + y) + to_double(load<vfh>(colf + y)));
+        store(colf + y, splat<vfh>(0.0f));
+    }
+    for (int64_t y = Kb; y < K; ++y) {
+        col[y] += colf[y];
+        colf[y] = 0;
+    }
+}
+
+// exp(alpha x + c_y) for one row, in T (c = f_i + g + log scale).
+template <class T>
+void plan_row(const T* x, const double* c, int64_t K, double alpha, T* out) {
+    using Tr = Traits<T>;
+    constexpr int B = Tr::B;
+    const int64_t Kb = K - K % B;
+    vd lo, hi;
+    for (int64_t y = 0; y < Kb; y += B) store(out + y, vexp(Tr::diff(x + y, c + y, alpha, 0.0, lo, hi)));
+    if (Kb < K) {
+        Tail<T> t(x + Kb, c + Kb, K - Kb);
+        T ob[NF];
+        store(ob, vexp(Tr::diff(t.x, t.g, alpha, 0.0, lo, hi)));
+        std::memcpy(out + Kb, ob, (K - Kb) * sizeof(T));
+    }
+}
+
+// cm_y = max(cm_y, alpha x_y + f_i): the exact column-max pass.
+template <class T>
+void colmax_row(const T* x, int64_t K, double alpha, double f_i, double* cm) {
+    const int64_t Kb = K - K % ND;
+    for (int64_t y = 0; y < Kb; y += ND) {
+        vd t;
+        if constexpr (std::is_same_v<T, float>)
+            t = to_double(load<vfh>(x + y)) * alpha + f_i;
+        else
+            t = load<vd>(x + y) * alpha + f_i;
+        store(cm + y, vmax(load<vd>(cm + y), t));
+    }
+    for (int64_t y = Kb; y < K; ++y)
+        cm[y] = std::max(cm[y], static_cast<double>(x[y]) * alpha + f_i);
+}
+
+// Online log-sum-exp of a row into per-column running (M, Z), Z * exp(M) = the sum so far,
+// stored as nM = -M (it takes the place of g in Traits::diff; nM = kNoMax: no allowed entry
+// yet), with the validation facts of the row (LseRow) when CHK: one read for both.  The
+// running maximum moves on a handful of rows per column, so the rescaling is a rare path.
+template <class T, bool CHK>
+SK_V LseRow lse_row_body(const T* __restrict x, int64_t K, double alpha, double f_i, T sgn,
+                         double* __restrict nM, double* __restrict Z) {
+    using E = typename Traits<T>::E;
+    constexpr int B = Traits<T>::B;
+    const T inf = std::numeric_limits<T>::infinity();
+    using MT = decltype(splat<E>(T(0)) > T(0));
+    MT bad = splat<MT>(0), ok = splat<MT>(0);
+    E hi = splat<E>(T(0)), lo = splat<E>(T(0));
+    auto block = [&](const T* xb, double* nMb, double* Zb, int n) {
+        vd dlo, dhi;
+        E d = Traits<T>::diff(xb, nMb, alpha, -f_i, dlo, dhi);
+        if (any(d > T(0))) {  // a new column maximum: rescale those lanes
+            for (int l = 0; l < n; ++l) {
+                const double t = static_cast<double>(xb[l]) * alpha + f_i;
+                if (t > -nMb[l]) {
+                    Zb[l] = nMb[l] == kNoMax ? 0.0 : Zb[l] * std::exp(-nMb[l] - t);
+                    nMb[l] = -t;
+                }
+            }
+            d = Traits<T>::diff(xb, nMb, alpha, -f_i, dlo, dhi);
+        }
+        E dc;
+        E v = vexp_clamped(d, dc);
+        if constexpr (std::is_same_v<T, float>) {
+            store(Zb, load<vd>(Zb) + to_double(half_lo(v)));
+            store(Zb + ND, load<vd>(Zb + ND) + to_double(half_hi(v)));
+        } else {
+            store(Zb, load<vd>(Zb) + v);
+        }
+        if constexpr (CHK) {
+            E xs = load<E>(xb) * sgn;  // forbidden entries are -inf, invalid ones NaN or +inf
+            bad = bad | ~(xs < inf);
+            auto allow = xs > -inf;
+            ok = ok | allow;
+            hi = vmax(hi, select(allow, xs, splat<E>(T(0))));
+            lo = vmin(lo, select(allow, xs, splat<E>(T(0))));
+        }
+    };
+    const int64_t Kb = K - K % B;
+    for (int64_t y = 0; y < Kb; y += B) block(x + y, nM + y, Z + y, B);
+    if (Kb < K) {  // padding lanes: a forbidden entry in a column with no maximum yet
+        const int n = static_cast<int>(K - Kb);
+        T xt[NF];
+        double nMt[NF], Zt[NF];
+        for (int l = 0; l < NF; ++l) {
+            xt[l] = l < n ? x[Kb + l] : -inf * sgn;
+            nMt[l] = l < n ? nM[Kb + l] : kNoMax;
+            Zt[l] = l < n ? Z[Kb + l] : 0.0;
+        }
+        block(xt, nMt, Zt, n);
+        std::memcpy(nM + Kb, nMt, n * sizeof(double));
+        std::memcpy(Z + Kb, Zt, n * sizeof(double));
+    }
+    LseRow res;
+    if constexpr (CHK) {
+        res.bad = any(bad);
+        res.allowed = any(ok);
+        res.mx = std::max(static_cast<double>(hmax(hi)), static_cast<double>(hmax(-lo)));
+    }
+    return res;
+}
+template <class T>
+LseRow lse_row_check(const T* x, int64_t K, double alpha, double f_i, T sgn, double* nM,
+                     double* Z) {
+    return lse_row_body<T, true>(x, K, alpha, f_i, sgn, nM, Z);
+}
+template <class T>
+LseRow lse_row_plain(const T* x, int64_t K, double alpha, double f_i, T sgn, double* nM,
+                     double* Z) {
+    return lse_row_body<T, false>(x, K, alpha, f_i, sgn, nM, Z);
+}
+
+#undef SK_V

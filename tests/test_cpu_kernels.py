@@ -1,0 +1,170 @@
+"""The CPU core's kernels against float64 NumPy: every instruction-set copy (AVX-512, AVX2,
+baseline, chosen with SINKHORN_OT_CPU_ISA in a subprocess), the plan written by a pass and
+by plan(), the float32 rows of mixed precision and the honesty of the err they report, the
+validation folded into the first column log-sum-exp."""
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import sinkhorn_ot
+from sinkhorn_ot import _core
+from sinkhorn_ot._cpu import CPUBackend
+
+
+def _problem(N, K, dtype, seed=0, lam=25.0, forbid=0.0):
+    rng = np.random.default_rng(seed)
+    x = 3 * rng.standard_normal((N, K))
+    logP = x - np.log(np.exp(x).sum(1, keepdims=True))
+    if forbid:
+        mask = rng.random((N, K)) < forbid
+        mask[np.arange(N), rng.integers(0, K, N)] = False    # every row keeps a pair
+        mask[rng.integers(0, N, K), np.arange(K)] = False    # every column too
+        logP[mask] = -np.inf
+    return logP.astype(dtype), lam
+
+
+def _ref_pass(X, alpha, g, loga):
+    """One fused pass in float64 NumPy: (f, column sums, cost, labels)."""
+    t = alpha * X.astype(np.float64) + g
+    m = t.max(axis=1, keepdims=True)
+    s = np.exp(t - m).sum(axis=1, keepdims=True)
+    f = loga[:, None] - m - np.log(s)
+    Q = np.exp(t + f)
+    xs = np.where(Q > 0, X.astype(np.float64), 0.0)
+    return f[:, 0], Q.sum(axis=0), float((Q * xs).sum()), np.argmax(t, axis=1), Q
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (50, 17), (200, 64), (33, 1000)])
+def test_pass_against_float64(dtype, shape):
+    X, lam = _problem(*shape, dtype, forbid=0.2 if shape[1] > 1 else 0.0)
+    N, K = X.shape
+    g = np.random.default_rng(1).standard_normal(K)
+    loga = np.full(N, -np.log(N))
+    f_ref, col_ref, cost_ref, lab_ref, Q_ref = _ref_pass(X, lam, g, loga)
+    for nt in (1, 2):
+        f, lab = np.empty(N), np.empty(N, dtype=np.int64)
+        P = np.empty((N, K), dtype=dtype)
+        col, colmax, cost, slack = _core.fused_pass(X, lam, g, loga, 1.0, f, lab, nt, plan=P)
+        # float32: exp(d) in float32 is within a few ulps relative while |d| is small; an
+        # entry far down (|d| ~ 80) carries |d| ulps, and below exp(-87) the clamp's value
+        # (1.6e-38) stands in for it: absolute tolerances at that scale
+        rtol = 1e-12 if dtype == np.float64 else 2e-6
+        atol = 1e-300 if dtype == np.float64 else 1e-9 * Q_ref.max()
+        np.testing.assert_allclose(f, f_ref, rtol=0, atol=rtol * np.abs(f_ref).max())
+        np.testing.assert_allclose(col, col_ref, rtol=rtol, atol=max(atol, 1e-34))
+        np.testing.assert_allclose(cost, cost_ref, rtol=10 * rtol, atol=1e-12)
+        np.testing.assert_array_equal(lab, lab_ref)
+        np.testing.assert_allclose(P, Q_ref, rtol=rtol, atol=atol)
+        assert np.all(P[~np.isfinite(X)] == 0)                  # forbidden pairs: exactly 0
+        assert np.all(colmax >= np.log(Q_ref.max(axis=0)) - 1e-6)   # an upper bound
+        assert slack == 0.0                                     # fast rows not allowed
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_plan_kernel_rows_and_scale(dtype):
+    X, lam = _problem(40, 23, dtype, seed=2, forbid=0.1)
+    res = sinkhorn_ot.balanced_assign(X, lam, n_iter=4)
+    Q = np.exp(lam * X.astype(np.float64) + np.asarray(res.f)[:, None] + np.asarray(res.g))
+    rtol = 1e-12 if dtype == np.float64 else 2e-6
+    atol = 1e-300 if dtype == np.float64 else 1e-9
+    np.testing.assert_allclose(res.plan(), Q, rtol=rtol, atol=atol)
+    be = CPUBackend()
+    rows = np.array([0, 5, 6, 39])
+    np.testing.assert_allclose(be.plan(X, lam, res.f, res.g, scale=40.0, rows=rows),
+                               40 * Q[rows], rtol=rtol, atol=40 * atol)
+    np.testing.assert_allclose(be.plan(X, lam, res.f, res.g, rows=slice(10, 20)), Q[10:20],
+                               rtol=rtol, atol=atol)
+
+
+def test_pass_written_plan_is_the_plan_of_the_returned_potentials():
+    S = np.random.default_rng(3).uniform(-1, 1, (300, 50)).astype(np.float32)
+    q = sinkhorn_ot.codes(S, eps=0.05, n_iter=3)               # written by the last pass
+    res = sinkhorn_ot.balanced_assign(S, 20.0, n_iter=3)
+    # float32 both ways (the pass may form its rows in float32 within its checked bound)
+    np.testing.assert_allclose(q, 300 * np.asarray(res.plan()), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(q.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [1.0, 25.0, 1e3])
+def test_mixed_precision_err_is_honest(lam):
+    """float32 input: passes may form rows in float32; the reported err stays within 5% of
+    the independent float64 err of the returned plan, fixed and tolerance solves alike."""
+    X, _ = _problem(2000, 60, np.float32, seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for kw in (dict(n_iter=1), dict(n_iter=3), dict(n_iter=20), dict(tol=1e-5),
+                   dict(tol=1e-5, acceleration=None, eps_scaling=False)):
+            res = sinkhorn_ot.sinkhorn(-X.astype(np.float32), reg=1 / lam, **kw)
+            Q = np.exp(lam * X.astype(np.float64) + np.asarray(res.f)[:, None] +
+                       np.asarray(res.g))
+            err = np.abs(Q.sum(1) - 1 / 2000).sum() + np.abs(Q.sum(0) - 1 / 60).sum()
+            assert abs(res.err - err) <= max(0.05 * err, 1e-7), (kw, res.err, err)
+
+
+def test_mixed_precision_rows_are_used_and_bounded():
+    S = np.random.default_rng(5).uniform(-1, 1, (500, 80)).astype(np.float32)
+    N, K = S.shape
+    g, loga = np.zeros(K), np.full(N, -np.log(N))
+    f_ref, col_ref, *_ = _ref_pass(S, 20.0, g, loga)
+    f = np.empty(N)
+    col, _, _, slack = _core.fused_pass(S, 20.0, g, loga, 1.0, f, None, 1, fast=1e-3)
+    assert 0 < slack <= 1e-3
+    np.testing.assert_allclose(col, col_ref, rtol=slack + 1e-6)
+    np.testing.assert_allclose(f, f_ref, rtol=0, atol=slack + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_validation_folded_into_the_column_lse(dtype):
+    X, lam = _problem(120, 30, dtype, seed=6, forbid=0.3)
+    for forbidden, alpha in ((-np.inf, lam), (np.inf, -lam)):
+        Y = X if forbidden < 0 else -X
+        L, facts = _core.column_lse(Y, alpha, None, 0, forbidden)
+        assert facts == _core.check_matrix(Y, forbidden, 0)
+        t = alpha * Y.astype(np.float64)
+        with np.errstate(divide="ignore"):
+            L_ref = np.log(np.exp(t - t.max(0)).sum(0)) + t.max(0)
+        np.testing.assert_allclose(L, L_ref, rtol=1e-12 if dtype == np.float64 else 1e-6)
+    bad = X.copy()
+    bad[7, 3], bad[9, :] = np.nan, -np.inf
+    bad[:, 11] = -np.inf
+    L, facts = _core.column_lse(bad, lam, None, 2, -np.inf)
+    assert facts == _core.check_matrix(bad, -np.inf, 2)
+    assert (facts["first_invalid"], facts["first_empty_row"], facts["first_empty_col"]) == \
+        (7 * 30 + 3, 9, 11)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_every_instruction_set_copy(isa):
+    """The narrower copies of the kernels give the same answers (this machine may run only
+    the widest one by default)."""
+    if _core.isa() == "baseline" and isa != "baseline":
+        pytest.skip("this CPU has no AVX2")
+    code = (
+        "import sys, numpy as np, sinkhorn_ot\n"
+        "from sinkhorn_ot import _core\n"
+        f"assert _core.isa() == {isa!r}, _core.isa()\n"
+        "rng = np.random.default_rng(0)\n"
+        "for dt in (np.float32, np.float64):\n"
+        "    X = rng.standard_normal((301, 37)).astype(dt); X[3, 4] = -np.inf\n"
+        "    r = sinkhorn_ot.balanced_assign(X, 5.0, n_iter=7)\n"
+        "    q = sinkhorn_ot.codes(X, eps=0.2, n_iter=3)\n"
+        "    np.save(sys.argv[1] + dt.__name__ + '.npy', np.concatenate([r.f, r.g, q.ravel(),"
+        " r.labels.astype(float), [r.err, r.cost]]))\n")
+    tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sk_isa_{os.getpid()}_")
+    outs = {}
+    for which in (isa, "avx512"):
+        env = dict(os.environ, SINKHORN_OT_CPU_ISA=which)
+        r = subprocess.run([sys.executable, "-c", code.replace(repr(isa), repr(which))
+                            if which != isa else code, tmp + which], env=env,
+                           capture_output=True, text=True, timeout=300)
+        if which == "avx512" and r.returncode != 0 and "assert" in r.stderr:
+            pytest.skip("this CPU has no AVX-512 to compare with")
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[which] = {dt: np.load(tmp + which + dt + ".npy") for dt in ("float32", "float64")}
+    for dt, rtol in (("float32", 2e-5), ("float64", 1e-12)):
+        np.testing.assert_allclose(outs[isa][dt], outs["avx512"][dt], rtol=rtol, atol=1e-7)
