@@ -39,14 +39,14 @@ def _ref_pass(X, alpha, g, loga):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (50, 17), (200, 64), (33, 1000)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (50, 17), (200, 64), (33, 1000), (130, 509)])
 def test_pass_against_float64(dtype, shape):
     X, lam = _problem(*shape, dtype, forbid=0.2 if shape[1] > 1 else 0.0)
     N, K = X.shape
     g = np.random.default_rng(1).standard_normal(K)
     loga = np.full(N, -np.log(N))
     f_ref, col_ref, cost_ref, lab_ref, Q_ref = _ref_pass(X, lam, g, loga)
-    for nt in (1, 2):
+    for nt in (1, 2):  # threads only from 32k entries: (130, 509) runs two
         f, lab = np.empty(N), np.empty(N, dtype=np.int64)
         P = np.empty((N, K), dtype=dtype)
         col, colmax, cost, slack = _core.fused_pass(X, lam, g, loga, 1.0, f, lab, nt, plan=P)
@@ -166,5 +166,6 @@ def test_every_instruction_set_copy(isa):
             pytest.skip("this CPU has no AVX-512 to compare with")
         assert r.returncode == 0, r.stderr[-3000:]
         outs[which] = {dt: np.load(tmp + which + dt + ".npy") for dt in ("float32", "float64")}
-    for dt, rtol in (("float32", 2e-5), ("float64", 1e-12)):
-        np.testing.assert_allclose(outs[isa][dt], outs["avx512"][dt], rtol=rtol, atol=1e-7)
+    # float32: rounding that differs with the vector width, over 7 iterations
+    for dt, rtol, atol in (("float32", 2e-5, 5e-6), ("float64", 1e-12, 1e-12)):
+        np.testing.assert_allclose(outs[isa][dt], outs["avx512"][dt], rtol=rtol, atol=atol)

@@ -88,14 +88,17 @@ struct Kernels {
     void (*flush_cols)(float*, double*, int64_t);
     void (*plan_row)(const T*, const double*, int64_t, double, T*);
     void (*colmax_row)(const T*, int64_t, double, double, double*);
-    LseRow (*lse_row_check)(const T*, int64_t, double, double, T, double*, double*);
-    decltype(lse_row_check) lse_row_plain;
+    LseRow (*lse_max_row_check)(const T*, int64_t, double, double, T, double*);
+    decltype(lse_max_row_check) lse_max_row_plain;
+    void (*lse_rescale)(double*, double*, const double*, int64_t);
+    void (*lse_sum_row)(const T*, int64_t, double, double, const double*, double*);
 };
 
 #define SK_TABLE(ns, T)                                                                    \
     Kernels<T> {                                                                           \
         &ns::row_nolab<T>, &ns::row_lab<T>, &ns::flush_cols, &ns::plan_row<T>,             \
-            &ns::colmax_row<T>, &ns::lse_row_check<T>, &ns::lse_row_plain<T>               \
+            &ns::colmax_row<T>, &ns::lse_max_row_check<T>, &ns::lse_max_row_plain<T>,      \
+            &ns::lse_rescale, &ns::lse_sum_row<T>                                          \
     }
 
 // The widest instruction set this CPU has, capped by SINKHORN_OT_CPU_ISA ("avx512", "avx2"
@@ -131,10 +134,11 @@ const Kernels<T>& kernels() {
 #undef SK_TABLE
 
 
-// Threads for a pass over N x K: as asked, else OpenMP's default, but no more than one per
-// 32k entries -- waking a team costs more than a small pass (and much more on a busy machine).
+// Threads for a pass over N x K: as asked (else OpenMP's default), but never more than one
+// per 32k entries -- waking a team costs more than a small pass (and much more on a busy
+// machine, where a descheduled thread stalls the others at the barrier).
 int resolve_threads(int n_threads, int64_t N, int64_t K) {
-    int64_t nt = n_threads > 0 ? n_threads : std::min<int64_t>(max_threads(), N * K / 32768);
+    int64_t nt = std::min<int64_t>(n_threads > 0 ? n_threads : max_threads(), N * K / 32768);
     return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, N)));
 }
 
@@ -372,33 +376,44 @@ bool column_lse(const T* X, int64_t N, int64_t K, double alpha, const double* f,
     // t = alpha x with alpha > 0 maps a forbidden -inf to -inf; alpha < 0 maps +inf to -inf
     const T sgn = forbidden < 0 ? T(1) : T(-1);
     Interrupt intr(interrupted);
+    // rows per block: the block's two sweeps share the cache (about 128 KB of X)
+    const int64_t R = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         FlushDenormals ftz;
         const int tid = thread_id();
+        const Kernels<T>& kern = kernels<T>();
         M[tid].assign(K, kNoMax);
         Z[tid].assign(K, 0.0);
+        std::vector<double> bm(K);
         CheckOut& pc = part[tid];
         int64_t lo, hi;
         row_range(N, nt, tid, lo, hi);
-        for (int64_t i = lo; i < hi; ++i) {
-            if (intr.poll(i - lo)) break;
-            const T* x = X + i * K;
-            const double fi = f ? f[i] : 0.0;
-            if (!check) {
-                kernels<T>().lse_row_plain(x, K, alpha, fi, sgn, M[tid].data(), Z[tid].data());
-                continue;
+        for (int64_t i0 = lo; i0 < hi; i0 += R) {
+            if (intr.poll(((i0 - lo) / R) * 256)) break;
+            const int64_t i1 = std::min(hi, i0 + R);
+            std::fill(bm.begin(), bm.end(), -kNoMax);
+            for (int64_t i = i0; i < i1; ++i) {
+                const T* x = X + i * K;
+                const double fi = f ? f[i] : 0.0;
+                if (!check) {
+                    kern.lse_max_row_plain(x, K, alpha, fi, sgn, bm.data());
+                    continue;
+                }
+                LseRow r = kern.lse_max_row_check(x, K, alpha, fi, sgn, bm.data());
+                pc.max_abs = std::max(pc.max_abs, r.mx);
+                if (r.bad && pc.first_invalid < 0)
+                    for (int64_t y = 0; y < K; ++y)
+                        if (!(sgn * x[y] < std::numeric_limits<T>::infinity())) {
+                            pc.first_invalid = i * K + y;
+                            break;
+                        }
+                if (!r.allowed && pc.first_empty_row < 0) pc.first_empty_row = i;
             }
-            LseRow r =
-                kernels<T>().lse_row_check(x, K, alpha, fi, sgn, M[tid].data(), Z[tid].data());
-            pc.max_abs = std::max(pc.max_abs, r.mx);
-            if (r.bad && pc.first_invalid < 0)
-                for (int64_t y = 0; y < K; ++y)
-                    if (!(sgn * x[y] < std::numeric_limits<T>::infinity())) {
-                        pc.first_invalid = i * K + y;
-                        break;
-                    }
-            if (!r.allowed && pc.first_empty_row < 0) pc.first_empty_row = i;
+            kern.lse_rescale(M[tid].data(), Z[tid].data(), bm.data(), K);
+            for (int64_t i = i0; i < i1; ++i)
+                kern.lse_sum_row(X + i * K, K, alpha, f ? f[i] : 0.0, M[tid].data(),
+                                 Z[tid].data());
         }
     }
     if (intr.stopped()) return false;

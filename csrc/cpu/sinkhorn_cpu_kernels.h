@@ -332,66 +332,46 @@ void colmax_row(const T* x, int64_t K, double alpha, double f_i, double* cm) {
         cm[y] = std::max(cm[y], static_cast<double>(x[y]) * alpha + f_i);
 }
 
-// Online log-sum-exp of a row into per-column running (M, Z), Z * exp(M) = the sum so far,
-// stored as nM = -M (it takes the place of g in Traits::diff; nM = kNoMax: no allowed entry
-// yet), with the validation facts of the row (LseRow) when CHK: one read for both.  The
-// running maximum moves on a handful of rows per column, so the rescaling is a rare path.
+// Column log-sum-exp, a block of rows at a time (the block stays in cache between its two
+// sweeps): the block's column maxima (with the validation facts of its rows, LseRow, when
+// CHK), the running (M, Z) rescaled to the new maxima, then Z += exp(t - M) over the block.
+// Z * exp(M) is the sum so far; M is stored negated (nM, the place of g in Traits::diff) and
+// nM = kNoMax marks a column with no allowed entry yet.
 template <class T, bool CHK>
-SK_V LseRow lse_row_body(const T* __restrict x, int64_t K, double alpha, double f_i, T sgn,
-                         double* __restrict nM, double* __restrict Z) {
+LseRow lse_max_row(const T* __restrict x, int64_t K, double alpha, double f_i, T sgn,
+                   double* __restrict bm) {
     using E = typename Traits<T>::E;
     constexpr int B = Traits<T>::B;
     const T inf = std::numeric_limits<T>::infinity();
     using MT = decltype(splat<E>(T(0)) > T(0));
     MT bad = splat<MT>(0), ok = splat<MT>(0);
     E hi = splat<E>(T(0)), lo = splat<E>(T(0));
-    auto block = [&](const T* xb, double* nMb, double* Zb, int n) {
-        vd dlo, dhi;
-        E d = Traits<T>::diff(xb, nMb, alpha, -f_i, dlo, dhi);
-        if (any(d > T(0))) {  // a new column maximum: rescale those lanes
-            for (int l = 0; l < n; ++l) {
-                const double t = static_cast<double>(xb[l]) * alpha + f_i;
-                if (t > -nMb[l]) {
-                    Zb[l] = nMb[l] == kNoMax ? 0.0 : Zb[l] * std::exp(-nMb[l] - t);
-                    nMb[l] = -t;
-                }
-            }
-            d = Traits<T>::diff(xb, nMb, alpha, -f_i, dlo, dhi);
-        }
-        E dc;
-        E v = vexp_clamped(d, dc);
-        if constexpr (std::is_same_v<T, float>) {
-            store(Zb, load<vd>(Zb) + to_double(half_lo(v)));
-            store(Zb + ND, load<vd>(Zb + ND) + to_double(half_hi(v)));
-        } else {
-            store(Zb, load<vd>(Zb) + v);
-        }
-        if constexpr (CHK) {
-            E xs = load<E>(xb) * sgn;  // forbidden entries are -inf, invalid ones NaN or +inf
+    const int64_t Kd = K - K % ND;
+    for (int64_t y = 0; y < Kd; y += ND) {
+        vd t;
+        if constexpr (std::is_same_v<T, float>)
+            t = to_double(load<vfh>(x + y)) * alpha + f_i;
+        else
+            t = load<vd>(x + y) * alpha + f_i;
+        store(bm + y, vmax(load<vd>(bm + y), t));
+    }
+    for (int64_t y = Kd; y < K; ++y) bm[y] = std::max(bm[y], static_cast<double>(x[y]) * alpha + f_i);
+    LseRow res;
+    if constexpr (CHK) {
+        auto facts = [&](E xs) {  // xs = x * sgn: forbidden -inf, invalid NaN or +inf
             bad = bad | ~(xs < inf);
             auto allow = xs > -inf;
             ok = ok | allow;
             hi = vmax(hi, select(allow, xs, splat<E>(T(0))));
             lo = vmin(lo, select(allow, xs, splat<E>(T(0))));
+        };
+        const int64_t Kb = K - K % B;
+        for (int64_t y = 0; y < Kb; y += B) facts(load<E>(x + y) * sgn);
+        if (Kb < K) {
+            T xt[NF];
+            for (int l = 0; l < NF; ++l) xt[l] = l < K - Kb ? x[Kb + l] : -inf * sgn;
+            facts(load<E>(xt) * sgn);
         }
-    };
-    const int64_t Kb = K - K % B;
-    for (int64_t y = 0; y < Kb; y += B) block(x + y, nM + y, Z + y, B);
-    if (Kb < K) {  // padding lanes: a forbidden entry in a column with no maximum yet
-        const int n = static_cast<int>(K - Kb);
-        T xt[NF];
-        double nMt[NF], Zt[NF];
-        for (int l = 0; l < NF; ++l) {
-            xt[l] = l < n ? x[Kb + l] : -inf * sgn;
-            nMt[l] = l < n ? nM[Kb + l] : kNoMax;
-            Zt[l] = l < n ? Z[Kb + l] : 0.0;
-        }
-        block(xt, nMt, Zt, n);
-        std::memcpy(nM + Kb, nMt, n * sizeof(double));
-        std::memcpy(Z + Kb, Zt, n * sizeof(double));
-    }
-    LseRow res;
-    if constexpr (CHK) {
         res.bad = any(bad);
         res.allowed = any(ok);
         res.mx = std::max(static_cast<double>(hmax(hi)), static_cast<double>(hmax(-lo)));
@@ -399,14 +379,55 @@ SK_V LseRow lse_row_body(const T* __restrict x, int64_t K, double alpha, double 
     return res;
 }
 template <class T>
-LseRow lse_row_check(const T* x, int64_t K, double alpha, double f_i, T sgn, double* nM,
-                     double* Z) {
-    return lse_row_body<T, true>(x, K, alpha, f_i, sgn, nM, Z);
+LseRow lse_max_row_check(const T* x, int64_t K, double alpha, double f_i, T sgn, double* bm) {
+    return lse_max_row<T, true>(x, K, alpha, f_i, sgn, bm);
 }
 template <class T>
-LseRow lse_row_plain(const T* x, int64_t K, double alpha, double f_i, T sgn, double* nM,
-                     double* Z) {
-    return lse_row_body<T, false>(x, K, alpha, f_i, sgn, nM, Z);
+LseRow lse_max_row_plain(const T* x, int64_t K, double alpha, double f_i, T sgn, double* bm) {
+    return lse_max_row<T, false>(x, K, alpha, f_i, sgn, bm);
+}
+
+// M <- max(M, bm), Z <- Z exp(M_old - M_new).
+void lse_rescale(double* nM, double* Z, const double* bm, int64_t K) {
+    const int64_t Kd = K - K % ND;
+    for (int64_t y = 0; y < Kd; y += ND) {
+        vd m_old = -load<vd>(nM + y), m_new = vmax(m_old, load<vd>(bm + y)), c;
+        store(Z + y, load<vd>(Z + y) * vexp_clamped(m_old - m_new, c));
+        store(nM + y, -m_new);
+    }
+    for (int64_t y = Kd; y < K; ++y) {
+        double m_old = -nM[y], m_new = std::max(m_old, bm[y]);
+        Z[y] *= std::exp(m_old - m_new);
+        nM[y] = -m_new;
+    }
+}
+
+// Z += exp(alpha x + f_i - M).
+template <class T>
+void lse_sum_row(const T* x, int64_t K, double alpha, double f_i, const double* nM,
+                 double* Z) {
+    using Tr = Traits<T>;
+    using E = typename Tr::E;
+    constexpr int B = Tr::B;
+    auto add = [&](double* Zb, E v) {
+        if constexpr (std::is_same_v<T, float>) {
+            store(Zb, load<vd>(Zb) + to_double(half_lo(v)));
+            store(Zb + ND, load<vd>(Zb + ND) + to_double(half_hi(v)));
+        } else {
+            store(Zb, load<vd>(Zb) + v);
+        }
+    };
+    const int64_t Kb = K - K % B;
+    vd lo, hi;
+    E c;
+    for (int64_t y = 0; y < Kb; y += B)
+        add(Z + y, vexp_clamped(Tr::diff(x + y, nM + y, alpha, -f_i, lo, hi), c));
+    if (Kb < K) {
+        Tail<T> t(x + Kb, nM + Kb, K - Kb);
+        double Zt[NF] = {};
+        add(Zt, vexp_clamped(Tr::diff(t.x, t.g, alpha, -f_i, lo, hi), c));
+        for (int64_t l = 0; l < K - Kb; ++l) Z[Kb + l] += Zt[l];
+    }
 }
 
 #undef SK_V

@@ -142,7 +142,8 @@ def sinkhorn(C, a=None, b=None, *, reg, tol=None, max_iter=1000, n_iter=None, in
         loose tolerance, each stage warm-starting the next.  Cuts the iterations on peaked
         problems by about 10x; ``n_iter`` counts the passes of every stage.
     n_threads : int, optional
-        CPU threads (default: OpenMP's default, one per 32k entries at most).
+        CPU threads, at most (default: OpenMP's default); never more than one per 32k
+        entries of the matrix, where starting threads costs more than they save.
     comm : optional
         Rows split across processes (see :mod:`sinkhorn_ot.distributed`): an mpi4py
         communicator, a ``torch.distributed`` process group, ``"torch"`` (the default

@@ -106,14 +106,16 @@ FIRST_FAST, FAST_SHARE, HONEST_SHARE = 1e-4, 2.5e-3, 0.05
 
 def _mixed_pass(backend, X, alpha, g, loga, rho_a, f_out, labels_out, kw, fast, col_args):
     """A pass allowed a relative plan error ``fast``, redone in float64 when its bound could
-    move its err by more than HONEST_SHARE; returns the pass and the next pass's allowance."""
+    move its err by more than HONEST_SHARE.  Returns the pass, its column update and the
+    next pass's allowance."""
+    logb, log_n, rho_b = col_args
     out = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, labels_out, fast=fast, **kw)
-    col = out[0]
-    err = float(backend.column_update(g, col_args[0], col, out[1], *col_args[1:])[1])
-    mass = float(col.sum())
+    upd = backend.column_update(g, logb, out[0], out[1], log_n, rho_b)
+    err, mass = float(upd[1]), float(out[0].sum())
     if backend.slack > 0 and not 2 * backend.slack * mass <= HONEST_SHARE * err:
         out = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, labels_out, fast=0.0, **kw)
-    return (*out, FAST_SHARE * err / max(mass, 1e-300))
+        upd = backend.column_update(g, logb, out[0], out[1], log_n, rho_b)
+    return (*out, upd, FAST_SHARE * err / max(mass, 1e-300))
 
 
 def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
@@ -172,9 +174,11 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
         last = fixed and it == iters
         lab = lab_work if not fixed or last else None
         kw = {} if plan is None or not last else {"plan": plan}
+        upd = None  # (g_next, err) when the pass computed them already
         if mixed:
-            col, colmax, qx, fast = _mixed_pass(backend, X, alpha, g, loga, rho_a, f_work,
-                                                lab, kw, fast, (logb, log_n, rho_b))
+            col, colmax, qx, upd, fast = _mixed_pass(backend, X, alpha, g, loga, rho_a,
+                                                     f_work, lab, kw, fast,
+                                                     (logb, log_n, rho_b))
         else:
             col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_work, lab, **kw)
         if comm is not None:
@@ -185,7 +189,7 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
             col = comm.allreduce_sum(col)
             colmax = comm.allreduce_max(colmax)
             qx = float(comm.allreduce_sum(xp.asarray([qx]))[0])
-        g_next, err = backend.column_update(g, logb, col, colmax, log_n, rho_b)
+        g_next, err = upd or backend.column_update(g, logb, col, colmax, log_n, rho_b)
         if accel is None:
             err = float(err)
         else:  # the dual of this pass (its f is f_work until the swap below), read with err
