@@ -21,6 +21,7 @@ def _nvrtc():
         pytest.skip(f"CuPy / NVRTC not importable: {exc}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_instance_compiles_with_nvrtc(dtype):
     _nvrtc()

@@ -136,9 +136,25 @@ _KERNELS: dict = {}
 def kernel(name):
     k = _KERNELS.get(name)
     if k is None:
-        k = Kernel(name, _compile([name]), 0)
-        _KERNELS[name] = k
+        group = _group(name)
+        lib = _compile(group)
+        for i, n in enumerate(group):
+            _KERNELS.setdefault(n, Kernel(n, lib, i))
+        k = _KERNELS[name]
     return k
+
+
+def _group(name):
+    """Every instance the backend may launch for the input dtype ``name`` serves, compiled
+    together on the first use of one: parsing the source is most of a g++ run, so one library
+    of 90 instances costs about as much as ten of one (and is cached on disk the same way)."""
+    from sinkhorn_ot import _cuda
+
+    for dtype in ("float32", "float64", "float16", "bfloat16"):
+        names = _cuda.instances(dtype)
+        if name in names:
+            return names
+    return [name]
 
 
 def precompile(names):
