@@ -96,8 +96,8 @@ struct Kernels {
 
 #define SK_TABLE(ns, T)                                                                    \
     Kernels<T> {                                                                           \
-        &ns::row_nolab<T>, &ns::row_lab<T>, &ns::flush_cols, &ns::plan_row<T>,             \
-            &ns::colmax_row<T>, &ns::lse_max_row_check<T>, &ns::lse_max_row_plain<T>,      \
+        &ns::row_body<T, false>, &ns::row_body<T, true>, &ns::flush_cols, &ns::plan_row<T>, \
+            &ns::colmax_row<T>, &ns::lse_max_row<T, true>, &ns::lse_max_row<T, false>,     \
             &ns::lse_rescale, &ns::lse_sum_row<T>                                          \
     }
 
