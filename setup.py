@@ -16,7 +16,8 @@ from setuptools.command.build_py import build_py
 
 # CUDA kernel sources shipped inside the package (sinkhorn_ot/cuda/), compiled at run time by
 # NVRTC through CuPy: the wheel needs no CUDA toolkit.  The checkout keeps them in csrc/.
-_CUDA_SOURCES = ["csrc/cuda/sinkhorn_cuda.cu", "csrc/common/sinkhorn_math.h"]
+_CUDA_SOURCES = ["csrc/cuda/sinkhorn_cuda.cu", "csrc/cuda/kernel_args.cuh",
+                 "csrc/common/sinkhorn_math.h"]
 
 
 class BuildPy(build_py):
@@ -39,6 +40,7 @@ def _openmp_flags(compiler):
         candidates = [(["-Xpreprocessor", "-fopenmp"], ["-lomp"])]
     else:
         candidates = [(["-fopenmp"], ["-fopenmp"])]
+    ldflags = os.environ.get("LDFLAGS", "").split() if sys.platform != "win32" else []
     src = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
     for cflags, lflags in candidates:
         with tempfile.TemporaryDirectory() as tmp:
@@ -47,8 +49,10 @@ def _openmp_flags(compiler):
                 fh.write(src)
             try:
                 objs = compiler.compile([path], output_dir=tmp, extra_postargs=cflags)
+                # The extension's link line carries $LDFLAGS (e.g. -L of Homebrew's libomp);
+                # an executable's does not, so the test passes them itself.
                 compiler.link_executable(objs, os.path.join(tmp, "omp_test"),
-                                         extra_postargs=lflags)
+                                         extra_postargs=lflags + ldflags)
             except Exception:  # noqa: BLE001 - any failure means "no OpenMP here"
                 continue
         return cflags, lflags

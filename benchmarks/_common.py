@@ -1,8 +1,8 @@
 """Shared helpers of the benchmark scripts (bench_cpu.py, peers.py, scaling.py).
 
-Problems are the standard problems of ANCHORS.md; the error of every solution is computed
-here, independently of the solver that produced it, in float64 and a block of rows at a time
-(no N x K float64 temporary beyond one block).
+Problems are the benchmarks' standard problems (defined here); the error of every solution
+is computed here, independently of the solver that produced it, in float64 and a block of
+rows at a time (no N x K float64 temporary beyond one block).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def log_softmax(x, axis=1):
 
 
 def random_problem(N, K, seed=0):
-    """ANCHORS.md random(N, K): log_softmax(3 * standard normal), float64, C-contiguous."""
+    """The standard random(N, K): log_softmax(3 * standard normal), float64, C-contiguous."""
     rng = np.random.default_rng(seed)
     logits = rng.standard_normal((N, K))
     logits *= 3.0
@@ -49,8 +49,8 @@ def random_problem(N, K, seed=0):
 
 
 def peaked_problem(max_iter=2000, K=10):
-    """ANCHORS.md peaked: log-probabilities of an MLP trained on sklearn's load_digits until
-    confident, deterministic (random_state=0), nothing cached on disk.  K = 10 uses the digit
+    """The standard peaked problem: log-probabilities of an MLP trained on sklearn's
+    load_digits until confident, deterministic (random_state=0), nothing cached on disk.  K = 10 uses the digit
     classes; another K trains on an over-clustering (k-means labels with K clusters), as deep
     clustering heads do."""
     import warnings

@@ -1,7 +1,7 @@
 """Iterations and time to err <= 1e-3 and <= 1e-6: plain Sinkhorn against each acceleration
 (issue "Fewer iterations"), and warm starts on a sequence of related problems.
 
-    python benchmarks/bench_accel.py            # the standard problems of ANCHORS.md
+    python benchmarks/bench_accel.py            # the standard problems of _common.py
     python benchmarks/bench_accel.py --quick    # small sizes, seconds
 
 err is the solver's own (the L1 column violation; rows are exact), which the test suite
@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as problems  # noqa: E402  (the standard problems of ANCHORS.md)
+import _common as problems  # noqa: E402  (the standard problems of _common.py)
 
 import sinkhorn_ot  # noqa: E402
 

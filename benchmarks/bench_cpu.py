@@ -1,6 +1,6 @@
 """CPU benchmark (issue 2 item 7): balanced_assign against POT's ot.sinkhorn, to err <= 1e-6.
 
-In one process and interleaved (each round runs every method once, in turn), on the ANCHORS.md
+In one process and interleaved (each round runs every method once, in turn), on the
 standard problems random(50_000, 1_000) and random(200_000, 1_000) (lam = 25; POT gets
 C = -logP and reg = 1/lam), it times
 

@@ -1,6 +1,6 @@
 """Peers, head to head (issue 7 item 2): time to err <= 1e-3 and <= 1e-6, and peak memory.
 
-In one process, on the ANCHORS.md standard problems random(10_000, 100), random(50_000, 1_000)
+In one process, on the standard problems (_common.py) random(10_000, 100), random(50_000, 1_000)
 and peaked (an MLP trained on sklearn's load_digits until confident, K = 10), lam = 25:
 
 - this library, ``balanced_assign`` float64 (and float32), stopping on its own err <= tol;

@@ -1,5 +1,6 @@
 """Scaling plot (issue 7 item 3): time per iteration, time to err <= 1e-3 and peak memory
-against N*K, for this library and the CPU peers, on ANCHORS.md random(N, K), lam = 25.
+against N*K, for this library and the CPU peers, on the standard
+random(N, K) of _common.py, lam = 25.
 
 - Time per iteration: (time of n2 fixed iterations - time of n1) / (n2 - n1), best of 2
   (set-up, compilation and the first exp cancel out).

@@ -3,8 +3,10 @@
 Build:   python -m sphinx -W -b html docs docs/_build/html
 Doctest: python -m sphinx -b doctest docs docs/_build/doctest
 """
+import importlib.util
 import inspect
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,7 +37,15 @@ extensions = [
 exclude_patterns = ["_build", "_generated/*.rst"]  # _generated/ is included, not a page
 templates_path = []
 html_theme = "alabaster"
-html_static_path = []
+html_theme_options = {"page_width": "1100px", "sidebar_width": "220px"}
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
+
+# MathJax served with the pages, not from a CDN: the pages render their math offline.  The
+# files come from the ``sphinx-mathjax-offline`` package (MathJax 3, in the ``docs`` extra);
+# only the TeX-to-HTML component and its fonts are copied into the build.
+_MATHJAX_PKG = "sphinx-mathjax-offline"
+mathjax_path = "mathjax/tex-chtml.js"
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"          # the numpydoc "Parameters" sections carry the types
@@ -97,3 +107,31 @@ def _constant_doc(name):
 
 
 _write_api_listing()
+
+
+def _mathjax_dir() -> Path:
+    spec = importlib.util.find_spec(_MATHJAX_PKG)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the docs serve MathJax locally: pip install {_MATHJAX_PKG} "
+                           '(or pip install ".[docs]")')
+    return Path(next(iter(spec.submodule_search_locations))) / "static" / "mathjax"
+
+
+def _copy_mathjax(app, exc):
+    if exc is not None or app.builder.format != "html":
+        return
+    src, dest = _mathjax_dir(), Path(app.outdir) / "_static" / "mathjax"
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / "tex-chtml.js", dest / "tex-chtml.js")
+    fonts = Path("output") / "chtml" / "fonts" / "woff-v2"
+    shutil.copytree(src / fonts, dest / fonts, dirs_exist_ok=True)
+
+
+def _check_mathjax(app):
+    if app.builder.format == "html":
+        _mathjax_dir()  # fail at the start of the build, not after it
+
+
+def setup(app):
+    app.connect("builder-inited", _check_mathjax)
+    app.connect("build-finished", _copy_mathjax)

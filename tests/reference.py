@@ -108,6 +108,6 @@ def log_softmax(x, axis=1):
 
 
 def random_logP(N, K, *, seed=0, scale=3.0, dtype=np.float64):
-    """The ANCHORS.md 'random(N, K)' problem (at a small size)."""
+    """The benchmarks' standard 'random(N, K)' problem (benchmarks/_common.py), small."""
     rng = np.random.default_rng(seed)
     return log_softmax(scale * rng.standard_normal((N, K))).astype(dtype)

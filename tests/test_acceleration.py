@@ -24,6 +24,7 @@ def centred(v):
     return v - v.mean()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(acceleration="anderson", eps_scaling=False),
                                 dict(acceleration=None, eps_scaling=True),
                                 dict(acceleration="anderson", eps_scaling=True),
@@ -99,6 +100,7 @@ def test_eps_stages():
     assert eps_stages(True, 1.0, 1.0) == []
 
 
+@pytest.mark.slow
 def test_warm_start_saves_iterations_on_a_drifting_problem():
     rng = np.random.default_rng(4)
     logits = 3 * rng.standard_normal((3000, 40))

@@ -36,6 +36,7 @@ def test_bench_cpu(tmp_path):
     assert res.read_text().count("<!-- BEGIN bench_cpu -->") == 1
 
 
+@pytest.mark.slow
 def test_peers(tmp_path):
     res = tmp_path / "RESULTS.md"
     only = "sinkhorn_ot,POT sinkhorn,SeLa,SwAV" + (",OTT-JAX plain" if HAVE_OTT else "")
@@ -49,6 +50,7 @@ def test_peers(tmp_path):
     assert "<!-- BEGIN peers -->" in res.read_text()
 
 
+@pytest.mark.slow
 def test_scaling(tmp_path):
     res = tmp_path / "RESULTS.md"
     png = tmp_path / "scaling.png"

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(
     reason="the kernel emulation needs g++ on x86-64")
 
 
+@pytest.mark.slow
 def test_gpu_suite_on_the_kernel_emulation():
     env = dict(os.environ, SINKHORN_OT_CUDA_EMU="1")
     here = os.path.dirname(os.path.abspath(__file__))

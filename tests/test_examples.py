@@ -17,6 +17,7 @@ def _load(name):
     return mod
 
 
+@pytest.mark.slow
 def test_sela_torch_runs_two_epochs(capsys):
     mod = _load("sela_torch")
     nmi = mod.main(["--epochs", "2"])

@@ -21,11 +21,12 @@ def _nvrtc():
         pytest.skip(f"CuPy / NVRTC not importable: {exc}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_instance_compiles_with_nvrtc(dtype):
     _nvrtc()
     names = _cuda.instances(dtype)
-    assert any("pass_kernel" in n for n in names)
+    assert any("fused_pass_kernel" in n for n in names)
     log = _cuda.compile_offline(names, arch="sm_90")
     assert "error" not in log.lower()
 
@@ -198,7 +199,7 @@ def test_emulated_device_loop_matches_cpu(N, K, nrb, width, n_iter):
 
 
 # ---------------------------------------------------------------------------------------------
-# The pipelined pass (pass_pipe_kernel): the cp.async ring's slot / wait_group bookkeeping,
+# The pipelined pass (fused_pass_pipe_kernel): the cp.async ring's slot / wait_group bookkeeping,
 # replayed in Python.  A thread commits one group per step (empty past the end); before reading
 # group grp it waits until at most S - 2 groups are pending, reads slot grp % S, then refills
 # slot (grp + S - 1) % S, the one it read in the previous step.
@@ -228,63 +229,89 @@ def test_pipe_ring_protocol(S, n):
 
 
 def test_pipe_instances_listed_and_layout(monkeypatch):
+    K, lay = _cuda.kernels, _cuda.layout
     for dtype in DTYPES:
         names = _cuda.instances(dtype)
         for cfg in _cuda.PIPE_CONFIGS[dtype]:
-            assert _cuda._pipe_name(dtype, cfg) in names
-            assert cfg[3] <= 512 and cfg[0] % _cuda._VEC[dtype] == 0
+            assert K.fused_pass_pipe_name(dtype, cfg) in names
+            assert cfg[3] <= 512 and cfg[0] % K.VEC[dtype] == 0
     # layout arithmetic without a device: register counts given, no smem opt-in call
-    monkeypatch.setattr(_cuda, "_set_smem", lambda name, n: None)
+    monkeypatch.setattr(K.KERNELS, "opt_in_smem", lambda name, n: None)
+    regs = K.KERNELS._registers
     for dtype in DTYPES:
         for cfg in _cuda.PIPE_CONFIGS[dtype]:
-            monkeypatch.setitem(_cuda._NUM_REGS, _cuda._pipe_name(dtype, cfg), 128)
-    L = _cuda._Layout("float32", 1_281_167, 3000, 16, 132, ("pipe", 8, 1, 4, 384, 2))
+            monkeypatch.setitem(regs, K.fused_pass_pipe_name(dtype, cfg), 128)
+    L = lay.Layout("float32", 1_281_167, 3000, 16, 132, ("pipe", 8, 1, 4, 384, 2))
     assert (L.pipe, L.bt, L.cpt, L.R, L.v, L.tiled) == ((8, 1, 4, 384, 2), 384, 8, 1, 4, False)
     assert L.smem == 4 * 384 * 8 * 4 and L.bps == 1 and L.nrb % 132 == 0
     assert L.bt * L.cpt >= 3000
-    L = _cuda._Layout("bfloat16", 4096, 3000, 16, 132, ("pipe", 16, 1, 4, 192, 2))
+    L = lay.Layout("bfloat16", 4096, 3000, 16, 132, ("pipe", 16, 1, 4, 192, 2))
     assert L.bt == 192 and L.smem == 4 * 192 * 16 * 2
     # misaligned or too wide: falls back to the direct pass (regs needed for its instance)
     for acc in (True, False):
         for v in (4, 1):
-            monkeypatch.setitem(_cuda._NUM_REGS, _cuda.pass_name("float32", 8, 2, v, 0, acc), 126)
+            monkeypatch.setitem(regs, K.fused_pass_name("float32", 8, 2, v, 0, acc), 126)
         for cfg in _cuda.PIPE_CONFIGS["float32"]:
-            monkeypatch.setitem(_cuda._NUM_REGS, _cuda._pipe_name("float32", cfg, acc), 128)
-    L = _cuda._Layout("float32", 1000, 3000, 1, 132, ("pipe", 8, 1, 4, 384, 2))
+            monkeypatch.setitem(regs, K.fused_pass_pipe_name("float32", cfg, acc), 128)
+    L = lay.Layout("float32", 1000, 3000, 1, 132, ("pipe", 8, 1, 4, 384, 2))
     assert L.pipe is None and L.v == 1
-    monkeypatch.setattr(_cuda, "DEFAULT_PASS", "pipe")
-    L = _cuda._Layout("float32", 1000, 3000, 16, 132, None)
+    monkeypatch.setattr(lay, "DEFAULT_PASS", "pipe")
+    L = lay.Layout("float32", 1000, 3000, 16, 132, None)
     assert L.pipe == _cuda.PIPE_CONFIGS["float32"][0]
-    monkeypatch.setattr(_cuda, "DEFAULT_PASS", "direct")
-    L = _cuda._Layout("float32", 1000, 3000, 16, 132, None)
+    monkeypatch.setattr(lay, "DEFAULT_PASS", "direct")
+    L = lay.Layout("float32", 1000, 3000, 16, 132, None)
     assert L.pipe is None and (L.cpt, L.bt) == (8, 384)
     # the ACC flag reaches every kernel name of the layout (float64: one variant)
     for acc in (True, False):
-        L = _cuda._Layout("float32", 1000, 3000, 16, 132, None, accurate=acc)
+        L = lay.Layout("float32", 1000, 3000, 16, 132, None, accurate=acc)
         flag = "true" if acc else "false"
         assert L.accurate == acc
         for lab in (True, False):  # pass kernels: <..., ACC, LAB>
             assert all(n.endswith(f", {flag}, {'true' if lab else 'false'}>")
                        for n in L.passes[lab])
-        assert L.lse_name.endswith(f", {flag}>")
-        L = _cuda._Layout("float32", 1000, 3000, 16, 132, ("pipe", 8, 1, 4, 384, 2),
-                          accurate=acc)
+        assert L.column_lse.endswith(f", {flag}>")
+        L = lay.Layout("float32", 1000, 3000, 16, 132, ("pipe", 8, 1, 4, 384, 2),
+                       accurate=acc)
         for lab in (True, False):
-            assert L.passes[lab] == [_cuda._pipe_name("float32", (8, 1, 4, 384, 2), acc, lab)]
-        assert L.lse_name.endswith(f", {flag}>")
-        assert L.label_name in _cuda.instances("float32")
-    assert _cuda.ACCURATE  # the default for float32 / float16 / bfloat16
+            assert L.passes[lab] == [K.fused_pass_pipe_name("float32", (8, 1, 4, 384, 2), acc,
+                                                            lab)]
+        assert L.column_lse.endswith(f", {flag}>")
+        assert L.labels in _cuda.instances("float32")
+    assert lay.ACCURATE  # the default for float32 / float16 / bfloat16
     names = _cuda.instances("float32")
-    assert _cuda.pass_name("float32", 8, 2, 4, 0, True) in names
-    assert _cuda.pass_name("float32", 8, 2, 4, 0, False) in names
+    assert K.fused_pass_name("float32", 8, 2, 4, 0, True) in names
+    assert K.fused_pass_name("float32", 8, 2, 4, 0, False) in names
     for n in _cuda.instances("float64"):  # ACC is false everywhere for float64
         args = n[n.find("<") + 1:-1].split(", ")
-        if "pass" in n:
+        if "pass" in n and "finish" not in n:
             assert args[-2] == "false", n
-        elif "lse_kernel" in n:
+        elif "column_lse_kernel" in n:
             assert args[-1] == "false", n
     # the column-tiled passes always write labels: no LAB = false instance of them
-    assert _cuda.pass_name("float32", 8, 2, 4, 1, True, False).endswith(", true>")
+    assert K.fused_pass_name("float32", 8, 2, 4, 1, True, False).endswith(", true>")
+
+
+@pytest.mark.parametrize("name", ["State", "PassArgs", "FinishArgs"])
+def test_argument_structs_match_the_compiler(name):
+    """The NumPy dtype the launchers build from kernel_args.cuh has the compiler's field
+    offsets and size (NVRTC compiles a static_assert per field)."""
+    _nvrtc()
+    from cupy.cuda import nvrtc
+
+    dt = _cuda.launch.struct_dtype(name)
+    checks = [f"static_assert(sizeof({name}) == {dt.itemsize}, \"size\");"]
+    checks += [f"static_assert(__builtin_offsetof({name}, {f}) == {dt.fields[f][1]}, "
+               f"\"{f}\");" for f in dt.names]
+    src = _cuda.kernels.read_source("kernel_args.cuh") + "\n" + "\n".join(checks) + "\n"
+    prog = nvrtc.createProgram(src, "args.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, ["-std=c++17", "--gpu-architecture=sm_90"])
+        except nvrtc.NVRTCError as exc:
+            raise AssertionError(f"{exc}\n{nvrtc.getProgramLog(prog)}") from None
+    finally:
+        nvrtc.destroyProgram(prog)
+    assert dt.itemsize == {"State": 64, "PassArgs": 128, "FinishArgs": 120}[name]
 
 
 # ---------------------------------------------------------------------------------------------

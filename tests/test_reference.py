@@ -89,7 +89,7 @@ def test_sinkhorn_matches_reference(shape, dtype, reg):
 
 
 def test_balanced_assign_is_sinkhorn_of_negative_logP():
-    """DESIGN.md: balanced_assign(logP, lam) is exactly sinkhorn(C=-logP, reg=1/lam)."""
+    """balanced_assign(logP, lam) is exactly sinkhorn(C=-logP, reg=1/lam)."""
     logP = random_logP(40, 9, seed=3)
     r1 = so.balanced_assign(logP, 8.0, tol=1e-12, max_iter=100_000)
     r2 = so.sinkhorn(-logP, reg=1 / 8.0, tol=1e-12, max_iter=100_000)

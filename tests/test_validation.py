@@ -266,3 +266,51 @@ def test_overflow_check_emits_no_runtime_warning():
         warnings.simplefilter("error", RuntimeWarning)
         with pytest.raises(ValueError, match=r"overflow"):
             so.balanced_assign(X, 1e4)
+
+
+# ------------------------------------------------ options checked before the matrix
+@pytest.mark.parametrize("bad,exc", [(2.7, TypeError), (-3, ValueError), ("yes", TypeError),
+                                     (None, TypeError), (np.float64(2.0), TypeError)])
+def test_eps_scaling_takes_a_bool_or_a_number_of_stages(bad, exc):
+    with pytest.raises(exc, match="eps_scaling"):
+        so.balanced_assign(LOGP, 25.0, eps_scaling=bad)
+    with pytest.raises(exc, match="eps_scaling"):
+        so.sinkhorn(C, reg=0.1, eps_scaling=bad)
+
+
+@pytest.mark.parametrize("good", [True, False, 0, 3, np.int64(1)])
+def test_eps_scaling_accepts_bools_and_ints(good):
+    res = so.balanced_assign(LOGP, 25.0, eps_scaling=good)
+    assert res.converged
+
+
+@pytest.mark.parametrize("name,bad", [("acceleration", "yes"), ("acceleration", True),
+                                      ("eps_scaling", 2.7), ("tol", -1.0),
+                                      ("max_iter", 0), ("n_iter", 1.5), ("n_threads", 0)])
+def test_options_are_checked_before_the_matrix(name, bad):
+    """An invalid option is reported even when the matrix is invalid too (it is checked
+    first, before any scan of the matrix)."""
+    X = _with(LOGP, 1, 1, np.nan)
+    with pytest.raises((ValueError, TypeError), match=name):
+        so.balanced_assign(X, 25.0, **{name: bad})
+    if name not in ("acceleration", "eps_scaling"):
+        with pytest.raises((ValueError, TypeError), match=name):
+            so.sinkhorn_unbalanced(-X, reg=0.1, reg_m=1.0, **{name: bad})
+
+
+# ------------------------------------------------------- warnings name the caller
+@pytest.mark.parametrize("kw", [dict(), dict(acceleration=None, eps_scaling=False)],
+                         ids=["generic-loop", "backend-loop"])
+def test_non_convergence_warning_points_at_the_caller(kw):
+    X = random_logP(200, 7, seed=3)
+    calls = [lambda: so.balanced_assign(X, 50.0, max_iter=2, tol=1e-12, **kw),
+             lambda: so.sinkhorn(-X, reg=0.02, max_iter=2, tol=1e-12, **kw),
+             lambda: so.sinkhorn_unbalanced(-X, reg=0.02, reg_m=1.0, max_iter=2, tol=1e-12)]
+    for call in calls:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            res = call()
+        assert not res.converged
+        hits = [x for x in w if "did not converge" in str(x.message)]
+        assert len(hits) == 1, [str(x.message) for x in w]
+        assert hits[0].filename == __file__

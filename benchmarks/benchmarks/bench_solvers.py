@@ -1,6 +1,7 @@
 """asv benchmarks of sinkhorn-ot: time, peak memory and iterations of the public solvers.
 
-Problems are ANCHORS.md random(N, K): ``logP = log_softmax(3 * standard_normal((N, K)))`` with
+Problems are the standard random(N, K) of benchmarks/_common.py:
+``logP = log_softmax(3 * standard_normal((N, K)))`` with
 ``default_rng(0)``, lam = 25 (``sinkhorn`` gets ``C = -logP``, ``reg = 1/lam``).  Sizes are
 strings "NxK" so that ``asv run --bench`` can select them by regex, e.g.
 ``--bench "BalancedAssign.time_balanced_assign\\('1000x10'"``.
@@ -22,7 +23,7 @@ _CACHE = {}
 
 
 def random_logP(size, dtype):
-    """ANCHORS.md random(N, K), cached per process (the largest is 1.6 GB in float64)."""
+    """The standard random(N, K), cached per process (the largest is 1.6 GB in float64)."""
     key = (size, dtype)
     if key not in _CACHE:
         if len(_CACHE) > 1:                 # keep at most two large arrays alive
@@ -126,7 +127,7 @@ def _cupy_or_skip():
 
 class GPUBalancedAssign:
     """``balanced_assign`` on a CuPy array (the CUDA kernels); skipped without a device.
-    Includes the ImageNet-scale shape of ANCHORS.md where the device memory allows it."""
+    Includes the ImageNet-scale shape (1_281_167 x 3000) where the device memory allows it."""
 
     params = (["4096x3000", "200000x1000", "1281167x3000"], ["float32", "float64"])
     param_names = ["size", "dtype"]

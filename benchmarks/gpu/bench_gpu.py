@@ -254,7 +254,7 @@ def sweep():
 
 
 def ab_variants(dtype):
-    """A/B of the pass: the run-1 direct kernel (auto layout and (16, 192)) against every
+    """A/B of the pass: the direct kernel (auto layout and (16, 192)) against every
     pipelined config (cp.async ring, NOTES.md).  Each checked against the direct result."""
     return [("direct auto", None), ("direct (16,192)", (16, 192, False))] + \
         [(f"pipe {c}", ("pipe",) + tuple(c)) for c in _cuda.PIPE_CONFIGS[dtype]]
@@ -372,10 +372,10 @@ def time_to_tol():
     best = STATE.get("best_ov_float32")
     if isinstance(best, tuple) and best and best[0] == "pipe":
         passes.append(("pipe", best[1:]))
-    saved = (_cuda.DEFAULT_PASS, list(_cuda.PIPE_CONFIGS["float32"]))
+    saved = (_cuda.layout.DEFAULT_PASS, list(_cuda.PIPE_CONFIGS["float32"]))
     try:
         for pname, cfg in passes:
-            _cuda.DEFAULT_PASS = pname
+            _cuda.layout.DEFAULT_PASS = pname
             if cfg is not None:
                 _cuda.PIPE_CONFIGS["float32"] = [tuple(cfg)]
             for mode, kw in (("defaults", {}),
@@ -393,7 +393,7 @@ def time_to_tol():
                 ROWS.append((f"API to 1e-3 {mode} [{pname}]", f"{t:.3f} s ({r.n_iter} it)",
                              "target plain <= 0.45 s", f"err {r.err:.2e}"))
     finally:
-        _cuda.DEFAULT_PASS, _cuda.PIPE_CONFIGS["float32"] = saved[0], saved[1]
+        _cuda.layout.DEFAULT_PASS, _cuda.PIPE_CONFIGS["float32"] = saved[0], saved[1]
     return res
 
 
@@ -427,7 +427,7 @@ def ott():
     t, it = timed(geom)
     res = dict(s=t, iters_approx=it)
     ROWS.append(("OTT-JAX to 1e-3", f"{t:.3f} s", f"~{it} it", ""))
-    try:  # the same with Anderson acceleration (memory 5), OTT's best in ANCHORS.md
+    try:  # the same with Anderson acceleration (memory 5), OTT's best setting
         from ott.solvers.linear import acceleration
 
         res["anderson_s"], res["anderson_iters_approx"] = timed(
@@ -502,7 +502,7 @@ def main():
     bw = RESULTS.get("bandwidth")
     if isinstance(bw, dict):
         lines.append(f"read {bw['read_TBps']:.2f} TB/s, copy {bw['copy_TBps']:.2f} TB/s")
-    lines.append(f"pass: DEFAULT_PASS={_cuda.DEFAULT_PASS}; A/B ms/iter (f32 | bf16):")
+    lines.append(f"pass: DEFAULT_PASS={_cuda.layout.DEFAULT_PASS}; A/B ms/iter (f32 | bf16):")
     for tag in ("imagenet_ab_f32", "imagenet_ab_bf16"):
         ab = RESULTS.get(tag)
         if isinstance(ab, dict):

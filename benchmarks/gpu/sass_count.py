@@ -2,7 +2,7 @@
 of the row loop per input element, from nvcc (sm_90) and cuobjdump.
 
     python benchmarks/gpu/sass_count.py                 # the pass instances that matter
-    python benchmarks/gpu/sass_count.py "sinkhorn_ot::cuda::label_kernel<float, 16, 1, 4>"
+    python benchmarks/gpu/sass_count.py "sinkhorn_ot::cuda::labels_kernel<float, 16, 1, 4>"
 
 Why it matters: on an H200 the fused pass is issue-bound (benchmarks/gpu/NOTES.md): 132 SMs x
 128 FP32 lanes x ~1.98 GHz = 3.3e13 thread-instructions/s, so at ImageNet scale (3.84e9
@@ -26,14 +26,14 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
 NS = "sinkhorn_ot::cuda::"
 # (name, input entries per thread per trip of the row loop)
 DEFAULT = [
-    (NS + "pass_pipe_kernel<float, 16, 1, 4, 192, 2, true, false>", 16),
-    (NS + "pass_pipe_kernel<float, 16, 1, 4, 192, 2, true, true>", 16),
-    (NS + "pass_pipe_kernel<float, 16, 1, 4, 192, 2, false, false>", 16),
-    (NS + "pass_pipe_kernel<float, 8, 1, 4, 384, 2, true, false>", 8),
-    (NS + "pass_pipe_kernel<" + NS + "bf16_t, 16, 1, 4, 192, 2, true, false>", 16),
-    (NS + "pass_kernel<float, 8, 2, 4, 0, true, false>", 16),
-    (NS + "pass_kernel<float, 8, 2, 4, 0, true, true>", 16),
-    (NS + "label_kernel<float, 16, 1, 4>", 16),
+    (NS + "fused_pass_pipe_kernel<float, 16, 1, 4, 192, 2, true, false>", 16),
+    (NS + "fused_pass_pipe_kernel<float, 16, 1, 4, 192, 2, true, true>", 16),
+    (NS + "fused_pass_pipe_kernel<float, 16, 1, 4, 192, 2, false, false>", 16),
+    (NS + "fused_pass_pipe_kernel<float, 8, 1, 4, 384, 2, true, false>", 8),
+    (NS + "fused_pass_pipe_kernel<" + NS + "bf16_t, 16, 1, 4, 192, 2, true, false>", 16),
+    (NS + "fused_pass_kernel<float, 8, 2, 4, 0, true, false>", 16),
+    (NS + "fused_pass_kernel<float, 8, 2, 4, 0, true, true>", 16),
+    (NS + "labels_kernel<float, 16, 1, 4>", 16),
 ]
 
 

@@ -1,5 +1,5 @@
 // Update formulas shared by the C++/OpenMP core and the CUDA kernels, so the twins cannot
-// drift.  Notation (DESIGN.md section 2): S = alpha * X (alpha = lam for logP, -1/reg for a
+// drift.  Notation (docs/algorithms.rst): S = alpha * X (alpha = lam for logP, -1/reg for a
 // cost), Q[i, y] = exp(S[i, y] + f[i] + g[y]).  One fused pass, for row i and the current g:
 //   t_y = S_iy + g_y,   m = max_y t_y,   s = sum_y exp(t_y - m)
 //   f_i = rho_a * (log a_i - m - log s)              (rho_a = 1: balanced rows)

@@ -163,29 +163,20 @@ template <class V>
 inline V vmax(V a, V b) { return select(a > b, a, b); }
 template <class V>
 inline V vmin(V a, V b) { return select(a < b, a, b); }
-inline vd to_double(vfh a) {
-    vd r;
-    for (int i = 0; i < ND; ++i) r.v[i] = a.v[i];
+template <class To, class From>
+inline To convert(From a, int from = 0) {  // lanes from, from + 1, ... of a, converted
+    To r;
+    for (int i = 0; i < static_cast<int>(sizeof(r.v) / sizeof(r.v[0])); ++i)
+        r.v[i] = static_cast<std::remove_reference_t<decltype(r.v[0])>>(a.v[i + from]);
     return r;
 }
-inline vfh to_float(vd a) {
-    vfh r;
-    for (int i = 0; i < ND; ++i) r.v[i] = static_cast<float>(a.v[i]);
-    return r;
-}
+inline vd to_double(vfh a) { return convert<vd>(a); }
+inline vfh to_float(vd a) { return convert<vfh>(a); }
+inline vfh half_lo(vf a) { return convert<vfh>(a); }
+inline vfh half_hi(vf a) { return convert<vfh>(a, ND); }
 inline vf concat(vfh lo, vfh hi) {
     vf r;
     for (int i = 0; i < ND; ++i) r.v[i] = lo.v[i], r.v[i + ND] = hi.v[i];
-    return r;
-}
-inline vfh half_lo(vf a) {
-    vfh r;
-    for (int i = 0; i < ND; ++i) r.v[i] = a.v[i];
-    return r;
-}
-inline vfh half_hi(vf a) {
-    vfh r;
-    for (int i = 0; i < ND; ++i) r.v[i] = a.v[i + ND];
     return r;
 }
 

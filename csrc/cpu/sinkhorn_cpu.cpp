@@ -96,8 +96,8 @@ struct Kernels {
 
 #define SK_TABLE(ns, T)                                                                    \
     Kernels<T> {                                                                           \
-        &ns::row_nolab<T>, &ns::row_lab<T>, &ns::flush_cols, &ns::plan_row<T>,             \
-            &ns::colmax_row<T>, &ns::lse_max_row_check<T>, &ns::lse_max_row_plain<T>,      \
+        &ns::row_body<T, false>, &ns::row_body<T, true>, &ns::flush_cols, &ns::plan_row<T>, \
+            &ns::colmax_row<T>, &ns::lse_max_row<T, true>, &ns::lse_max_row<T, false>,     \
             &ns::lse_rescale, &ns::lse_sum_row<T>                                          \
     }
 
@@ -326,6 +326,9 @@ bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
     }
     bool underflow = false;
     for (int64_t y = 0; y < K; ++y) {
+        // exp of the clamp (1.7e-38 in float32) stands for entries far below a row's
+        // maximum; a column closed by g = -inf carries exactly no mass
+        if (g[y] == kNegInf) out.col[y] = 0;
         if (out.col[y] > 0) gsum += out.col[y] * g[y];
         underflow |= !(out.col[y] > kColumnUnderflow);
     }

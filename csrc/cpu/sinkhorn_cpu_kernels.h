@@ -203,7 +203,7 @@ SK_V void add_row(const T* e, int64_t K, double r, float* colf, double* col, boo
 // allowed for this row; the row is done in float32 when its bound (RowResult::slack) is
 // within it, in float64 otherwise.
 template <class T, bool LAB>
-SK_V RowResult row_body(const T* __restrict x, const double* __restrict g,
+RowResult row_body(const T* __restrict x, const double* __restrict g,
                         const float* __restrict gf, int64_t K, double alpha, double loga_i,
                         double rho_a, T* __restrict e, float* __restrict colf,
                         double* __restrict col, double& f_i, int64_t* label,
@@ -270,23 +270,6 @@ SK_V RowResult row_body(const T* __restrict x, const double* __restrict g,
     return res;
 }
 
-template <class T>
-RowResult row_nolab(const T* x, const double* g, const float* gf, int64_t K, double alpha,
-                    double loga_i, double rho_a, T* e, float* colf, double* col, double& f_i,
-                    int64_t* label, T* plan_row, double plan_scale, double fast,
-                    double g_absmax) {
-    return row_body<T, false>(x, g, gf, K, alpha, loga_i, rho_a, e, colf, col, f_i, label,
-                              plan_row, plan_scale, fast, g_absmax);
-}
-template <class T>
-RowResult row_lab(const T* x, const double* g, const float* gf, int64_t K, double alpha,
-                  double loga_i, double rho_a, T* e, float* colf, double* col, double& f_i,
-                  int64_t* label, T* plan_row, double plan_scale, double fast,
-                  double g_absmax) {
-    return row_body<T, true>(x, g, gf, K, alpha, loga_i, rho_a, e, colf, col, f_i, label,
-                             plan_row, plan_scale, fast, g_absmax);
-}
-
 // col += colf; colf = 0 (float32 column accumulators into float64).
 void flush_cols(float* colf, double* col, int64_t K) {
     const int64_t Kb = K - K % ND;
@@ -346,16 +329,7 @@ LseRow lse_max_row(const T* __restrict x, int64_t K, double alpha, double f_i, T
     using MT = decltype(splat<E>(T(0)) > T(0));
     MT bad = splat<MT>(0), ok = splat<MT>(0);
     E hi = splat<E>(T(0)), lo = splat<E>(T(0));
-    const int64_t Kd = K - K % ND;
-    for (int64_t y = 0; y < Kd; y += ND) {
-        vd t;
-        if constexpr (std::is_same_v<T, float>)
-            t = to_double(load<vfh>(x + y)) * alpha + f_i;
-        else
-            t = load<vd>(x + y) * alpha + f_i;
-        store(bm + y, vmax(load<vd>(bm + y), t));
-    }
-    for (int64_t y = Kd; y < K; ++y) bm[y] = std::max(bm[y], static_cast<double>(x[y]) * alpha + f_i);
+    colmax_row(x, K, alpha, f_i, bm);
     LseRow res;
     if constexpr (CHK) {
         auto facts = [&](E xs) {  // xs = x * sgn: forbidden -inf, invalid NaN or +inf
@@ -378,15 +352,6 @@ LseRow lse_max_row(const T* __restrict x, int64_t K, double alpha, double f_i, T
     }
     return res;
 }
-template <class T>
-LseRow lse_max_row_check(const T* x, int64_t K, double alpha, double f_i, T sgn, double* bm) {
-    return lse_max_row<T, true>(x, K, alpha, f_i, sgn, bm);
-}
-template <class T>
-LseRow lse_max_row_plain(const T* x, int64_t K, double alpha, double f_i, T sgn, double* bm) {
-    return lse_max_row<T, false>(x, K, alpha, f_i, sgn, bm);
-}
-
 // M <- max(M, bm), Z <- Z exp(M_old - M_new).
 void lse_rescale(double* nM, double* Z, const double* bm, int64_t K) {
     const int64_t Kd = K - K % ND;

@@ -1,9 +1,9 @@
 // CUDA twin of csrc/cpu/sinkhorn_cpu.cpp: the fused log-domain Sinkhorn pass and its helpers,
-// compiled at run time by NVRTC through CuPy (src/sinkhorn_ot/_cuda.py), which prepends
-// csrc/common/sinkhorn_math.h in place of the #include below.  No CUDA headers are used, so the
-// source compiles with NVRTC alone (no toolkit on the user's machine).
+// compiled at run time by NVRTC through CuPy (src/sinkhorn_ot/_cuda/kernels.py), which pastes
+// csrc/common/sinkhorn_math.h and kernel_args.cuh in place of their #includes.  No CUDA
+// headers are used, so the source compiles with NVRTC alone (no toolkit on the user's machine).
 //
-// Layout of the work (DESIGN.md section 3).  X is (N, K), row-major, read once per pass.
+// Layout of the work (docs/architecture.rst).  X is (N, K), row-major, read once per pass.
 //  - A block owns a contiguous range of rows (blockIdx.x: one of `nrb` row blocks) and a tile
 //    of columns (blockIdx.y; a single tile when K <= BT * CPT).  Thread `tid` owns the columns
 //    tile0 + (j * BT + tid) * V + v, j < CPT / V, v < V (V consecutive columns per vector load),
@@ -13,7 +13,7 @@
 //    over the block with warp shuffles and one shared-memory step each (two __syncthreads per
 //    R rows).
 //  - Column partial sums exp(t - m) * r_i are accumulated in the compute type per block and
-//    written once to [nrb, K]; finish_kernel combines them over blocks in float64.
+//    written once to [nrb, K]; fused_pass_finish_kernel combines them over blocks in float64.
 //  - When a row does not fit one block (K > BT * CPT), the pass runs in two launches over
 //    column tiles: MODE_STATS writes per-(tile, row) max / sum / argmax, MODE_APPLY combines
 //    them per row and accumulates the columns (the second read is an L2 hit for the shapes
@@ -31,6 +31,8 @@ extern __shared__ __align__(16) unsigned char sk_dyn_smem[];  // the pipelined p
 
 typedef long long i64;
 typedef unsigned long long u64;
+
+#include "kernel_args.cuh"
 
 // 16-bit storage types: bits only, converted with PTX / bit operations (no cuda_fp16.h).
 struct f16_t { unsigned short bits; };
@@ -140,24 +142,20 @@ __device__ __forceinline__ float acc_shift(FPair a, float x, float ghi, float gl
 
 // Input-type traits: the compute type C and how to load 1 or V (16 bytes) values.
 template <class T> struct In;
-template <> struct In<float> {
-    typedef float C;
-    static constexpr int VEC = 4;
-    static __device__ __forceinline__ void load1(const float* p, float* o) { o[0] = *p; }
-    static __device__ __forceinline__ void loadv(const float* p, float* o) {
-        float4 v = *reinterpret_cast<const float4*>(p);
-        o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
+// float and double: stored as computed, a 16-byte vector W of them per load.
+template <class F, class W> struct InNative {
+    typedef F C;
+    static constexpr int VEC = 16 / sizeof(F);
+    static __device__ __forceinline__ void load1(const F* p, F* o) { o[0] = *p; }
+    static __device__ __forceinline__ void loadv(const F* p, F* o) {
+        const W v = *reinterpret_cast<const W*>(p);
+        const F* e = reinterpret_cast<const F*>(&v);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) o[k] = e[k];
     }
 };
-template <> struct In<double> {
-    typedef double C;
-    static constexpr int VEC = 2;
-    static __device__ __forceinline__ void load1(const double* p, double* o) { o[0] = *p; }
-    static __device__ __forceinline__ void loadv(const double* p, double* o) {
-        double2 v = *reinterpret_cast<const double2*>(p);
-        o[0] = v.x; o[1] = v.y;
-    }
-};
+template <> struct In<float> : InNative<float, float4> {};
+template <> struct In<double> : InNative<double, double2> {};
 template <class T, float (*CVT)(unsigned short)> struct In16 {
     typedef float C;
     static constexpr int VEC = 8;
@@ -199,22 +197,6 @@ __device__ __forceinline__ void load_rows(const T* __restrict__ X, long long K, 
         }
 }
 
-// Loop-control state of the device-side solve (mirrors _solver.sinkhorn_loop).  Shared with
-// _cuda.py (_STATE_DTYPE): keep the two in sync.
-struct State {
-    int done;        // set when converged (err <= tol, tolerance mode) or err is not finite
-    int it;          // passes completed
-    int f_best;      // slot (0/1) of f and labels of the best pass; passes write slot 1 - f_best
-    int g_cur;       // slot (0..2) of the g the next pass uses
-    int g_best;      // slot of the g of the best pass
-    unsigned counter;  // last-block ticket of finish_kernel (reset by the last block)
-    int pad0, pad1;
-    double best_err;
-    double best_qx;
-    double last_err;
-    double pad2;
-};
-
 __device__ __forceinline__ int next_g_slot(int cur, int best) {
     return (cur != 0 && best != 0) ? 0 : ((cur != 1 && best != 1) ? 1 : 2);
 }
@@ -226,7 +208,7 @@ constexpr int MODE_APPLY = 2;  // column-tiled, second launch: combine stats, ac
 constexpr int NO_ARG = 0x7fffffff;
 
 // This thread's part of the row max of t = alpha x + g (as float compute forms it: g rounded
-// to the compute type), and with ARG its first column; the pass and label_kernel share it, so
+// to the compute type), and with ARG its first column; the pass and labels_kernel share it, so
 // the labels written after a solve are those its passes would write.
 template <class C, int CPT, int R, int V, bool ARG>
 __device__ __forceinline__ void thread_row_max(const C (&x)[R][CPT], const C (&gr)[CPT],
@@ -294,31 +276,6 @@ __device__ __forceinline__ void block_max_arg(C (&m)[R], int (&a)[R], C* sm_m, i
     }
 }
 
-// The row max alone (passes that do not track labels): order-independent, so every thread
-// ends with the same value.
-template <class C, int R, int MAXW>
-__device__ __forceinline__ void block_max(C (&m)[R], C* sm_m) {
-    constexpr int G = warp_lanes(MAXW);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1)
-            m[r] = fmax(m[r], __shfl_xor_sync(0xffffffffu, m[r], off));
-        if (lane == 0) sm_m[r * 32 + warp] = m[r];
-    }
-    __syncthreads();
-    const int gl = lane & (G - 1);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        C v = gl < nw ? sm_m[r * 32 + gl] : Num<C>::ninf();
-#pragma unroll
-        for (int off = G / 2; off > 0; off >>= 1)
-            v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
-        m[r] = v;
-    }
-}
-
 template <class C>
 __device__ __forceinline__ C warp_sum_bcast(C v) {
 #pragma unroll
@@ -326,24 +283,54 @@ __device__ __forceinline__ C warp_sum_bcast(C v) {
     return __shfl_sync(0xffffffffu, v, 0);
 }
 
-template <class C, int R, int MAXW>
-__device__ __forceinline__ void block_sum(C (&s)[R], C* sm_s) {
+// The two operations of block_reduce.  Max: order-independent, a butterfly leaves the
+// result in every lane.  Sum: lane 0 sums in a fixed order and broadcasts, so every thread
+// holds the same bits (the row sums must agree across the block).  src: the lane of the
+// second step that reads warp w's result.
+struct MaxOp {
+    template <class C> static __device__ __forceinline__ C identity() { return Num<C>::ninf(); }
+    template <class C> static __device__ __forceinline__ C warp(C v) {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1)
+            v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
+        return v;
+    }
+    template <int G, class C> static __device__ __forceinline__ C lanes(C v) {
+#pragma unroll
+        for (int off = G / 2; off > 0; off >>= 1)
+            v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
+        return v;
+    }
+    template <int G> static __device__ __forceinline__ int src(int lane) { return lane & (G - 1); }
+};
+struct SumOp {
+    template <class C> static __device__ __forceinline__ C identity() { return C(0); }
+    template <class C> static __device__ __forceinline__ C warp(C v) { return warp_sum_bcast(v); }
+    template <int G, class C> static __device__ __forceinline__ C lanes(C v) {
+        // lane 0 sums lanes 0 .. G - 1 (the same order as a 32-lane sweep over zeros)
+#pragma unroll
+        for (int off = G / 2; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+        return __shfl_sync(0xffffffffu, v, 0);
+    }
+    template <int G> static __device__ __forceinline__ int src(int lane) { return lane; }
+};
+
+// R values a thread reduced over the block (every thread ends with the results): within
+// each warp, then over the warps' results in shared memory (sm: R * 32 values).
+template <class Op, class C, int R, int MAXW>
+__device__ __forceinline__ void block_reduce(C (&x)[R], C* sm) {
     constexpr int G = warp_lanes(MAXW);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-        C v = warp_sum_bcast(s[r]);
-        if (lane == 0) sm_s[r * 32 + warp] = v;
+        const C v = Op::warp(x[r]);
+        if (lane == 0) sm[r * 32 + warp] = v;
     }
     __syncthreads();
+    const int sl = Op::template src<G>(lane);
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-        C v = lane < nw ? sm_s[r * 32 + lane] : C(0);
-        // lane 0 sums lanes 0 .. G - 1 (the same order as a 32-lane sweep over zeros)
-#pragma unroll
-        for (int off = G / 2; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-        s[r] = __shfl_sync(0xffffffffu, v, 0);
-    }
+    for (int r = 0; r < R; ++r)
+        x[r] = Op::template lanes<G>(sl < nw ? sm[r * 32 + sl] : Op::template identity<C>());
 }
 
 // One block-wide double sum, result valid in thread 0 (used once per block).
@@ -411,9 +398,11 @@ __device__ __noinline__ void combine_row_stats(const C* st_m, const C* st_s, con
 }
 
 // ---------------------------------------------------------------------------------------------
-// The pass.  g = gslots + K * state->g_cur; f and labels go to slot 1 - state->f_best of
-// fslots / labslots (stride N).  Outputs: colpart / cmpart [nrb, K] (compute type), qxpart
-// [gridDim.y * nrb] (MODE_FUSED / MODE_APPLY); st_m / st_s / st_a [ntiles, N] (MODE_STATS).
+// The pass, in stages (each force-inlined into pass_body, so the stages cost no calls and the
+// compiler sees one loop).  g = gslots + K * state->g_cur; f and labels go to slot
+// 1 - state->f_best of fslots / labslots (stride N).  Outputs: colpart / cmpart [nrb, K]
+// (compute type), qxpart [gridDim.y * nrb] (MODE_FUSED / MODE_APPLY); st_m / st_s / st_a
+// [ntiles, N] (MODE_STATS).
 //
 // S = 0: each row group is loaded straight into registers when its turn comes (so a block has
 // no loads in flight while it reduces).  S >= 2 (pipelined, MODE_FUSED, V = 16-byte vectors):
@@ -423,51 +412,20 @@ __device__ __noinline__ void combine_row_stats(const C* st_m, const C* st_s, con
 // d = t - m and exp(d) are computed once per element, in the sum step; MODE_FUSED keeps exp(d)
 // in place of x for the column step (the sum Q X is accumulated in the sum step as
 // r_i sum_y exp(d_y) x_iy).  ACC (float compute only; ignored for float64): d from acc_shift
-// (accurate); ACC = false: the run-1 arithmetic, t = fmaf(alpha, x, g) in float.
+// (accurate); ACC = false: t = fmaf(alpha, x, g) in float (fewer instructions, less exact).
 // MAXW: the most warps a block of this kernel has (sets the second step of the reductions).
 // LAB = false (MODE_FUSED): no labels (the row max alone, cheaper); the device loop writes the
-// labels of its best pass with label_kernel afterwards, or runs its last pass with LAB.
-template <class T, int CPT, int R, int V, int MODE, int S, bool ACC, int MAXW, bool LAB>
-__device__ __forceinline__ void
-pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
-            const double* __restrict__ gslots, const double* __restrict__ loga, double rho_a,
-            double* __restrict__ fslots, i64* __restrict__ labslots,
-            typename In<T>::C* __restrict__ colpart, typename In<T>::C* __restrict__ cmpart,
-            double* __restrict__ qxpart, typename In<T>::C* __restrict__ st_m,
-            typename In<T>::C* __restrict__ st_s, int* __restrict__ st_a,
-            const State* __restrict__ state) {
-    typedef typename In<T>::C C;
+// labels of its best pass with labels_kernel afterwards, or runs its last pass with LAB.
+
+// This thread's columns: col0[j] + v for its vectors j < NV, v < V; g rounded to the compute
+// type (EFT: g = gr + glo, a float pair); g = -inf marks a padding column (t = -inf there).
+template <class C, int CPT, int V, bool EFT>
+__device__ __forceinline__ void thread_columns(const double* __restrict__ g, i64 K, int tile0,
+                                               int tid, int BT, int (&col0)[CPT / V],
+                                               C (&gr)[CPT], float (&glo)[EFT ? CPT : 1],
+                                               C (&csum)[CPT], C (&cmax)[CPT]) {
     constexpr int NV = CPT / V;
-    static_assert(CPT % V == 0, "CPT must be a multiple of V");
-    static_assert(S == 0 || (S >= 2 && MODE == MODE_FUSED && V * sizeof(T) == 16),
-                  "the pipelined pass needs 16-byte vectors and MODE_FUSED");
-    if (state->done) return;
-    const int tid = threadIdx.x, BT = blockDim.x;
-    const int nrb = gridDim.x, ntiles = gridDim.y;
-    const i64 lo = row_lo(N, blockIdx.x, nrb), hi = row_lo(N, blockIdx.x + 1, nrb);
-    const int tile0 = static_cast<int>(blockIdx.y) * BT * CPT;
-    const int fw = 1 - state->f_best;
-    const double* __restrict__ g = gslots + K * state->g_cur;
-    double* __restrict__ f = fslots + N * fw;
-    constexpr bool ARG = LAB || MODE == MODE_STATS;  // track the first argmax of each row
-    i64* __restrict__ lab = (LAB && labslots) ? labslots + N * fw : nullptr;
-    const bool writer = blockIdx.y == 0;  // one tile writes f and the labels of each row
-    const C alpha = static_cast<C>(alpha_d);
-    const C NINF = Num<C>::ninf(), BIG = Num<C>::big();
-    constexpr bool EFT = ACC && sizeof(C) == 4;
-    const FPair apair = split_double(alpha_d);
-
-    __shared__ C sm_m[R * 32];
-    __shared__ int sm_a[R * 32];
-    __shared__ C sm_s[R * 32];
-    __shared__ C sm_rowm[2][R];
-    __shared__ C sm_logr[2][R];
-    __shared__ double sm_q[32];
-
-    // Columns of this thread; g = -inf marks a padding column (t = -inf there).
-    int col0[NV];  // column indices fit in int (K < 2^31 - 2^14, checked on the host)
-    C gr[CPT], csum[CPT], cmax[CPT];
-    float glo[EFT ? CPT : 1];  // EFT: g = gr + glo (float pair); padding: -inf + 0
+    const C NINF = Num<C>::ninf();
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
         col0[j] = tile0 + (j * BT + tid) * V;
@@ -485,34 +443,215 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
             cmax[j * V + v] = NINF;
         }
     }
+}
+
+// Pipelined loads: start copying this thread's vectors of rows ig .. ig + R - 1 (those below
+// hi) into ring stage `st`, as one cp.async group (empty past the end).
+template <class T, int CPT, int R, int V>
+__device__ __forceinline__ void ring_fetch(T* ring, int W, const T* __restrict__ X, i64 K,
+                                           i64 hi, int tile0, const int (&col0)[CPT / V],
+                                           int st, i64 ig) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int j = 0; j < CPT / V; ++j)
+            if (ig + r < hi && col0[j] < K)
+                cp_async16(ring + (st * R + r) * W + (col0[j] - tile0),
+                           X + (ig + r) * K + col0[j]);
+    cp_async_commit();
+}
+
+// The row group at i0 from ring slot `slot` into registers (zeros past the block's rows and
+// the row's end).
+template <class T, class C, int CPT, int R, int V>
+__device__ __forceinline__ void ring_read(const T* ring, int W, i64 K, i64 i0, i64 hi,
+                                          int tile0, const int (&col0)[CPT / V], int slot,
+                                          C (&x)[R][CPT]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int j = 0; j < CPT / V; ++j) {
+            if (i0 + r < hi && col0[j] < K) {
+                In<T>::loadv(ring + (slot * R + r) * W + (col0[j] - tile0), &x[r][j * V]);
+            } else {
+#pragma unroll
+                for (int v = 0; v < V; ++v) x[r][j * V + v] = C(0);
+            }
+        }
+}
+
+// Row sums s = sum_y exp(d_y), d = t - m, of the R rows (rows past hi are shifted by +inf:
+// d = -inf, they add nothing).  MODE_FUSED also keeps exp(d) in place of x, the column max of
+// d and xs = sum_y exp(d_y) x_iy (sum Q X / r_i).
+template <class C, int CPT, int R, int MODE, bool EFT>
+__device__ __forceinline__ void row_sums(C (&x)[R][CPT], const C (&gr)[CPT],
+                                         const float (&glo)[EFT ? CPT : 1], C alpha,
+                                         FPair apair, const C (&m)[R], i64 i0, i64 hi,
+                                         C (&s)[R], C (&xs)[R], C (&cmax)[CPT]) {
+    const C NINF = Num<C>::ninf(), BIG = Num<C>::big();
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const C ms = i0 + r >= hi ? -NINF : (m[r] == NINF ? C(0) : m[r]);
+        s[r] = C(0);
+        xs[r] = C(0);
+#pragma unroll
+        for (int k = 0; k < CPT; ++k) {
+            C d;
+            if constexpr (EFT) d = acc_shift(apair, x[r][k], gr[k], glo[k], ms);
+            else d = alpha * x[r][k] + gr[k] - ms;
+            const C e = Num<C>::exp_(d);
+            s[r] += e;
+            if (MODE == MODE_FUSED) {
+                // forbidden entries (e = 0, x = +-inf): clamp x to finite
+                xs[r] += e * fmin(fmax(x[r][k], -BIG), BIG);
+                cmax[k] = fmax(cmax[k], d);  // max_i d_iy
+                x[r][k] = e;  // x is not needed again: keep exp(d) in its place
+            }
+        }
+    }
+}
+
+// log r_i of the R rows in the compute type (identical in every thread); thread 0 of the
+// writing tile writes f_i (and the label) in float64 as the CPU core does.
+template <class C, int R, int S>
+__device__ __forceinline__ void row_factors(const C (&m)[R], const C (&s)[R], const int (&a)[R],
+                                            const double (&la_g)[R],
+                                            const double* __restrict__ loga, double rho_a,
+                                            i64 i0, i64 hi, bool write, double* f, i64* lab,
+                                            C (&rowm)[R], C (&logr)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const i64 i = i0 + r;
+        rowm[r] = m[r];
+        logr[r] = Num<C>::ninf();
+        if (i < hi) {
+            const double la = S > 0 ? la_g[r] : loga[i];
+            logr[r] = static_cast<C>(
+                log_row_factor(la, static_cast<double>(m[r]),
+                               static_cast<double>(Num<C>::log_(s[r])), rho_a));
+            if (write)
+                write_row(f, lab, i, la, static_cast<double>(m[r]), static_cast<double>(s[r]),
+                          rho_a, a[r]);
+        }
+    }
+}
+
+// Column contributions of the R rows: Q_iy = exp(d) r_i into the column sums, the column max
+// of log Q (MODE_APPLY; MODE_FUSED bounds it by max d + max log r), and sum Q X.
+template <class C, int CPT, int R, int MODE, bool EFT>
+__device__ __forceinline__ C column_step(const C (&x)[R][CPT], const C (&gr)[CPT],
+                                         const float (&glo)[EFT ? CPT : 1], C alpha,
+                                         FPair apair, const C (&rowm)[R], const C (&logr)[R],
+                                         const C (&xs)[R], i64 i0, i64 hi, C (&csum)[CPT],
+                                         C (&cmax)[CPT], C& lrmax) {
+    const C NINF = Num<C>::ninf(), BIG = Num<C>::big();
+    C qxl = C(0);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        if (i0 + r >= hi) continue;  // uniform over the block
+        const C ms = rowm[r] == NINF ? C(0) : rowm[r];
+        const C rr = Num<C>::exp_(logr[r]);
+        if constexpr (MODE == MODE_FUSED) {
+#pragma unroll
+            for (int k = 0; k < CPT; ++k) csum[k] = fma(x[r][k], rr, csum[k]);  // x: exp(d)
+            qxl += xs[r] * rr;
+            lrmax = fmax(lrmax, logr[r]);
+        } else {  // MODE_APPLY: x still holds the input
+#pragma unroll
+            for (int k = 0; k < CPT; ++k) {
+                C d;
+                if constexpr (EFT) d = acc_shift(apair, x[r][k], gr[k], glo[k], ms);
+                else d = alpha * x[r][k] + gr[k] - ms;
+                const C q = Num<C>::exp_(d) * rr;
+                csum[k] += q;
+                cmax[k] = fmax(cmax[k], d + logr[r]);
+                // forbidden entries (q = 0, x = +-inf) add nothing: clamp x to finite
+                qxl += q * fmin(fmax(x[r][k], -BIG), BIG);
+            }
+        }
+    }
+    return qxl;
+}
+
+// This block's column partials (the tiles of one row block cover disjoint columns) and its
+// sum Q X.
+template <class C, int CPT, int V, int MODE>
+__device__ __forceinline__ void write_partials(C* __restrict__ colpart, C* __restrict__ cmpart,
+                                               double* __restrict__ qxpart, i64 K,
+                                               const int (&col0)[CPT / V], const C (&csum)[CPT],
+                                               const C (&cmax)[CPT], C lrmax, double qx,
+                                               double* sm_q) {
+    C* __restrict__ cp = colpart + static_cast<i64>(blockIdx.x) * K;
+    C* __restrict__ cm = cmpart + static_cast<i64>(blockIdx.x) * K;
+#pragma unroll
+    for (int j = 0; j < CPT / V; ++j)
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+            const i64 c = col0[j] + v;
+            if (c < K) {
+                cp[c] = csum[j * V + v];
+                cm[c] = MODE == MODE_FUSED ? cmax[j * V + v] + lrmax : cmax[j * V + v];
+            }
+        }
+    const double qb = block_sum_once(qx, sm_q);
+    if (threadIdx.x == 0) qxpart[static_cast<i64>(blockIdx.y) * gridDim.x + blockIdx.x] = qb;
+}
+
+template <class T, int CPT, int R, int V, int MODE, int S, bool ACC, int MAXW, bool LAB>
+__device__ __forceinline__ void
+pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
+          const double* __restrict__ gslots, const double* __restrict__ loga, double rho_a,
+          double* __restrict__ fslots, i64* __restrict__ labslots,
+          typename In<T>::C* __restrict__ colpart, typename In<T>::C* __restrict__ cmpart,
+          double* __restrict__ qxpart, typename In<T>::C* __restrict__ st_m,
+          typename In<T>::C* __restrict__ st_s, int* __restrict__ st_a,
+          const State* __restrict__ state) {
+    typedef typename In<T>::C C;
+    static_assert(CPT % V == 0, "CPT must be a multiple of V");
+    static_assert(S == 0 || (S >= 2 && MODE == MODE_FUSED && V * sizeof(T) == 16),
+                  "the pipelined pass needs 16-byte vectors and MODE_FUSED");
+    if (state->done) return;
+    const int tid = threadIdx.x, BT = blockDim.x;
+    const int nrb = gridDim.x, ntiles = gridDim.y;
+    const i64 lo = row_lo(N, blockIdx.x, nrb), hi = row_lo(N, blockIdx.x + 1, nrb);
+    const int tile0 = static_cast<int>(blockIdx.y) * BT * CPT;
+    const int fw = 1 - state->f_best;
+    double* __restrict__ f = fslots + N * fw;
+    constexpr bool ARG = LAB || MODE == MODE_STATS;  // track the first argmax of each row
+    i64* __restrict__ lab = (LAB && labslots) ? labslots + N * fw : nullptr;
+    const bool writer = blockIdx.y == 0;  // one tile writes f and the labels of each row
+    const C alpha = static_cast<C>(alpha_d);
+    constexpr bool EFT = ACC && sizeof(C) == 4;
+    const FPair apair = split_double(alpha_d);
+
+    __shared__ C sm_m[R * 32];
+    __shared__ int sm_a[R * 32];
+    __shared__ C sm_s[R * 32];
+    __shared__ C sm_rowm[2][R];
+    __shared__ C sm_logr[2][R];
+    __shared__ double sm_q[32];
+
+    int col0[CPT / V];  // column indices fit in int (K < 2^31 - 2^14, checked on the host)
+    C gr[CPT], csum[CPT], cmax[CPT];
+    float glo[EFT ? CPT : 1];
+    thread_columns<C, CPT, V, EFT>(gslots + K * state->g_cur, K, tile0, tid, BT, col0, gr, glo,
+                                   csum, cmax);
     double qx = 0;
-    int grp = 0;
     // MODE_FUSED: cmax holds max_i d_iy (d = t - m of the row) and lrmax = max_i log r_i over
     // the block's rows; their sum bounds max_i log Q_iy from above (by at most
     // max_i log s_i <= log K), which is all next_g needs of it, and saves an exponential and
     // two instructions an entry in the column step.
-    C lrmax = NINF;
+    C lrmax = Num<C>::ninf();
 
-    // Pipelined loads: ring of S stages of R rows, this thread's vectors at col0[j] - tile0.
-    T* const ring = reinterpret_cast<T*>(sk_dyn_smem);
-    const int W = BT * CPT;  // elements of one row slot
-    // Start copying this thread's vectors of rows ig .. ig + R - 1 (those below hi) into ring
-    // stage `st`, as one cp.async group (empty past the end).
-    auto fetch = [&](int st, i64 ig) {
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-            for (int j = 0; j < NV; ++j)
-                if (ig + r < hi && col0[j] < K)
-                    cp_async16(ring + (st * R + r) * W + (col0[j] - tile0),
-                               X + (ig + r) * K + col0[j]);
-        cp_async_commit();
-    };
+    T* const ring = reinterpret_cast<T*>(sk_dyn_smem);  // S stages of R rows
+    const int W = BT * CPT;                              // elements of one row slot
     if constexpr (S > 0) {
 #pragma unroll
-        for (int st = 0; st < S - 1; ++st) fetch(st, lo + static_cast<i64>(st) * R);
+        for (int st = 0; st < S - 1; ++st)
+            ring_fetch<T, CPT, R, V>(ring, W, X, K, hi, tile0, col0, st,
+                                     lo + static_cast<i64>(st) * R);
     }
-
+    int grp = 0;
     for (i64 i0 = lo; i0 < hi; i0 += R, ++grp) {
         C x[R][CPT];
         double la_g[R];  // loga of the group (pipelined variant: loaded before the reductions)
@@ -522,57 +661,23 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
 #pragma unroll
             for (int r = 0; r < R; ++r) la_g[r] = i0 + r < hi ? loga[i0 + r] : 0.0;
             cp_async_wait<S - 2>();  // this thread's copies of group grp have landed
-            const int slot = grp % S;
-#pragma unroll
-            for (int r = 0; r < R; ++r)
-#pragma unroll
-                for (int j = 0; j < NV; ++j) {
-                    if (i0 + r < hi && col0[j] < K) {
-                        In<T>::loadv(ring + (slot * R + r) * W + (col0[j] - tile0),
-                                     &x[r][j * V]);
-                    } else {
-#pragma unroll
-                        for (int v = 0; v < V; ++v) x[r][j * V + v] = C(0);
-                    }
-                }
+            ring_read<T, C, CPT, R, V>(ring, W, K, i0, hi, tile0, col0, grp % S, x);
             // Refill the slot read in the previous step (its values are consumed: the step
             // finished with them) with group grp + S - 1.
-            fetch((grp + S - 1) % S, i0 + static_cast<i64>(S - 1) * R);
+            ring_fetch<T, CPT, R, V>(ring, W, X, K, hi, tile0, col0, (grp + S - 1) % S,
+                                     i0 + static_cast<i64>(S - 1) * R);
         }
         C rowm[R], logr[R];
         C xs[R];  // MODE_FUSED: sum_y exp(d_y) x_iy of this thread (sum Q X / r_i)
         if (MODE != MODE_APPLY) {
-            // Row max and its first column.
-            C m[R];
+            C m[R];  // row max and (ARG) its first column
             int a[R];
             thread_row_max<C, CPT, R, V, ARG>(x, gr, col0, alpha, m, a);
             if constexpr (ARG) block_max_arg<C, R, MAXW>(m, a, sm_m, sm_a);
-            else block_max<C, R, MAXW>(m, sm_m);
-            // Row sum of exp(t - m) (m = -inf: a tile whose entries are all forbidden).
+            else block_reduce<MaxOp, C, R, MAXW>(m, sm_m);
             C s[R];
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                // A row past the block's end (R > 1) is shifted by +inf: d = -inf, it adds
-                // nothing to any sum or maximum.
-                const C ms = i0 + r >= hi ? -NINF : (m[r] == NINF ? C(0) : m[r]);
-                s[r] = C(0);
-                xs[r] = C(0);
-#pragma unroll
-                for (int k = 0; k < CPT; ++k) {
-                    C d;
-                    if constexpr (EFT) d = acc_shift(apair, x[r][k], gr[k], glo[k], ms);
-                    else d = alpha * x[r][k] + gr[k] - ms;
-                    const C e = Num<C>::exp_(d);
-                    s[r] += e;
-                    if (MODE == MODE_FUSED) {
-                        // forbidden entries (e = 0, x = +-inf): clamp x to finite
-                        xs[r] += e * fmin(fmax(x[r][k], -BIG), BIG);
-                        cmax[k] = fmax(cmax[k], d);  // max_i d_iy
-                        x[r][k] = e;  // x is not needed again: keep exp(d) in its place
-                    }
-                }
-            }
-            block_sum<C, R, MAXW>(s, sm_s);
+            row_sums<C, CPT, R, MODE, EFT>(x, gr, glo, alpha, apair, m, i0, hi, s, xs, cmax);
+            block_reduce<SumOp, C, R, MAXW>(s, sm_s);
             if (MODE == MODE_STATS) {
                 if (tid == 0)
 #pragma unroll
@@ -587,23 +692,8 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
                     }
                 continue;
             }
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const i64 i = i0 + r;
-                rowm[r] = m[r];
-                logr[r] = NINF;
-                if (i < hi) {
-                    const double la = S > 0 ? la_g[r] : loga[i];
-                    // Every thread forms log r_i in the compute type (identical in all
-                    // threads); thread 0 writes f_i in float64 as the CPU core does.
-                    logr[r] = static_cast<C>(
-                        log_row_factor(la, static_cast<double>(m[r]),
-                                       static_cast<double>(Num<C>::log_(s[r])), rho_a));
-                    if (tid == 0 && writer)
-                        write_row(f, lab, i, la, static_cast<double>(m[r]),
-                                  static_cast<double>(s[r]), rho_a, a[r]);
-                }
-            }
+            row_factors<C, R, S>(m, s, a, la_g, loga, rho_a, i0, hi, tid == 0 && writer, f, lab,
+                                 rowm, logr);
         } else {
             // Combine the per-tile statistics of each row: warp r handles row i0 + r.
             const int lane = tid & 31, warp = tid >> 5, nw = BT >> 5;
@@ -611,7 +701,10 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
             for (int r = warp; r < R; r += nw) {
                 const i64 i = i0 + r;
                 if (i >= hi) {
-                    if (lane == 0) { sm_rowm[buf][r] = NINF; sm_logr[buf][r] = NINF; }
+                    if (lane == 0) {
+                        sm_rowm[buf][r] = Num<C>::ninf();
+                        sm_logr[buf][r] = Num<C>::ninf();
+                    }
                     continue;
                 }
                 combine_row_stats<C>(st_m, st_s, st_a, N, ntiles, i, loga[i], rho_a,
@@ -625,79 +718,37 @@ pass_body(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
                 logr[r] = sm_logr[buf][r];
             }
         }
-        // Column contributions Q_iy = exp(t - m) r_i, the column max of log Q, and sum Q X.
-        C qxl = C(0);
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            if (i0 + r >= hi) continue;  // uniform over the block
-            const C ms = rowm[r] == NINF ? C(0) : rowm[r];
-            const C rr = Num<C>::exp_(logr[r]);
-            if constexpr (MODE == MODE_FUSED) {
-#pragma unroll
-                for (int k = 0; k < CPT; ++k) csum[k] = fma(x[r][k], rr, csum[k]);  // x: exp(d)
-                qxl += xs[r] * rr;
-                lrmax = fmax(lrmax, logr[r]);
-            } else {  // MODE_APPLY: x still holds the input
-#pragma unroll
-                for (int k = 0; k < CPT; ++k) {
-                    C d;
-                    if constexpr (EFT) d = acc_shift(apair, x[r][k], gr[k], glo[k], ms);
-                    else d = alpha * x[r][k] + gr[k] - ms;
-                    const C q = Num<C>::exp_(d) * rr;
-                    csum[k] += q;
-                    cmax[k] = fmax(cmax[k], d + logr[r]);
-                    // forbidden entries (q = 0, x = +-inf) add nothing: clamp x to finite
-                    qxl += q * fmin(fmax(x[r][k], -BIG), BIG);
-                }
-            }
-        }
-        qx += static_cast<double>(qxl);
+        qx += static_cast<double>(column_step<C, CPT, R, MODE, EFT>(
+            x, gr, glo, alpha, apair, rowm, logr, xs, i0, hi, csum, cmax, lrmax));
     }
     if constexpr (S > 0) cp_async_wait<0>();  // nothing is left in flight (empty groups)
     if (MODE == MODE_STATS) return;
-
-    // Write this block's column partials (the tiles of one row block cover disjoint columns).
-    C* __restrict__ cp = colpart + static_cast<i64>(blockIdx.x) * K;
-    C* __restrict__ cm = cmpart + static_cast<i64>(blockIdx.x) * K;
-#pragma unroll
-    for (int j = 0; j < NV; ++j)
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-            const i64 c = col0[j] + v;
-            if (c < K) {
-                cp[c] = csum[j * V + v];
-                cm[c] = MODE == MODE_FUSED ? cmax[j * V + v] + lrmax : cmax[j * V + v];
-            }
-        }
-    const double qb = block_sum_once(qx, sm_q);
-    if (tid == 0) qxpart[static_cast<i64>(blockIdx.y) * nrb + blockIdx.x] = qb;
+    write_partials<C, CPT, V, MODE>(colpart, cmpart, qxpart, K, col0, csum, cmax, lrmax, qx,
+                                    sm_q);
 }
 
-#define SK_PASS_PARAMS                                                                       \
-    const T *__restrict__ X, i64 N, i64 K, double alpha_d, const double *__restrict__ gslots, \
-        const double *__restrict__ loga, double rho_a, double *__restrict__ fslots,           \
-        i64 *__restrict__ labslots, typename In<T>::C *__restrict__ colpart,                 \
-        typename In<T>::C *__restrict__ cmpart, double *__restrict__ qxpart,                  \
-        typename In<T>::C *__restrict__ st_m, typename In<T>::C *__restrict__ st_s,           \
-        int *__restrict__ st_a, const State *__restrict__ state
-#define SK_PASS_ARGS                                                                         \
-    X, N, K, alpha_d, gslots, loga, rho_a, fslots, labslots, colpart, cmpart, qxpart, st_m,   \
-        st_s, st_a, state
+// The kernels take their arguments as one PassArgs (kernel_args.cuh), unpacked here into the
+// typed parameters of pass_body.
+#define SK_PASS_ARGS(a)                                                                       \
+    static_cast<const T*>(a.X), a.N, a.K, a.alpha, a.gslots, a.loga, a.rho_a, a.fslots,       \
+        a.labslots, static_cast<typename In<T>::C*>(a.colpart),                               \
+        static_cast<typename In<T>::C*>(a.cmpart), a.qxpart,                                   \
+        static_cast<typename In<T>::C*>(a.st_m), static_cast<typename In<T>::C*>(a.st_s),     \
+        a.st_a, a.state
 
-// The original pass: rows loaded into registers as their turn comes.
+// The direct pass: rows loaded into registers as their turn comes.
 template <class T, int CPT, int R, int V, int MODE, bool ACC, bool LAB>
-__global__ void __launch_bounds__(512) pass_kernel(SK_PASS_PARAMS) {
-    pass_body<T, CPT, R, V, MODE, 0, ACC, 16, LAB>(SK_PASS_ARGS);
+__global__ void __launch_bounds__(512) fused_pass_kernel(const PassArgs a) {
+    pass_body<T, CPT, R, V, MODE, 0, ACC, 16, LAB>(SK_PASS_ARGS(a));
 }
 
 // Pipelined pass (MODE_FUSED): S-stage cp.async ring in dynamic shared memory (S * R * BT *
 // CPT * sizeof(T) bytes, set by the launch), at most MAXT threads, MINB blocks per SM asked of
 // the register allocator.
 template <class T, int CPT, int R, int S, int MAXT, int MINB, bool ACC, bool LAB>
-__global__ void __launch_bounds__(MAXT, MINB) pass_pipe_kernel(SK_PASS_PARAMS) {
-    pass_body<T, CPT, R, 16 / sizeof(T), MODE_FUSED, S, ACC, MAXT / 32, LAB>(SK_PASS_ARGS);
+__global__ void __launch_bounds__(MAXT, MINB) fused_pass_pipe_kernel(const PassArgs a) {
+    pass_body<T, CPT, R, 16 / sizeof(T), MODE_FUSED, S, ACC, MAXT / 32, LAB>(SK_PASS_ARGS(a));
 }
-#undef SK_PASS_PARAMS
 #undef SK_PASS_ARGS
 
 // ---------------------------------------------------------------------------------------------
@@ -706,11 +757,19 @@ __global__ void __launch_bounds__(MAXT, MINB) pass_pipe_kernel(SK_PASS_PARAMS) {
 // 256 threads: 32 columns x 8 slices of row blocks.
 template <class C>
 __global__ void __launch_bounds__(256)
-finish_kernel(const C* __restrict__ colpart, const C* __restrict__ cmpart, int nrb, i64 K,
-              const double* __restrict__ qxpart, int nq, double* __restrict__ gslots,
-              const double* __restrict__ logb, double log_n_rows, double rho_b, double tol,
-              int fixed, double* __restrict__ errpart, double* __restrict__ col_out,
-              double* __restrict__ colmax_out, State* state) {
+fused_pass_finish_kernel(const FinishArgs a) {
+    const C* __restrict__ colpart = static_cast<const C*>(a.colpart);
+    const C* __restrict__ cmpart = static_cast<const C*>(a.cmpart);
+    const double* __restrict__ qxpart = a.qxpart;
+    double* __restrict__ gslots = a.gslots;
+    const double* __restrict__ logb = a.logb;
+    double* __restrict__ errpart = a.errpart;
+    double* __restrict__ col_out = a.col_out;
+    double* __restrict__ colmax_out = a.colmax_out;
+    State* state = a.state;
+    const i64 K = a.K;
+    const double log_n_rows = a.log_n_rows, rho_b = a.rho_b, tol = a.tol;
+    const int nrb = a.nrb, nq = a.nq, fixed = a.fixed;
     if (state->done) return;
     const int lane = threadIdx.x & 31, slice = threadIdx.x >> 5;
     const int gc = state->g_cur, gb = state->g_best, gn = next_g_slot(gc, gb);
@@ -771,7 +830,6 @@ finish_kernel(const C* __restrict__ colpart, const C* __restrict__ cmpart, int n
         const bool stop = (!fixed && err <= tol) || !finite;
         if (!stop) state->g_cur = gn;
         state->it = it;
-        state->last_err = err;
         if (stop) state->done = 1;
         state->counter = 0;
         __threadfence();
@@ -786,8 +844,9 @@ finish_kernel(const C* __restrict__ colpart, const C* __restrict__ cmpart, int n
 // first g at lam = 1e4 would otherwise be off by ~1).
 template <class T, int CPT, int V, bool ACC = true>
 __global__ void __launch_bounds__(512)
-lse_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d, const double* __restrict__ f,
-           typename In<T>::C* __restrict__ Mpart, typename In<T>::C* __restrict__ Zpart) {
+column_lse_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
+                  const double* __restrict__ f, typename In<T>::C* __restrict__ Mpart,
+                  typename In<T>::C* __restrict__ Zpart) {
     typedef typename In<T>::C C;
     constexpr bool EFT = ACC && sizeof(C) == 4;
     const FPair apair = split_double(alpha_d);
@@ -863,7 +922,7 @@ __device__ __forceinline__ void init_state(State* st) {
     st->pad0 = st->pad1 = 0;
     st->best_err = 0;
     st->best_qx = 0;
-    st->last_err = 0;
+    st->pad3 = 0;
     st->pad2 = 0;
 }
 
@@ -871,9 +930,9 @@ __device__ __forceinline__ void init_state(State* st) {
 // into g_out, and (block 0) a fresh loop state.  256 threads: 32 columns x 8 slices.
 template <class C>
 __global__ void __launch_bounds__(256)
-lse_finish_kernel(const C* __restrict__ Mpart, const C* __restrict__ Zpart, int nrb, i64 K,
-                  double* __restrict__ L_out, const double* __restrict__ logb, double rho_b,
-                  double* __restrict__ g_out, State* state) {
+column_lse_finish_kernel(const C* __restrict__ Mpart, const C* __restrict__ Zpart, int nrb,
+                         i64 K, double* __restrict__ L_out, const double* __restrict__ logb,
+                         double rho_b, double* __restrict__ g_out, State* state) {
     const int lane = threadIdx.x & 31, slice = threadIdx.x >> 5;
     const i64 y = static_cast<i64>(blockIdx.x) * 32 + lane;
     const double NINF = Num<double>::ninf();
@@ -931,9 +990,9 @@ __global__ void column_update_kernel(const double* __restrict__ g, const double*
 // wrong infinity), rows / columns with at least one allowed entry, max |finite entry|.
 template <class T, int CPT, int V>
 __global__ void __launch_bounds__(512)
-check_kernel(const T* __restrict__ X, i64 N, i64 K, double forbidden_d,
-             u64* __restrict__ first_invalid, unsigned char* __restrict__ row_ok,
-             unsigned char* __restrict__ col_ok, u64* __restrict__ max_bits) {
+check_matrix_kernel(const T* __restrict__ X, i64 N, i64 K, double forbidden_d,
+                    u64* __restrict__ first_invalid, unsigned char* __restrict__ row_ok,
+                    unsigned char* __restrict__ col_ok, u64* __restrict__ max_bits) {
     typedef typename In<T>::C C;
     constexpr int NV = CPT / V;
     const int tid = threadIdx.x, BT = blockDim.x, nrb = gridDim.x, lane = tid & 31;
@@ -988,14 +1047,14 @@ check_kernel(const T* __restrict__ X, i64 N, i64 K, double forbidden_d,
 
 // The check's result words: [first invalid flat index, first empty row, first empty column]
 // (~0 = none, atomicMin) and the bits of max |finite entry| (0 = none, atomicMax).
-__global__ void check_init_kernel(u64* __restrict__ res) {
+__global__ void check_matrix_init_kernel(u64* __restrict__ res) {
     if (threadIdx.x < 3) res[threadIdx.x] = ~0ULL;
     else if (threadIdx.x == 3) res[3] = 0ULL;
 }
 
-// First row / column without an allowed entry (the flags written by check_kernel) into
+// First row / column without an allowed entry (the flags written by check_matrix_kernel) into
 // res[1] / res[2], so that the host reads the whole check back in one 32-byte copy.
-__global__ void check_finish_kernel(const unsigned char* __restrict__ row_ok, i64 N,
+__global__ void check_matrix_finish_kernel(const unsigned char* __restrict__ row_ok, i64 N,
                                     const unsigned char* __restrict__ col_ok, i64 K,
                                     u64* __restrict__ res) {
     const i64 stride = static_cast<i64>(gridDim.x) * blockDim.x;
@@ -1025,8 +1084,8 @@ __global__ void check_finish_kernel(const unsigned char* __restrict__ row_ok, i6
 // Same column layout as the single-tile pass: CPT columns a thread, R rows at a time.
 template <class T, int CPT, int R, int V>
 __global__ void __launch_bounds__(512)
-label_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
-             const double* __restrict__ g, i64* __restrict__ lab) {
+labels_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
+              const double* __restrict__ g, i64* __restrict__ lab) {
     typedef typename In<T>::C C;
     constexpr int NV = CPT / V;
     const int tid = threadIdx.x, BT = blockDim.x, nrb = gridDim.x;

@@ -5,109 +5,13 @@ import math
 
 import numpy as np
 
+from . import _hard, _problem
 from . import _validation as V
-from ._arrays import to_host, to_native
+from ._arrays import to_host
+from ._lp import check_size
 from ._results import Assignment, OTResult
-from ._solver import (drop_massless_columns, drop_unconstrained_empty, restore_columns,
-                      restore_rows, solve)
 
 __all__ = ["sinkhorn", "balanced_assign"]
-
-_DEFAULT_TOL = {"float64": 1e-6, "float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-3}
-
-
-def _backend(native, n_threads):
-    if native.device == "cuda":
-        from ._cuda import CUDABackend  # lazy: CuPy is optional
-
-        return CUDABackend(dtype=native.dtype, stream=native.stream)
-    from ._cpu import CPUBackend
-
-    return CPUBackend(n_threads)
-
-
-def _checked(comm, check, *args):
-    """``check(*args)``; with ``comm``, an error on any rank is raised on every rank."""
-    if comm is None:
-        return check(*args)
-    from .distributed import agreed
-
-    return agreed(comm, check, *args)
-
-
-def _solve(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init, n_threads,
-           want_labels, balanced, comm=None, acceleration="anderson", eps_scaling=True,
-           plan=None):
-    """Validate, dispatch on the array family, run the loop; returns what the public
-    functions wrap into results.  ``plan``: see ``_solver.sinkhorn_loop``."""
-    if comm is not None:  # a block of rows per process: validation agreed across ranks
-        from .distributed import _solve_sharded
-
-        return _solve_sharded(M, name, alpha=alpha, a=a, b=b, rho_a=rho_a, rho_b=rho_b,
-                              tol=tol, max_iter=max_iter, n_iter=n_iter, init=init,
-                              n_threads=n_threads, want_labels=want_labels,
-                              balanced=balanced, comm=comm, acceleration=acceleration,
-                              eps_scaling=eps_scaling)
-    native = to_native(M, name)
-    n_threads = V.positive_int(n_threads, "n_threads", allow_none=True)
-    max_iter = V.positive_int(max_iter, "max_iter")
-    n_iter = V.positive_int(n_iter, "n_iter", allow_none=True)
-    backend = _backend(native, n_threads)
-    xp = backend.xp
-    X = V.matrix(native, name, xp)
-    N, K = X.shape
-    ma, mb = V.marginal(a, N, "a", xp), V.marginal(b, K, "b", xp)
-    (_, loga), (wb, logb) = ma, mb
-    if balanced:
-        V.balanced_totals(ma.total, mb.total)
-    # KL-relaxed sides use the reference measure a b^T (POT's reg_type="kl"): the optimum has
-    # f_i = log a_i - rho_a LSE_y(S_iy + g_y) (and likewise g); the kernels compute
-    # rho_a (loga_i - LSE_y(...)), so they are handed log a / rho_a.
-    if rho_a != 1.0:
-        loga = loga / rho_a
-    if rho_b != 1.0:
-        logb = logb / rho_b
-    tol = _DEFAULT_TOL[native.dtype] * ma.total if tol is None else \
-        V.positive_scalar(tol, "tol")
-    g0 = V.init_potential(init, K, xp)
-    forbidden = -math.inf if alpha > 0 else math.inf
-    Xs, logb_s, g0, keep = drop_massless_columns(X, wb, logb, g0, xp, mb.any_zero)
-    g0 = V.finite_init(g0)
-    # Without a warm start or epsilon scaling the solve begins with the column LSE of
-    # alpha X: the validation read computes it (where the backend can).
-    lse_first = g0 is None and (n_iter is not None or not eps_scaling)
-    check = backend.check(Xs, forbidden, alpha if lse_first else None)
-    Xs, loga_s, logb_s, g0, keep, rows, check = drop_unconstrained_empty(
-        backend, Xs, ma[0], loga, logb_s, g0, keep, check, forbidden, rho_a, rho_b)
-    V.matrix_values(check, Xs.shape, name, forbidden, alpha, native.dtype)
-    sol = solve(backend, Xs, alpha, loga_s, logb_s, rho_a=rho_a, rho_b=rho_b, g0=g0,
-                L0=check.get("lse"), tol=tol, max_iter=max_iter, n_iter=n_iter,
-                want_labels=want_labels, acceleration=acceleration, eps_scaling=eps_scaling,
-                max_abs=float(check["max_abs"]),
-                plan=plan if keep is None and rows is None else None)
-    _diagnose(sol, Xs, ma[0] if rows is None else ma[0][rows],
-              mb[0] if keep is None else mb[0][keep], name, xp,
-              rho_a == 1.0 and rho_b == 1.0, n_iter is not None)
-    return native, backend, X, restore_rows(restore_columns(sol, keep, K, xp), rows, N, xp)
-
-
-def _diagnose(sol, Xs, wa, wb, name, xp, balanced, fixed):
-    """An unconverged balanced solve on a support with no plan at all raises (max-flow)."""
-    from ._feasibility import diagnose
-
-    diagnose(sol, Xs, wa, wb, name, xp, balanced, fixed)
-
-
-def _common(native, backend, X, alpha, sol, cost):
-    wrap = native.wrap
-    f, g = sol.f, sol.g
-    for arr in (f, g):
-        if isinstance(arr, np.ndarray):
-            arr.setflags(write=False)
-    fp, gp = f.copy(), g.copy()  # writing the returned f or g must not change plan()
-    return dict(f=wrap(f), g=wrap(g), n_iter=sol.n_iter, err=sol.err,
-                converged=sol.converged, cost=cost,
-                _plan=lambda: wrap(backend.plan(X, alpha, fp, gp)))
 
 
 def sinkhorn(C, a=None, b=None, *, reg, tol=None, max_iter=1000, n_iter=None, init=None,
@@ -188,36 +92,15 @@ def sinkhorn(C, a=None, b=None, *, reg, tol=None, max_iter=1000, n_iter=None, in
     M. Cuturi, "Sinkhorn distances: lightspeed computation of optimal transport", NeurIPS
     2013.
     """
-    reg = _checked(comm, V.positive_scalar, reg, "reg")
-    alpha = -1.0 / reg
-    native, backend, X, sol = _solve(
-        C, "C", alpha=alpha, a=a, b=b, rho_a=1.0, rho_b=1.0, tol=tol, max_iter=max_iter,
-        n_iter=n_iter, init=init, n_threads=n_threads, want_labels=False, balanced=True,
-        comm=comm, acceleration=acceleration, eps_scaling=eps_scaling)
-    return OTResult(**_common(native, backend, X, alpha, sol, sol.qx))
-
-
-def _argmax_ties(xp, X, lam, sol, b, n_iter, comm):
-    """The argmax labels with ties spread as the plan spreads them (see _hard.tie_break)."""
-    from . import _hard
-
-    if xp is not np:
-        # On a device the search would cost host reads the loop's budget does not have (a
-        # fixed n_iter reads none after its passes): the kernels' argmax should break ties
-        # as _hard.tie_break does.
-        return sol.labels
-    n_rows = X.shape[0] if comm is None else _comm_rows(comm, X.shape[0])
-    wb = V.marginal(b, X.shape[1], "b", xp)[0]
-    b_min = float(xp.where(wb > 0, wb, xp.inf).min()) / float(wb.sum())
-    tau = _hard.tie_tolerance(sol.err, n_iter is None, b_min)
-    return _hard.tie_break(xp, X, lam, sol.f, sol.g, sol.labels, -math.log(n_rows), tau,
-                           n_rows * wb / wb.sum())
-
-
-def _comm_rows(comm, n):
-    from .distributed import as_comm
-
-    return int(as_comm(comm).allreduce_sum(np.asarray([float(n)]))[0])
+    red = _problem.reducer(comm)
+    reg = red.agreed(V.positive_scalar, reg, "reg")
+    opts = red.agreed(lambda: _problem.options(
+        tol=tol, max_iter=max_iter, n_iter=n_iter, acceleration=acceleration,
+        eps_scaling=eps_scaling, n_threads=n_threads, init=init))
+    p = _problem.prepare(C, "C", alpha=-1.0 / reg, a=a, b=b, rho_a=1.0, rho_b=1.0, opts=opts,
+                         want_labels=False, balanced=True, reducer=red)
+    sol = _problem.run(p)
+    return OTResult(**_problem.result_fields(p, sol, sol.qx))
 
 
 def balanced_assign(logP, lam=25.0, *, b=None, size_penalty=None, hard="argmax", tol=None,
@@ -302,7 +185,11 @@ def balanced_assign(logP, lam=25.0, *, b=None, size_penalty=None, hard="argmax",
     Y. M. Asano, C. Rupprecht, A. Vedaldi, "Self-labelling via simultaneous clustering and
     representation learning", ICLR 2020.
     """
-    lam = _checked(comm, V.positive_scalar, lam, "lam")
+    red = _problem.reducer(comm)
+    lam = red.agreed(V.positive_scalar, lam, "lam")
+    opts = red.agreed(lambda: _problem.options(
+        tol=tol, max_iter=max_iter, n_iter=n_iter, acceleration=acceleration,
+        eps_scaling=eps_scaling, n_threads=n_threads, init=init))
     rho_b = 1.0
     if size_penalty is not None:
         size_penalty = V.positive_scalar(size_penalty, "size_penalty")
@@ -313,36 +200,43 @@ def balanced_assign(logP, lam=25.0, *, b=None, size_penalty=None, hard="argmax",
         raise ValueError(f"hard={hard!r} needs prescribed cluster sizes on one process: "
                          "not available with size_penalty or comm")
     if hard == "exact":  # refuse an oversized LP before any work
-        from ._lp import check_size
-
         shape = getattr(logP, "shape", None) or np.shape(logP)
         if len(shape) == 2:
             check_size(int(shape[0]), int(shape[1]))
-    native, backend, X, sol = _solve(
-        logP, "logP", alpha=lam, a=None, b=b, rho_a=1.0, rho_b=rho_b, tol=tol,
-        max_iter=max_iter, n_iter=n_iter, init=init, n_threads=n_threads, want_labels=True,
-        balanced=size_penalty is None, comm=comm, acceleration=acceleration,
-        eps_scaling=eps_scaling)
-    xp = backend.xp
+    p = _problem.prepare(logP, "logP", alpha=lam, a=None, b=b, rho_a=1.0, rho_b=rho_b,
+                         opts=opts, want_labels=True, balanced=size_penalty is None,
+                         reducer=red)
+    sol = _problem.run(p)
+    xp, X = p.xp, p.X
     if hard == "argmax":
-        sol.labels = _argmax_ties(xp, X, lam, sol, b, n_iter, comm)
+        sol.labels = _argmax_ties(p, sol, lam)
     else:
-        from . import _hard
-
-        targets = _hard.target_sizes(X.shape[0],
-                                     to_host(V.marginal(b, X.shape[1], "b", xp)[0]))
+        targets = _hard.target_sizes(X.shape[0], to_host(p.b[0]))
         if hard == "exact":
             sol.labels = xp.asarray(_hard.exact_labels(to_host(X), targets))
         else:
             sol.labels = _hard.greedy_labels(xp, X, lam, sol.f, sol.g, sol.labels,
                                              xp.asarray(targets))
-    sizes = xp.bincount(sol.labels, minlength=X.shape[1])
-    if comm is not None:  # cluster sizes over every process's samples
-        from .distributed import as_comm
-
-        sizes = as_comm(comm).allreduce_sum(sizes.astype(xp.float64)).astype(xp.int64)
+    sizes = red.sum_counts(xp.bincount(sol.labels, minlength=X.shape[1]))
     for arr in (sol.labels, sizes):
         if isinstance(arr, np.ndarray):
             arr.setflags(write=False)
-    common = _common(native, backend, X, lam, sol, -sol.qx)
-    return Assignment(**common, labels=native.wrap(sol.labels), sizes=native.wrap(sizes))
+    wrap = p.native.wrap
+    return Assignment(**_problem.result_fields(p, sol, -sol.qx), labels=wrap(sol.labels),
+                      sizes=wrap(sizes))
+
+
+def _argmax_ties(p, sol, lam):
+    """The argmax labels with ties spread as the plan spreads them (see _hard.tie_break)."""
+    xp, X = p.xp, p.X
+    if xp is not np:
+        # On a device the search would cost host reads the loop's budget does not have (a
+        # fixed n_iter reads none after its passes): the kernels' argmax should break ties
+        # as _hard.tie_break does.
+        return sol.labels
+    n_rows = X.shape[0] if p.reducer.local else p.reducer.n_rows_total
+    wb = p.b[0]
+    b_min = float(xp.where(wb > 0, wb, xp.inf).min()) / float(wb.sum())
+    tau = _hard.tie_tolerance(sol.err, p.opts.n_iter is None, b_min)
+    return _hard.tie_break(xp, X, lam, sol.f, sol.g, sol.labels, -math.log(n_rows), tau,
+                           n_rows * wb / wb.sum())

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 
+from . import _problem
 from . import _validation as V
-from ._api import _solve
 from ._arrays import to_host
 
 __all__ = ["codes"]
@@ -273,11 +273,15 @@ def codes(scores, *, eps, n_iter=3, probabilities=False, rows=None, comm="auto",
     # rows a pass cannot write directly: all rows are written, then indexed
     plan = (None, None if fused_rows is False else fused_rows, float(n_total)) \
         if tol is None and rows_exc is None else None
+    red = _problem.reducer(comm)
     try:
-        native, backend, X, sol = _solve(
-            X_in, "scores", alpha=alpha, a=None, b=b, rho_a=1.0, rho_b=1.0, tol=tol,
-            max_iter=max_iter, n_iter=None if tol is not None else n_iter, init=None,
-            n_threads=n_threads, want_labels=False, balanced=True, comm=comm, plan=plan)
+        opts = red.agreed(lambda: _problem.options(
+            tol=tol, max_iter=max_iter, n_iter=None if tol is not None else n_iter,
+            n_threads=n_threads))
+        p = _problem.prepare(X_in, "scores", alpha=alpha, a=None, b=b, rho_a=1.0, rho_b=1.0,
+                             opts=opts, want_labels=False, balanced=True, reducer=red)
+        sol = _problem.run(p, plan)
+        native, backend, X = p.native, p.backend, p.X
     except ValueError as exc:
         err = _probability_error(exc) if probabilities else exc
         if err is exc:

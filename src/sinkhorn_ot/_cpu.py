@@ -50,6 +50,12 @@ class CPUBackend:
     def column_update(self, g, logb, col, colmax, log_n_rows, rho_b):
         return _core.column_update(g, logb, col, colmax, log_n_rows, rho_b)
 
+    def labels(self, X, alpha, g, out):
+        """The row argmax at ``g``: a fused pass that keeps only its labels."""
+        N = X.shape[0]
+        self.fused_pass(X, alpha, g, np.zeros(N), 1.0, np.empty(N), out)
+        return out
+
     def solve(self, X, alpha, loga, logb, **kw):
         """Plain Sinkhorn passes: the generic loop over this backend's primitives."""
         return sinkhorn_loop(self, X, alpha, loga, logb, acceleration=None, **kw)

@@ -7,7 +7,13 @@ from typing import Any, Callable
 __all__ = ["OTResult", "Assignment", "UnbalancedResult", "EMDResult"]
 
 
-@dataclass(frozen=True, eq=False)
+def _length(x) -> str:
+    """Length of a potential (any array family), or ``?`` where there is none."""
+    shape = getattr(x, "shape", None)
+    return str(shape[0]) if shape else "?"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
 class OTResult:
     """Solution of an entropic optimal transport problem.
 
@@ -44,6 +50,11 @@ class OTResult:
     cost: float
     _plan: Callable[[], Any] = field(repr=False)
 
+    def __repr__(self) -> str:
+        # A summary, not the potentials: printing a result must not dump n + m numbers.
+        return (f"{type(self).__name__}(shape=({_length(self.f)}, {_length(self.g)}), "
+                f"n_iter={self.n_iter}, err={self.err:.3g}, converged={bool(self.converged)})")
+
     def plan(self) -> Any:
         """Materialise the transport plan ``Q`` (shape (n, m)): ``n * m`` values of memory.
 
@@ -53,7 +64,7 @@ class OTResult:
         return self._plan()
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class Assignment(OTResult):
     """Self-labelling solution of :func:`balanced_assign`.
 
@@ -70,7 +81,7 @@ class Assignment(OTResult):
     sizes: Any = None
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class UnbalancedResult(OTResult):
     r"""Solution of :func:`sinkhorn_unbalanced` (KL-relaxed marginals).
 
@@ -109,7 +120,7 @@ class UnbalancedResult(OTResult):
     col_sums: Any = None
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class EMDResult:
     r"""Solution of the exact (unregularised) transport LP, from :func:`emd`.
 
@@ -134,6 +145,11 @@ class EMDResult:
     g: Any
     method: str
     _plan: Any = field(repr=False)
+
+    def __repr__(self) -> str:
+        shape = getattr(self._plan, "shape", None)
+        shape = f"({shape[0]}, {shape[1]})" if shape else f"({_length(self.f)}, {_length(self.g)})"
+        return f"EMDResult(shape={shape}, cost={self.cost:.6g}, method={self.method!r})"
 
     def plan(self):
         """The optimal plan as a ``scipy.sparse.csr_array`` of shape (n, m), float64: a

@@ -1,23 +1,21 @@
-"""The Sinkhorn iteration, written once over backend primitives.
+"""The Sinkhorn iteration, written once over backend primitives (``_backend.Backend``) and a
+reducer (``_reducer.Local``, or ``distributed.Sharded`` when rows are split across processes).
 
-A backend provides three primitives on its own arrays (NumPy for the CPU core, CuPy for the
-CUDA kernels): ``column_lse`` (exact column log-sum-exp, used to initialise), ``fused_pass``
-(one read of the matrix: new ``f``, labels, the plan's column sums and column max, and
-``sum Q * X``) and ``column_update`` (the next ``g`` and the column error).  The two scalars
-(``sum Q * X`` and the error) may be device scalars: the loop reads what it needs of a pass in
-one transfer (each is a synchronisation on a GPU).  The update formulas live in
-``csrc/common/sinkhorn_math.h``, shared by both cores.
+The loop reads what it needs of a pass in one transfer (each is a synchronisation on a GPU):
+``sum Q * X`` and the column error may be device scalars.  The update formulas live in
+``csrc/common/sinkhorn_math.h``, shared by both cores.  Nothing here warns or raises on
+non-convergence: the loop returns its best iterate and ``_problem.run`` reports.
 """
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ._arrays import to_host
+from ._reducer import Local
 
 ACCELERATIONS = ("anderson", None)
 
@@ -159,8 +157,7 @@ def _mixed_pass(backend, X, alpha, g, loga, rho_a, f_out, labels_out, kw, fast, 
 def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
                   rho_b: float = 1.0, g0=None, L0=None, tol: float, max_iter: int,
                   n_iter=None, want_labels: bool = False, comm=None,
-                  acceleration: str | None = "anderson", warn: bool = True,
-                  plan=None, s_max: float = math.inf, stall_window: int | None = None,
+                  acceleration: str | None = "anderson", plan=None, s_max: float = math.inf, stall_window: int | None = None,
                   translate: bool = True) -> Solution:
     """Run Sinkhorn passes until ``err <= tol`` (or exactly ``n_iter`` passes).
 
@@ -175,10 +172,9 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     loop gives up early (``stalled=True``) when that many passes cut the best ``err`` by
     less than 5%: :func:`solve` then restarts with plain passes.
     The returned ``err`` is that of the pass which computed the returned ``f`` from the
-    returned ``g``: the L1 column violation of exactly that plan.  ``comm`` (optional)
-    combines the column quantities of processes that each hold a block of rows: it provides
-    ``allreduce_sum``, ``allreduce_max``, ``allreduce_lse`` and ``n_rows_total`` (and
-    optionally ``allreduce_pass``).  ``L0``: the column log-sum-exp of ``alpha X`` when the
+    returned ``g``: the L1 column violation of exactly that plan.  ``comm``, the reducer
+    (default :class:`_reducer.Local`), combines the column quantities of processes that each
+    hold a block of rows.  A non-finite error stops the loop (the caller raises).  ``L0``: the column log-sum-exp of ``alpha X`` when the
     caller already has it (the validation read computes it).  ``plan``: ``(out, rows,
     scale)``, written by the last pass of a fixed ``n_iter`` solve (the plan of the
     returned potentials; see ``CPUBackend.fused_pass``).  With a fixed ``n_iter`` the labels
@@ -186,12 +182,12 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     """
     xp = backend.xp
     N = X.shape[0]
-    n_rows = comm.n_rows_total if comm is not None else N
+    comm = comm if comm is not None else Local()
+    n_rows = N if comm.local else comm.n_rows_total
     log_n = math.log(max(n_rows, 1))
     if g0 is None:
         L = L0 if L0 is not None else backend.column_lse(X, alpha, None)
-        if comm is not None:
-            L = comm.allreduce_lse(L)
+        L = comm.allreduce_lse(L)
         g = rho_b * (logb - L)
     else:
         g = g0
@@ -210,7 +206,7 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     # Two buffers for f and the labels: the best solution seen so far is kept without copies.
     # A backend whose passes pay for the argmax (labels_per_pass False: the GPU) computes the
     # labels once, at the best g, after the loop.
-    per_pass = want_labels and getattr(backend, "labels_per_pass", True)
+    per_pass = want_labels and backend.labels_per_pass
     f_work, f_best = xp.empty(N), xp.empty(N)
     lab_work = xp.empty(N, dtype=xp.int64) if per_pass else None
     lab_best = xp.empty(N, dtype=xp.int64) if per_pass else None
@@ -218,8 +214,7 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     history = []       # best err after each pass, for stall_window
     stalled = False
     it = 0
-    mixed = getattr(backend, "mixed_precision", False) and comm is None and \
-        X.dtype == np.float32
+    mixed = comm.local and backend.mixed_precision and X.dtype == np.float32
     fast = FIRST_FAST if mixed else 0.0
     if plan is not None:
         plan = plan_buffer(xp, X, plan)
@@ -234,22 +229,13 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
                                                      (logb, log_n, rho_b))
         else:
             col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_work, lab, **kw)
-        if comm is not None:
-            qx = float(qx)
-        if comm is not None and hasattr(comm, "allreduce_pass"):
-            col, colmax, qx = comm.allreduce_pass(col, colmax, qx)  # one collective if it can
-        elif comm is not None:
-            col = comm.allreduce_sum(col)
-            colmax = comm.allreduce_max(colmax)
-            qx = float(comm.allreduce_sum(xp.asarray([qx]))[0])
+        col, colmax, qx = comm.allreduce_pass(col, colmax, qx)
         g_next, err = upd or backend.column_update(g, logb, col, colmax, log_n, rho_b)
         if accel is None:
             err = float(err)
         else:  # the dual of this pass (its f is f_work until the swap below), read with err
             af = a * xp.where(a_pos, f_work, 0.0)  # a_i = 0 rows have f_i = -inf
-            local = xp.stack([af.sum(), xp.abs(af).sum()])
-            if comm is not None:
-                local = comm.allreduce_sum(local)
+            local = comm.allreduce_sum(xp.stack([af.sum(), xp.abs(af).sum()]))
             bg = b * g
             err, dual, scale, g_max = (float(v) for v in to_host(xp.stack([
                 xp.asarray(err, dtype=xp.float64), local[0] + bg.sum(),
@@ -274,13 +260,8 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
         g = accel.step(g, g_next, dual, scale, g_max)
     g, err, qx, _ = best
     converged = err <= tol
-    if not math.isfinite(err):
-        raise FloatingPointError(  # a bug, never a property of valid input: say so loudly
-            "sinkhorn_ot: the column error became non-finite; please report this input")
-    if want_labels and not per_pass:
+    if want_labels and not per_pass and math.isfinite(err):
         lab_best = backend.labels(X, alpha, g, xp.empty(N, dtype=xp.int64))
-    if warn and not fixed and not converged and not stalled:
-        warn_unconverged(it, err, tol)
     return Solution(f_best, g, lab_best, it, float(err), float(qx), converged,  # it: passes
                     None if plan is None or not fixed else plan[0], stalled)
 
@@ -319,20 +300,6 @@ def _translation(xp, loga, logb, rho_a, rho_b, comm):
         return g - t if math.isfinite(t) else g
 
     return step
-
-
-def warn_unconverged(passes: int, err: float, tol: float):
-    """The non-convergence warning, pointing at the caller's line (the first frame outside
-    this package)."""
-    import sys
-
-    level, frame = 2, sys._getframe(1)
-    pkg = __name__.rsplit(".", 1)[0]
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(pkg):
-        level, frame = level + 1, frame.f_back
-    warnings.warn(f"Sinkhorn did not converge in {passes} iterations: err = {err:.3e} "
-                  f"> tol = {tol:.1e} (the best iterate is returned, converged=False)",
-                  UserWarning, stacklevel=level)
 
 
 def drop_massless_columns(X, wb, logb, g0, xp, any_zero: bool):
@@ -437,8 +404,7 @@ def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: fl
     X``, when the validation read computed it) and ``plan`` are handed to the loop (see
     :func:`sinkhorn_loop`).
     """
-    if acceleration not in ACCELERATIONS:
-        raise ValueError(f"acceleration must be one of {ACCELERATIONS}, got {acceleration!r}")
+    comm = comm if comm is not None else Local()
     fixed = n_iter is not None
     balanced = rho_a == 1.0 and rho_b == 1.0
     kw = dict(rho_a=rho_a, rho_b=rho_b, want_labels=want_labels)
@@ -448,8 +414,7 @@ def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: fl
     g0_user = g0
     if stages:
         mass = float(backend.xp.exp(loga).sum())
-        if comm is not None:
-            mass = float(comm.allreduce_sum(backend.xp.asarray([mass]))[0])
+        mass = float(comm.allreduce_sum(backend.xp.asarray([mass]))[0])
         a_g = None  # the alpha g0 belongs to (None: no stage ran yet, g0 is None)
         for a_k in stages:
             if max_iter - passes <= 1:
@@ -457,9 +422,11 @@ def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: fl
             st = sinkhorn_loop(backend, X, a_k, loga, logb,
                                g0=None if a_g is None else g0 * (a_k / a_g),
                                tol=max(tol, 1e-2 * mass), comm=comm,
-                               acceleration=acceleration, warn=False,
+                               acceleration=acceleration,
                                max_iter=max_iter - passes - 1, s_max=abs(a_k) * max_abs, **kw)
             passes += st.n_iter
+            if not math.isfinite(st.err):  # reported by the caller
+                return st
             g0, a_g = st.g, a_k
         if a_g is not None:
             g0 = g0 * (alpha / a_g)
@@ -483,8 +450,6 @@ def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: fl
                 sol = cold
         sol.n_iter = 0  # every pass is counted in passes
     sol.n_iter += passes
-    if not fixed and not sol.converged:
-        warn_unconverged(sol.n_iter, sol.err, tol)
     return sol
 
 
@@ -496,14 +461,12 @@ STALL_WINDOW = 100
 def _final(backend, X, alpha, loga, logb, *, comm, acceleration, n_iter, s_max,
            stall_window=None, plan=None, **kw):
     """The solve at the requested ``alpha``: the generic loop, or the backend's own for plain
-    passes (on the GPU a device-side loop).  Never warns: :func:`solve` does, once."""
+    passes (on the GPU a device-side loop)."""
     fixed = n_iter is not None
-    if comm is not None or (acceleration is not None and not fixed) or stall_window:
+    if not comm.local or (acceleration is not None and not fixed) or stall_window:
         return sinkhorn_loop(backend, X, alpha, loga, logb, n_iter=n_iter, comm=comm,
-                             acceleration=acceleration, warn=False, s_max=s_max,
+                             acceleration=acceleration, s_max=s_max,
                              stall_window=stall_window, plan=plan, **kw)
     if plan is not None:
         kw["plan"] = plan
-    with warnings.catch_warnings():  # its warning counts its own passes: solve() warns
-        warnings.filterwarnings("ignore", "Sinkhorn did not converge", UserWarning)
-        return backend.solve(X, alpha, loga, logb, n_iter=n_iter, **kw)
+    return backend.solve(X, alpha, loga, logb, n_iter=n_iter, **kw)

@@ -6,8 +6,8 @@ import numbers
 
 import numpy as np
 
+from . import _problem
 from . import _validation as V
-from ._api import _common, _solve
 from ._results import UnbalancedResult
 
 __all__ = ["sinkhorn_unbalanced"]
@@ -125,17 +125,17 @@ def sinkhorn_unbalanced(C, a=None, b=None, *, reg, reg_m, tol=None, max_iter=100
     """
     reg = V.positive_scalar(reg, "reg")
     reg_m_a, reg_m_b = reg_m_pair(reg_m)
+    opts = _problem.options(tol=tol, max_iter=max_iter, n_iter=n_iter, n_threads=n_threads,
+                            init=init)
     rho_a, rho_b = relaxation(reg_m_a, reg), relaxation(reg_m_b, reg)
     alpha = -1.0 / reg
-    balanced = rho_a == 1.0 and rho_b == 1.0
-    native, backend, X, sol = _solve(
-        C, "C", alpha=alpha, a=a, b=b, rho_a=rho_a, rho_b=rho_b, tol=tol, max_iter=max_iter,
-        n_iter=n_iter, init=init, n_threads=n_threads, want_labels=False, balanced=balanced)
-    xp = backend.xp
-    n, m = X.shape
-    # Already validated by _solve (this repeats only the O(n + m) conversion).
-    wa, loga = V.marginal(a, n, "a", xp)
-    wb, logb = V.marginal(b, m, "b", xp)
+    p = _problem.prepare(C, "C", alpha=alpha, a=a, b=b, rho_a=rho_a, rho_b=rho_b, opts=opts,
+                         want_labels=False, balanced=rho_a == 1.0 and rho_b == 1.0,
+                         reducer=_problem.reducer(None))
+    sol = _problem.run(p)
+    xp, backend, X = p.xp, p.backend, p.X
+    n = X.shape[0]
+    (wa, loga), (wb, logb) = p.a, p.b
     f, g = sol.f, sol.g
     # Marginals of the returned plan.  The f update makes the rows meet their relaxed target
     # exactly: log(Q 1)_i = LSE_y(S_iy + g_y) + f_i = log a_i / rho_a + f_i (1 - 1 / rho_a).
@@ -172,7 +172,7 @@ def sinkhorn_unbalanced(C, a=None, b=None, *, reg, reg_m, tol=None, max_iter=100
     for arr in (r, c):
         if isinstance(arr, np.ndarray):
             arr.setflags(write=False)
-    common = _common(native, backend, X, alpha, sol, cost)
-    return UnbalancedResult(**common, objective=float(obj), err_a=err_a, err_b=err_b,
-                            dev_a=dev_a, dev_b=dev_b, mass=mass,
-                            row_sums=native.wrap(r), col_sums=native.wrap(c))
+    wrap = p.native.wrap
+    return UnbalancedResult(**_problem.result_fields(p, sol, cost), objective=float(obj),
+                            err_a=err_a, err_b=err_b, dev_a=dev_a, dev_b=dev_b, mass=mass,
+                            row_sums=wrap(r), col_sums=wrap(c))

@@ -291,13 +291,106 @@ def as_comm(obj) -> Comm:
 
 
 # --------------------------------------------------------------------------- the solve
-class _Shard:
-    """The communicator as one solve sees it: adds the global row count."""
+class Sharded:
+    """The reducer of a solve whose rows are split across the ranks of ``comm`` (the
+    interface of ``_reducer.Local``): the loop's reductions are collectives, and the
+    preparation's two exchanges make every rank raise the same error or none."""
 
-    def __init__(self, comm: Comm, n_rows_total: int):
-        self._comm = comm
-        self.n_rows_total = n_rows_total
+    local = False
+    sharded = True
 
+    def __init__(self, comm):
+        self._comm = as_comm(comm)
+        self.n_rows_total = 0
+        self._offset = 0      # global index of this rank's first row
+
+    # -- preparation --------------------------------------------------------------------
+    def agreed(self, fn, *args):
+        return agreed(self._comm, fn, *args)
+
+    def agree_shape(self, exc, N: int, total_a, params, name: str) -> tuple:
+        """One all-reduce: error flags, the row counts, the masses of ``a`` and both signs
+        of every parameter that must agree (max of q and of -q: equal iff the same)."""
+        comm = self._comm
+        P, rank = comm.size, comm.rank
+        nums = []
+        for what, q in params:
+            if q is None or hasattr(q, "shape"):  # a vector (b, init): two checksums
+                nums += [(what, v) for v in _checksum(q)]
+            else:
+                nums.append((what, float(q)))
+        vec = np.full(3 * P + 2 * len(nums), -math.inf)
+        vec[:3 * P] = 0.0
+        vec[rank] = exc is not None
+        if exc is None:
+            vec[P + rank] = N
+            vec[2 * P + rank] = 0.0 if total_a is None else total_a
+            for k, (_, q) in enumerate(nums):
+                vec[3 * P + 2 * k] = q
+                vec[3 * P + 2 * k + 1] = -q
+        vec = comm.allreduce_max(vec)
+        _agree_on_errors(comm, exc, vec)
+        for k, (what, _) in enumerate(nums):
+            hi, lo = vec[3 * P + 2 * k], -vec[3 * P + 2 * k + 1]
+            if hi != lo:
+                raise ValueError(f"comm: the {what} differs across ranks ({lo:g} to {hi:g}); "
+                                 "every rank must pass the same K, dtype, options, b and init")
+        counts = vec[P:2 * P].astype(np.int64)
+        self.n_rows_total = n_total = int(counts.sum())
+        self._offset = int(counts[:rank].sum())
+        if n_total == 0:
+            raise ValueError(f"{name} is empty on every rank (K = {params[0][1]})")
+        if total_a is None and exc is None:
+            return n_total, 1.0
+        sum_a = float(vec[2 * P:3 * P].sum())
+        if not sum_a > 0:
+            raise ValueError("a sums to zero over all ranks")
+        return n_total, sum_a
+
+    def agree_scan(self, exc, chk: dict, Xs, forbidden: float) -> dict:
+        """One all-reduce of the validation scans: the first invalid entry and empty row in
+        global row order, the columns allowed on some rank, the largest |entry|."""
+        comm = self._comm
+        P, rank = comm.size, comm.rank
+        N, K = Xs.shape
+        allowed = np.zeros(K)
+        if exc is None and N > 0:
+            if int(chk["first_empty_col"]) < 0:
+                allowed[:] = 1.0
+            else:
+                allowed = to_host((Xs != forbidden).any(axis=0)).astype(np.float64)
+        vec = np.full(P + 3 + K, -math.inf)
+        vec[:P] = 0.0
+        vec[rank] = exc is not None
+        if exc is None:
+            fi = int(chk["first_invalid"])
+            if fi >= 0:
+                i, j = divmod(fi, K)
+                vec[P] = -float((self._offset + i) * K + j)
+            r = int(chk["first_empty_row"])
+            if r >= 0:
+                vec[P + 1] = -float(self._offset + r)
+            vec[P + 2] = float(chk["max_abs"])
+            vec[P + 3:] = allowed
+        vec = comm.allreduce_max(vec)
+        _agree_on_errors(comm, exc, vec)
+        return {
+            "first_invalid": -int(vec[P]) if math.isfinite(vec[P]) else -1,
+            "first_empty_row": -int(vec[P + 1]) if math.isfinite(vec[P + 1]) else -1,
+            "first_empty_col": int(np.argmin(vec[P + 3:])) if bool(
+                (vec[P + 3:] <= 0).any()) else -1,
+            "max_abs": max(float(vec[P + 2]), 0.0),
+        }
+
+    def loop_backend(self, backend, N: int):
+        return backend if N > 0 else _EmptyBlock(backend)
+
+    def sum_counts(self, counts):
+        """Integer counts (cluster sizes) summed over every rank."""
+        xp = _xp(counts)
+        return self._comm.allreduce_sum(counts.astype(xp.float64)).astype(xp.int64)
+
+    # -- the loop -----------------------------------------------------------------------
     def allreduce_sum(self, x):
         return self._comm.allreduce_sum(x)
 
@@ -308,7 +401,7 @@ class _Shard:
         return self._comm.allreduce_lse(x)
 
     def allreduce_pass(self, col, colmax, qx):
-        return self._comm.allreduce_pass(col, colmax, qx)
+        return self._comm.allreduce_pass(col, colmax, float(qx))
 
 
 class _EmptyBlock:
@@ -318,6 +411,8 @@ class _EmptyBlock:
     def __init__(self, backend):
         self._b = backend
         self.xp = backend.xp
+        self.labels_per_pass = True   # no rows: no labels to compute after the loop
+        self.mixed_precision = False
 
     def column_lse(self, X, alpha, f):
         return self.xp.full(X.shape[1], -math.inf)
@@ -328,9 +423,6 @@ class _EmptyBlock:
 
     def column_update(self, *args):
         return self._b.column_update(*args)
-
-
-_DTYPE_CODE = {"float64": 0, "float32": 1, "float16": 2, "bfloat16": 3}
 
 
 def _agree_on_errors(comm: Comm, exc, flags_max):
@@ -377,137 +469,3 @@ def _checksum(v):
     h = to_host(v)
     h = np.where(np.isfinite(h), h, 0.0)
     return (float(h.sum()), float((h * np.cos(np.arange(h.shape[0]))).sum()))
-
-
-def _solve_sharded(M, name, *, alpha, a, b, rho_a, rho_b, tol, max_iter, n_iter, init,
-                   acceleration="anderson", eps_scaling=True,
-                   n_threads, want_labels, balanced, comm):
-    """``_api._solve`` for a block of rows: validation agreed across ranks, then the generic
-    loop with the communicator.  Returns (native, backend, X, sol) like ``_api._solve``."""
-    from . import _validation as V
-    from ._api import _DEFAULT_TOL, _backend
-    from ._arrays import to_native
-    from ._solver import drop_massless_columns, restore_columns, solve
-
-    comm = as_comm(comm)
-    P, rank = comm.size, comm.rank
-
-    # Phase 1: everything a rank can check alone.
-    exc = None
-    native = backend = xp = X = None
-    N = K = 0
-    wa = loga = wb = logb = g0 = None
-    try:
-        native = to_native(M, name)
-        n_threads = V.positive_int(n_threads, "n_threads", allow_none=True)
-        max_iter = V.positive_int(max_iter, "max_iter")
-        n_iter = V.positive_int(n_iter, "n_iter", allow_none=True)
-        tol = None if tol is None else V.positive_scalar(tol, "tol")
-        backend = _backend(native, n_threads)
-        xp = backend.xp
-        X = V.matrix(native, name, xp, allow_empty_rows=True)
-        N, K = X.shape
-        mb = V.marginal(b, K, "b", xp)
-        wb, logb = mb
-        if a is not None:
-            wa, loga = V.marginal(a, N, "a", xp, allow_zero_sum=True)
-        g0 = V.init_potential(init, K, xp)
-    except Exception as e:  # reported on every rank below
-        exc = e
-    params = [("number of columns K", K), ("rho_a", rho_a), ("rho_b", rho_b),
-              ("dtype", _DTYPE_CODE.get(getattr(native, "dtype", None), -1)),
-              ("alpha (lam or -1/reg)", alpha),
-        ("tol", -1.0 if tol is None else tol), ("max_iter", max_iter),
-        ("n_iter", -1 if n_iter is None else n_iter), ("a given", a is not None),
-        ("b", _checksum(wb)[0]), ("b", _checksum(wb)[1]),
-        ("init", _checksum(g0)[0]), ("init", _checksum(g0)[1])]
-    vec = np.full(2 * P + 2 * len(params), -math.inf)
-    vec[:2 * P] = 0.0
-    if exc is None:
-        vec[rank] = 0.0
-        vec[P + rank] = N
-        for k, (_, q) in enumerate(params):
-            vec[2 * P + 2 * k] = float(q)
-            vec[2 * P + 2 * k + 1] = -float(q)
-    else:
-        vec[rank] = 1.0
-    vec = comm.allreduce_max(vec)
-    _agree_on_errors(comm, exc, vec)
-    for k, (what, _) in enumerate(params):
-        hi, lo = vec[2 * P + 2 * k], -vec[2 * P + 2 * k + 1]
-        if hi != lo:
-            raise ValueError(f"comm: the {what} differs across ranks ({lo:g} to {hi:g}); "
-                             "every rank must pass the same K, dtype, options, b and init")
-    counts = vec[P:2 * P].astype(np.int64)
-    n_total = int(counts.sum())
-    if n_total == 0:
-        raise ValueError(f"{name} is empty on every rank (K = {K})")
-
-    # Phase 2: local scans, combined so every rank raises the same error.
-    exc = None
-    forbidden = -math.inf if alpha > 0 else math.inf
-    keep = None
-    Xs, logb_s = X, logb
-    Kk = int((wb > 0).sum())   # b agrees on every rank: so does the length sent below
-    chk = {"first_invalid": -1, "first_empty_row": -1, "first_empty_col": -1, "max_abs": 0.0}
-    allowed = np.zeros(Kk)
-    sum_a = 0.0
-    try:
-        if wa is None:
-            wa = xp.full(N, 1.0 / n_total)
-            loga = xp.log(wa)
-        sum_a = float(wa.sum())
-        # KL-relaxed sides: the kernels are handed log a / rho_a (as in _api._solve).
-        if rho_a != 1.0:
-            loga = loga / rho_a
-        if rho_b != 1.0:
-            logb = logb / rho_b
-        Xs, logb_s, g0, keep = drop_massless_columns(X, wb, logb, g0, xp, mb.any_zero)
-        g0 = V.finite_init(g0)  # same init on every rank: every rank raises alike
-        allowed = np.zeros(Kk)
-        if N > 0:
-            chk = backend.check(Xs, forbidden)
-            if int(chk["first_empty_col"]) < 0:
-                allowed[:] = 1.0
-            else:
-                allowed = to_host((Xs != forbidden).any(axis=0)).astype(np.float64)
-    except Exception as e:
-        exc = e
-    offset = int(counts[:rank].sum())
-    vec = np.full(2 * P + 3 + Kk, -math.inf)
-    vec[:P] = 0.0
-    vec[rank] = 1.0 if exc is not None else 0.0
-    if exc is None:
-        vec[P + rank] = sum_a
-        fi = int(chk["first_invalid"])
-        if fi >= 0:
-            i, j = divmod(fi, Kk)
-            vec[2 * P] = -float((offset + i) * Kk + j)
-        r = int(chk["first_empty_row"])
-        if r >= 0:
-            vec[2 * P + 1] = -float(offset + r)
-        vec[2 * P + 2] = float(chk["max_abs"])
-        vec[2 * P + 3:] = allowed
-    vec = comm.allreduce_max(vec)
-    _agree_on_errors(comm, exc, vec)
-    sum_a = float(np.sum(np.where(np.isfinite(vec[P:2 * P]), vec[P:2 * P], 0.0)))
-    if not sum_a > 0:
-        raise ValueError("a sums to zero over all ranks")
-    if balanced:
-        V.balanced_totals(sum_a, mb.total)
-    glob = {
-        "first_invalid": -int(vec[2 * P]) if math.isfinite(vec[2 * P]) else -1,
-        "first_empty_row": -int(vec[2 * P + 1]) if math.isfinite(vec[2 * P + 1]) else -1,
-        "first_empty_col": int(np.argmin(vec[2 * P + 3:])) if bool(
-            (vec[2 * P + 3:] <= 0).any()) else -1,
-        "max_abs": max(float(vec[2 * P + 2]), 0.0),
-    }
-    V.matrix_values(glob, (n_total, Kk), name, forbidden, alpha, native.dtype)
-    tol = _DEFAULT_TOL[native.dtype] * sum_a if tol is None else tol
-
-    loop_backend = backend if N > 0 else _EmptyBlock(backend)
-    sol = solve(loop_backend, Xs, alpha, loga, logb_s, rho_a=rho_a, rho_b=rho_b, g0=g0,
-                tol=tol, max_iter=max_iter, n_iter=n_iter, want_labels=want_labels,
-                comm=_Shard(comm, n_total), acceleration=acceleration,
-                eps_scaling=eps_scaling, max_abs=glob["max_abs"])
-    return native, backend, X, restore_columns(sol, keep, K, xp)

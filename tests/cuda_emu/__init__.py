@@ -136,9 +136,25 @@ _KERNELS: dict = {}
 def kernel(name):
     k = _KERNELS.get(name)
     if k is None:
-        k = Kernel(name, _compile([name]), 0)
-        _KERNELS[name] = k
+        group = _group(name)
+        lib = _compile(group)
+        for i, n in enumerate(group):
+            _KERNELS.setdefault(n, Kernel(n, lib, i))
+        k = _KERNELS[name]
     return k
+
+
+def _group(name):
+    """Every instance the backend may launch for the input dtype ``name`` serves, compiled
+    together on the first use of one: parsing the source is most of a g++ run, so one library
+    of 90 instances costs about as much as ten of one (and is cached on disk the same way)."""
+    from sinkhorn_ot import _cuda
+
+    for dtype in ("float32", "float64", "float16", "bfloat16"):
+        names = _cuda.instances(dtype)
+        if name in names:
+            return names
+    return [name]
 
 
 def precompile(names):
@@ -230,8 +246,8 @@ def _wrap(x):
 # Device memory is mapped between two inaccessible pages, its end 16-byte aligned against the
 # second one: an access past either end faults at once (the run dies with a segmentation fault
 # and its traceback) instead of corrupting the emulation.  The < 16 bytes of slack before the
-# back page hold guard bytes, checked after every launch.  Run 2's float64 partials written
-# into float32-sized buffers would have faulted on the first launch.
+# back page hold guard bytes, checked after every launch.  (A buffer sized for float32
+# partials and written as float64 faults on the first launch.)
 _PAGE = mmap.PAGESIZE
 _GUARD_BYTE = 0xA5
 _LIVE: "weakref.WeakValueDictionary[int, np.ndarray]" = weakref.WeakValueDictionary()
@@ -367,14 +383,11 @@ def installed():
 
     saved = sys.modules.get("cupy")
     sys.modules["cupy"] = fake_cupy()
-    caches = (_cuda._KERNELS, _cuda._WORK, _cuda._LAYOUTS, _cuda._SM_COUNT, _cuda._NUM_REGS)
-    for c in caches:
-        c.clear()
+    _cuda.clear_caches()
     try:
         yield sys.modules["cupy"]
     finally:
-        for c in caches:
-            c.clear()
+        _cuda.clear_caches()
         if saved is None:
             sys.modules.pop("cupy", None)
         else:
