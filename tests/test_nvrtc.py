@@ -294,23 +294,36 @@ def test_pipe_instances_listed_and_layout(monkeypatch):
 @pytest.mark.parametrize("name", ["State", "PassArgs", "FinishArgs"])
 def test_argument_structs_match_the_compiler(name):
     """The NumPy dtype the launchers build from kernel_args.cuh has the compiler's field
-    offsets and size (NVRTC compiles a static_assert per field)."""
+    offsets and size.  NVRTC compiles a kernel that stores sizeof and every offset; they
+    are constants, read back from the PTX (no device needed, and no __builtin_offsetof,
+    which older NVRTC versions lack)."""
+    import re
+
     _nvrtc()
     from cupy.cuda import nvrtc
 
     dt = _cuda.launch.struct_dtype(name)
-    checks = [f"static_assert(sizeof({name}) == {dt.itemsize}, \"size\");"]
-    checks += [f"static_assert(__builtin_offsetof({name}, {f}) == {dt.fields[f][1]}, "
-               f"\"{f}\");" for f in dt.names]
-    src = _cuda.kernels.read_source("kernel_args.cuh") + "\n" + "\n".join(checks) + "\n"
+    body = [f"o[0] = sizeof({name});"]
+    body += [f"o[{k + 1}] = (unsigned long long)((const char*)&t.{f} - (const char*)&t);"
+             for k, f in enumerate(dt.names)]
+    src = (_cuda.kernels.read_source("kernel_args.cuh") +
+           f"\nextern \"C\" __global__ void offsets(unsigned long long* o) {{\n"
+           f"    {name} t;\n    " + "\n    ".join(body) + "\n}\n")
     prog = nvrtc.createProgram(src, "args.cu", [], [])
     try:
         try:
-            nvrtc.compileProgram(prog, ["-std=c++17", "--gpu-architecture=sm_90"])
+            nvrtc.compileProgram(prog, ["-std=c++17", "--gpu-architecture=compute_90"])
         except nvrtc.NVRTCError as exc:
             raise AssertionError(f"{exc}\n{nvrtc.getProgramLog(prog)}") from None
+        ptx = nvrtc.getPTX(prog)
     finally:
         nvrtc.destroyProgram(prog)
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    regs = dict(re.findall(r"mov\.u64\s+(%rd\d+),\s*(\d+);", ptx))
+    stored = {int(off or 0) // 8: int(regs.get(val, val)) for off, val in re.findall(
+        r"st\.global\.u64\s+\[%rd\d+(?:\+(\d+))?\],\s*(%rd\d+|\d+);", ptx)}
+    want = {0: dt.itemsize, **{k + 1: dt.fields[f][1] for k, f in enumerate(dt.names)}}
+    assert stored == want, (stored, want)
     assert dt.itemsize == {"State": 64, "PassArgs": 128, "FinishArgs": 120}[name]
 
 
