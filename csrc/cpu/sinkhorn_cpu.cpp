@@ -223,6 +223,31 @@ T* plan_row_ptr(const PlanOut<T>* p, int64_t i, int64_t K, int64_t& cursor) {
     return (cursor < p->n_rows && p->rows[cursor] == i) ? p->out + cursor * K : nullptr;
 }
 
+// A row's validation facts into its thread's CheckOut (the exact position of a bad entry
+// by a scalar scan, only in a row that has one).
+template <class T>
+void note_row(CheckOut& pc, const LseRow& r, const T* x, int64_t i, int64_t K, T sgn) {
+    pc.max_abs = std::max(pc.max_abs, r.mx);
+    if (r.bad && pc.first_invalid < 0)
+        for (int64_t y = 0; y < K; ++y)
+            if (!(sgn * x[y] < std::numeric_limits<T>::infinity())) {
+                pc.first_invalid = i * K + y;
+                break;
+            }
+    if (!r.allowed && pc.first_empty_row < 0) pc.first_empty_row = i;
+}
+
+// The threads' facts in one (threads hold increasing row ranges: the first hit wins).
+CheckOut combine_checks(const std::vector<CheckOut>& part) {
+    CheckOut out;
+    for (const CheckOut& p : part) {
+        if (out.first_invalid < 0) out.first_invalid = p.first_invalid;
+        if (out.first_empty_row < 0) out.first_empty_row = p.first_empty_row;
+        out.max_abs = std::max(out.max_abs, p.max_abs);
+    }
+    return out;
+}
+
 template <class T>
 void exact_colmax(const T* X, int64_t N, int64_t K, double alpha, const double* f,
                   const double* g, double* colmax, int nt) {
@@ -403,15 +428,8 @@ bool column_lse(const T* X, int64_t N, int64_t K, double alpha, const double* f,
                     kern.lse_max_row_plain(x, K, alpha, fi, sgn, bm.data());
                     continue;
                 }
-                LseRow r = kern.lse_max_row_check(x, K, alpha, fi, sgn, bm.data());
-                pc.max_abs = std::max(pc.max_abs, r.mx);
-                if (r.bad && pc.first_invalid < 0)
-                    for (int64_t y = 0; y < K; ++y)
-                        if (!(sgn * x[y] < std::numeric_limits<T>::infinity())) {
-                            pc.first_invalid = i * K + y;
-                            break;
-                        }
-                if (!r.allowed && pc.first_empty_row < 0) pc.first_empty_row = i;
+                note_row(pc, kern.lse_max_row_check(x, K, alpha, fi, sgn, bm.data()), x, i, K,
+                         sgn);
             }
             kern.lse_rescale(M[tid].data(), Z[tid].data(), bm.data(), K);
             for (int64_t i = i0; i < i1; ++i)
@@ -430,12 +448,7 @@ bool column_lse(const T* X, int64_t N, int64_t K, double alpha, const double* f,
         L[y] = nmx == kNoMax ? kNegInf : -nmx + std::log(z);
     }
     if (check) {
-        *check = CheckOut();
-        for (int k = 0; k < nt; ++k) {  // threads hold increasing row ranges: first hit wins
-            if (check->first_invalid < 0) check->first_invalid = part[k].first_invalid;
-            if (check->first_empty_row < 0) check->first_empty_row = part[k].first_empty_row;
-            check->max_abs = std::max(check->max_abs, part[k].max_abs);
-        }
+        *check = combine_checks(part);
         for (int64_t y = 0; y < K; ++y)
             if (L[y] == kNegInf) {
                 check->first_empty_col = y;
@@ -447,52 +460,29 @@ bool column_lse(const T* X, int64_t N, int64_t K, double alpha, const double* f,
 
 template <class T>
 CheckOut check_matrix(const T* X, int64_t N, int64_t K, double forbidden, int n_threads) {
-    int nt = resolve_threads(n_threads, N, K);
-    const T forb = static_cast<T>(forbidden);
-    std::vector<std::vector<unsigned char>> col_ok(nt);
+    // The validation sweep of column_lse alone: column maxima of sgn * x (-inf on a
+    // forbidden pair, so a column whose maximum stays at its start has none allowed).
+    const int nt = resolve_threads(n_threads, N, K);
+    const T sgn = forbidden < 0 ? T(1) : T(-1);
+    std::vector<std::vector<double>> bm(nt);
     std::vector<CheckOut> part(nt);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int tid = thread_id();
-        std::vector<unsigned char>& ok = col_ok[tid];
-        ok.assign(K, 0);
-        CheckOut& p = part[tid];
+        FlushDenormals ftz;
+        const int tid = thread_id();
+        bm[tid].assign(K, -kNoMax);
         int64_t lo, hi;
         row_range(N, nt, tid, lo, hi);
-        T mx = 0;
-        for (int64_t i = lo; i < hi; ++i) {
-            const T* x = X + i * K;
-            int bad = 0, allowed = 0;
-#pragma omp simd reduction(+ : bad, allowed) reduction(max : mx)
-            for (int64_t y = 0; y < K; ++y) {
-                T v = x[y];
-                bool fin = std::abs(v) <= std::numeric_limits<T>::max();
-                bad += !(fin || v == forb);  // NaN or the wrong infinity
-                allowed += v != forb;
-                ok[y] |= v != forb;
-                mx = std::max(mx, fin ? std::abs(v) : T(0));
-            }
-            if (bad && p.first_invalid < 0) {
-                for (int64_t y = 0; y < K; ++y)
-                    if (!(std::abs(x[y]) <= std::numeric_limits<T>::max() || x[y] == forb)) {
-                        p.first_invalid = i * K + y;
-                        break;
-                    }
-            }
-            if (!allowed && p.first_empty_row < 0) p.first_empty_row = i;
-        }
-        p.max_abs = static_cast<double>(mx);
+        for (int64_t i = lo; i < hi; ++i)
+            note_row(part[tid], kernels<T>().lse_max_row_check(X + i * K, K, sgn, 0.0, sgn,
+                                                               bm[tid].data()),
+                     X + i * K, i, K, sgn);
     }
-    CheckOut out;
-    for (int k = 0; k < nt; ++k) {  // threads hold increasing row ranges: the first hit wins
-        if (out.first_invalid < 0) out.first_invalid = part[k].first_invalid;
-        if (out.first_empty_row < 0) out.first_empty_row = part[k].first_empty_row;
-        out.max_abs = std::max(out.max_abs, part[k].max_abs);
-    }
+    CheckOut out = combine_checks(part);
     for (int64_t y = 0; y < K && out.first_empty_col < 0; ++y) {
-        bool any_ok = false;
-        for (int k = 0; k < nt; ++k) any_ok |= col_ok[k][y] != 0;
-        if (!any_ok) out.first_empty_col = y;
+        bool none = true;
+        for (int k = 0; k < nt; ++k) none &= bm[k][y] == -kNoMax;
+        if (none) out.first_empty_col = y;
     }
     return out;
 }

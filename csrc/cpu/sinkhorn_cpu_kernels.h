@@ -336,7 +336,7 @@ LseRow lse_max_row(const T* __restrict x, int64_t K, double alpha, double f_i, T
             bad = bad | ~(xs < inf);
             auto allow = xs > -inf;
             ok = ok | allow;
-            hi = vmax(hi, select(allow, xs, splat<E>(T(0))));
+            hi = vmax(hi, select(xs < inf, xs, splat<E>(T(0))));  // the finite entries only
             lo = vmin(lo, select(allow, xs, splat<E>(T(0))));
         };
         const int64_t Kb = K - K % B;
