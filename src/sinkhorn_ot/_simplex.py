@@ -223,15 +223,18 @@ class _Tree:
         return rows, cols, v
 
 
-def finish(Cm, a, b, start=(), *, duals=None, forbidden=None, max_pivots=None):
+def finish(Cm, a, b, start=(), *, duals=None, forbidden=None, max_pivots=None,
+           stall_limit=None):
     """Optimal basic plan and duals of ``min <P, Cm>`` over the transport polytope.
 
     ``Cm`` (n x m, finite; forbidden pairs already set to ``big``), ``a``, ``b`` (same total);
     ``start``: pairs to build the first basis from (priority order), completed to a spanning
     tree by the pairs of least reduced cost under ``duals`` (approximate ``(f, g)``, e.g.
     HiGHS's: the degenerate basic pairs it had are the tight ones), or of least cost.
-    Returns ``(rows, cols, flows, f, g)`` of the tree (zero flows included).  Raises
-    :class:`Infeasible` when the optimum uses a ``forbidden`` pair (boolean n x m).
+    ``stall_limit``: degenerate pivots in a row before Bland's rule takes over (default
+    ``n + m``; 0: Bland's rule throughout).  Returns ``(rows, cols, flows, f, g)`` of the
+    tree (zero flows included).  Raises :class:`Infeasible` when the optimum uses a
+    ``forbidden`` pair (boolean n x m).
     """
     n, m = Cm.shape
     a = np.asarray(a, dtype=np.float64)
@@ -247,6 +250,7 @@ def finish(Cm, a, b, start=(), *, duals=None, forbidden=None, max_pivots=None):
     T.x = [max(t, 0.0) for t in T.x]
     limit = max_pivots if max_pivots is not None else 50 * (n + m) ** 2
     rows_per_block = max(1, min(n, -(-max(BLOCK, int(np.sqrt(n * m))) // m)))
+    stall_limit = n + m if stall_limit is None else stall_limit
     start_row, stall, pivots = 0, 0, 0
     while True:
         # block pricing, round robin over the rows, until a whole round finds nothing
@@ -255,7 +259,7 @@ def finish(Cm, a, b, start=(), *, duals=None, forbidden=None, max_pivots=None):
             if pivots > limit:
                 raise RuntimeError("emd: the transport simplex did not finish")
             f, g = T.pot[:n], T.pot[n:]
-            if stall > n + m:  # Bland: the least-index pair of negative reduced cost
+            if stall >= stall_limit:  # Bland: the least-index pair of negative reduced cost
                 R = Cm - f[:, None] - g[None, :]
                 neg = (R < -eps).ravel()
                 k = int(np.argmax(neg))
