@@ -323,14 +323,15 @@ def degenerate(draw, n_max=40, m_max=40):
 
 @settings(max_examples=N_EX)
 @given(prob=degenerate(), rule=st.sampled_from(["default", "bland", "cunningham"]),
-       start=st.sampled_from(["northwest", "emd"]))
-def test_simplex_terminates_on_degenerate_problems(prob, rule, start):
+       start=st.sampled_from(["northwest", "emd"]), perturb=st.sampled_from([False, True]))
+def test_simplex_terminates_on_degenerate_problems(prob, rule, start, perturb):
     """Anti-cycling: the transport simplex ends (within its pivot limit: cycling would run
     into it and raise) on degenerate LPs under each pivot rule: Bland's throughout, block
     pricing with Cunningham's leaving rule and no Bland fallback, and the default (Bland's
     after n + m degenerate pivots in a row), from the degenerate northwest corner or emd's
-    own start.  Reference: POT's ot.emd cost (integral data: exact to round-off); the plan
-    is integral, exact on its marginals, and the duals certify it."""
+    own start, on the marginals as given (degenerate pivots) or perturbed (none).
+    Reference: POT's ot.emd cost (integral data: exact to round-off); the plan is integral,
+    exact on its marginals, and the duals certify it."""
     ot = pytest.importorskip("ot")
     from sinkhorn_ot import _simplex
 
@@ -338,7 +339,8 @@ def test_simplex_terminates_on_degenerate_problems(prob, rule, start):
     n, m = C.shape
     limit = {"default": None, "bland": 0, "cunningham": 10**9}[rule]
     first = _simplex._northwest(a, b) if start == "northwest" else ()
-    rows, cols, x, f, g = _simplex.finish(C, a, b, first, stall_limit=limit)
+    rows, cols, x, f, g = _simplex.finish(C, a, b, first, stall_limit=limit,
+                                          perturb=perturb)
     P = np.zeros((n, m))
     np.add.at(P, (rows, cols), x)
     np.testing.assert_array_equal(P.sum(1), a)

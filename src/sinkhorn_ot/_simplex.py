@@ -13,17 +13,21 @@ one proves the problem infeasible.
 The tree is kept rooted at row 0 as parent pointers, depths and a preorder (each subtree a
 contiguous block), so a pivot costs the length of its cycle in Python steps plus a few
 vector operations over the nodes.  Entering pairs come from block pricing (the most negative
-reduced cost of the next block of rows, round robin), the leaving pair by Cunningham's rule
-(the last blocking pair met going round the cycle from its apex), which keeps degenerate
-stalls short; after a long run of degenerate pivots the pivots follow Bland's rule (least
-index entering and leaving) until one moves flow, which rules out cycling.
+reduced cost of the next block of rows, round robin).  Degeneracy: the pivots run on
+marginals perturbed so that no basis has a zero flow (Orden's perturbation, see
+:func:`finish`); on the marginals as given (the fallback) the leaving pair follows
+Cunningham's rule (the last blocking pair met going round the cycle from its apex), and
+after a long run of degenerate pivots the pivots follow Bland's rule (least index entering
+and leaving) until one moves flow, which rules out cycling.
 """
 from __future__ import annotations
 
 import numpy as np
 
-
+# Pairs priced per pivot (whole rows; at least sqrt(n m)).
 BLOCK = 4096
+# Orden's perturbation of the marginals (see finish), relative to the mass per node.
+PERTURBATION = 1e-10
 
 
 class Infeasible(ValueError):
@@ -37,9 +41,18 @@ def _find(parent, v):
     return v
 
 
-def _spanning_tree(n, m, edges, R):
+def _spanning_tree(n, m, edges, R, sink=None):
     """Complete the acyclic part of ``edges`` (pairs (i, j), in priority order) to a spanning
-    tree of the complete bipartite graph, adding pairs of least ``R`` (n x m)."""
+    tree of the complete bipartite graph, adding pairs of least ``R`` (n x m).
+
+    With ``sink`` (a column), every pair added joins a part of the tree holding rows to the
+    part holding the sink through one of its rows (so the extra supply a perturbation puts on
+    every row reaches the sink along it, with positive flow; see :func:`finish`), or a part
+    without rows through one of its columns: a Prim growth from the sink's part over each
+    row's and each column's 8 least-``R`` pairs, then direct pairs (row, sink) for any part
+    left."""
+    import heapq
+
     parent = list(range(n + m))
     tree = []
     for i, j in edges:
@@ -47,11 +60,16 @@ def _spanning_tree(n, m, edges, R):
         if ri != rj:
             parent[ri] = rj
             tree.append((i, j))
-    if len(tree) < n + m - 1:
-        # only the cheapest pairs of each row and column can be needed first; all when not
-        k = min(m, 8)
-        cand = np.argpartition(R, k - 1, axis=1)[:, :k] if k < m else np.tile(np.arange(m), (n, 1))
-        flat = (np.arange(n)[:, None] * m + cand).ravel()
+    if len(tree) == n + m - 1:
+        return tree
+    k_r, k_c = min(m, 8), min(n, 8)
+    cand_r = np.argpartition(R, k_r - 1, axis=1)[:, :k_r] if k_r < m else \
+        np.broadcast_to(np.arange(m), (n, m))
+    cand_c = np.argpartition(R, k_c - 1, axis=0)[:k_c, :] if k_c < n else \
+        np.broadcast_to(np.arange(n)[:, None], (n, m))
+    if sink is None:
+        flat = np.unique(np.concatenate([(np.arange(n)[:, None] * m + cand_r).ravel(),
+                                         (cand_c * m + np.arange(m)[None, :]).ravel()]))
         flat = flat[np.argsort(R.ravel()[flat], kind="stable")]
         for order in (flat, np.argsort(R, axis=None, kind="stable")):
             for k in order.tolist():
@@ -62,6 +80,58 @@ def _spanning_tree(n, m, edges, R):
                     tree.append((i, j))
                     if len(tree) == n + m - 1:
                         return tree
+        return tree
+    # the parts, their members, and the candidate pairs at each node
+    roots = [_find(parent, v) for v in range(n + m)]
+    members: dict = {}
+    for v, r in enumerate(roots):
+        members.setdefault(r, []).append(v)
+    has_row = {r: any(v < n for v in vs) for r, vs in members.items()}
+    at_row = [[] for _ in range(n)]
+    at_col = [[] for _ in range(m)]
+    for i, js in enumerate(cand_r.tolist()):
+        for j in js:
+            at_row[i].append(j)
+            at_col[j].append(i)
+    for j, is_ in enumerate(cand_c.T.tolist()):
+        for i in is_:
+            at_row[i].append(j)
+            at_col[j].append(i)
+    attached = set()
+    heap = []
+
+    def attach(r):
+        attached.add(r)
+        for v in members[r]:
+            if v < n:  # pairs into a part without rows, through its column
+                for j in at_row[v]:
+                    rj = roots[n + j]
+                    if rj not in attached and not has_row[rj]:
+                        heapq.heappush(heap, (float(R[v, j]), v, j))
+            else:  # pairs from a part's row to this column
+                for i in at_col[v - n]:
+                    if roots[i] not in attached:
+                        heapq.heappush(heap, (float(R[i, v - n]), i, v - n))
+
+    attach(roots[n + sink])
+    while heap:
+        _, i, j = heapq.heappop(heap)
+        ri, rj = roots[i], roots[n + j]
+        new = rj if ri in attached else ri
+        if new in attached or (new == rj and has_row[rj]):
+            continue
+        tree.append((i, j))
+        attach(new)
+    row0 = next((v for r in attached for v in members[r] if v < n), None)
+    for r, vs in members.items():
+        if r in attached:
+            continue
+        if has_row[r]:
+            tree.append((next(v for v in vs if v < n), sink))
+            row0 = row0 if row0 is not None else next(v for v in vs if v < n)
+    for r, vs in members.items():
+        if r not in attached and not has_row[r]:
+            tree.append((row0, vs[0] - n))
     return tree
 
 
@@ -224,7 +294,7 @@ class _Tree:
 
 
 def finish(Cm, a, b, start=(), *, duals=None, forbidden=None, max_pivots=None,
-           stall_limit=None):
+           stall_limit=None, perturb=True):
     """Optimal basic plan and duals of ``min <P, Cm>`` over the transport polytope.
 
     ``Cm`` (n x m, finite; forbidden pairs already set to ``big``), ``a``, ``b`` (same total);
@@ -235,6 +305,13 @@ def finish(Cm, a, b, start=(), *, duals=None, forbidden=None, max_pivots=None,
     ``n + m``; 0: Bland's rule throughout).  Returns ``(rows, cols, flows, f, g)`` of the
     tree (zero flows included).  Raises :class:`Infeasible` when the optimum uses a
     ``forbidden`` pair (boolean n x m).
+
+    ``perturb``: pivot on the perturbed marginals ``a_i + d`` and ``b_m-1 + n d`` (Orden's
+    perturbation, ``d = 1e-10 sum(a) / (n + m)``), on which every basis has positive flows:
+    no degenerate pivot, no stalling on integral or assignment-like data.  The duals do not
+    depend on the marginals, so the final tree is optimal for ``a``, ``b`` as soon as its
+    flows for them are nonnegative, which they are unless ``a``, ``b`` have partial sums
+    closer than about ``n d``; then the pivots run again without the perturbation.
     """
     n, m = Cm.shape
     a = np.asarray(a, dtype=np.float64)
@@ -244,16 +321,46 @@ def finish(Cm, a, b, start=(), *, duals=None, forbidden=None, max_pivots=None,
     eps = 1e-12 * scale
     tot = float(a.sum())
     R0 = Cm if duals is None else Cm - duals[0][:, None] - duals[1][None, :]
-    T = _Tree(n, m, _spanning_tree(n, m, list(start), R0), Cm, a, b)
-    if min(T.x) < -1e-13 * tot:  # an infeasible start: rebuild from the northwest corner
+    limit = max_pivots if max_pivots is not None else 50 * (n + m) ** 2
+    stall_limit = n + m if stall_limit is None else stall_limit
+    start = list(start)
+    T = None
+    if perturb and n > 1 and m > 1 and tot > 0:
+        d = PERTURBATION * tot / (n + m)
+        ap, bp = a + d, b.copy()
+        bp[-1] += n * d
+        T = _pivots(_Tree(n, m, _spanning_tree(n, m, start, R0, sink=m - 1), Cm, ap, bp),
+                    ap, bp, Cm, eps, limit, stall_limit)
+        x = np.array(T.flows(a, b))
+        if (x < -1e-12 * tot).any():  # partial sums of a, b within the perturbation
+            T = None
+    if T is None:
+        T = _pivots(_Tree(n, m, _spanning_tree(n, m, start, R0), Cm, a, b), a, b, Cm, eps,
+                    limit, stall_limit)
+        x = np.array(T.flows(a, b))
+        if (x < -1e-12 * tot).any():  # the incremental flows said feasible: rounding cannot
+            raise RuntimeError("emd: the transport simplex lost primal feasibility; please "
+                               "report this input")
+    # exact flows on the final tree, and duals certified by the pricing in _pivots
+    rows, cols, v = T.edges()
+    x = np.maximum(x[v], 0.0)
+    if forbidden is not None and (x[forbidden[rows, cols]] > 0).any():
+        raise Infeasible("emd: infeasible problem: the marginals cannot be met through the "
+                         "allowed (finite-cost) pairs")
+    return rows, cols, x, T.pot[:n].copy(), T.pot[n:].copy()
+
+
+def _pivots(T, a, b, Cm, eps, limit, stall_limit):
+    """Pivot ``T`` (a spanning tree, flows for ``a``, ``b``) to optimality: block pricing
+    round robin over the rows until a whole round finds no reduced cost below ``-eps``, then
+    the potentials recomputed from the tree and everything priced once more."""
+    n, m = Cm.shape
+    if min(T.x) < -1e-13 * float(a.sum()):  # an infeasible start: the northwest corner
         T = _Tree(n, m, _northwest(a, b), Cm, a, b)
     T.x = [max(t, 0.0) for t in T.x]
-    limit = max_pivots if max_pivots is not None else 50 * (n + m) ** 2
     rows_per_block = max(1, min(n, -(-max(BLOCK, int(np.sqrt(n * m))) // m)))
-    stall_limit = n + m if stall_limit is None else stall_limit
     start_row, stall, pivots = 0, 0, 0
     while True:
-        # block pricing, round robin over the rows, until a whole round finds nothing
         scanned = 0
         while scanned < n:
             if pivots > limit:
@@ -288,19 +395,8 @@ def finish(Cm, a, b, start=(), *, duals=None, forbidden=None, max_pivots=None,
         T.potentials()
         R = Cm - T.pot[:n, None] - T.pot[None, n:]
         if float(R.min()) >= -eps:
-            break
+            return T
         stall = 0
-    # exact flows on the final tree, and duals certified by the pricing above
-    x = np.array(T.flows(a, b))
-    if (x < -1e-12 * tot).any():  # the incremental flows said feasible: rounding cannot
-        raise RuntimeError("emd: the transport simplex lost primal feasibility; please "
-                           "report this input")
-    rows, cols, v = T.edges()
-    x = np.maximum(x[v], 0.0)
-    if forbidden is not None and (x[forbidden[rows, cols]] > 0).any():
-        raise Infeasible("emd: infeasible problem: the marginals cannot be met through the "
-                         "allowed (finite-cost) pairs")
-    return rows, cols, x, T.pot[:n].copy(), T.pot[n:].copy()
 
 
 def _northwest(a, b):
