@@ -206,6 +206,24 @@ int scaling_codes(const py::array& X, double alpha, bool probs, py::object b, in
     });
 }
 
+I64 near_ties(const py::array& X, double alpha, const F64& g, const I64& rows, double tau,
+              int n_threads) {
+    return dispatch(X, "near_ties", [&](auto tag) {
+        using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+        const int64_t N = X.shape(0), K = X.shape(1), n = rows.size();
+        require(g.size() == K, "near_ties: g size mismatch");
+        for (int64_t k = 0; k < n; ++k)
+            require(rows.data()[k] >= 0 && rows.data()[k] < N, "near_ties: row out of range");
+        I64 count(n);
+        {
+            py::gil_scoped_release nogil;
+            cpu::near_ties<T>(static_cast<const T*>(X.data()), N, K, alpha, g.data(),
+                              rows.data(), n, tau, count.mutable_data(), n_threads);
+        }
+        return count;
+    });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -235,6 +253,9 @@ PYBIND11_MODULE(_core, m) {
           py::arg("n_threads"),
           "The plan times scale of n_iter fixed iterations by scaling passes, into out; "
           "returns 0 (done), 1 (invalid entry or empty row) or 2 (out of float64 range).");
+    m.def("near_ties", &near_ties, py::arg("X"), py::arg("alpha"), py::arg("g"),
+          py::arg("rows"), py::arg("tau"), py::arg("n_threads") = 0,
+          "Per listed row: entries whose score alpha X + g is within tau of the row's best.");
     m.def("max_threads", &cpu::max_threads, "Threads OpenMP would use by default.");
     m.def("isa", &cpu::isa_name, "Instruction set of the kernels in use.");
 #ifdef _OPENMP

@@ -98,6 +98,7 @@ struct Kernels {
     double (*scal_dot)(const T*, const double*, int64_t);
     void (*scal_axpy)(const T*, double, int64_t, double*);
     void (*scal_write)(const T*, double, const double*, int64_t, T*);
+    int64_t (*row_ties)(const T*, const double*, int64_t, double, double);
 };
 
 #define SK_TABLE(ns, T)                                                                    \
@@ -106,7 +107,7 @@ struct Kernels {
             &ns::colmax_row<T>, &ns::lse_max_row<T, true>, &ns::lse_max_row<T, false>,     \
             &ns::lse_rescale, &ns::lse_sum_row<T>, &ns::scal_row_facts<T, false>,          \
             &ns::scal_row_facts<T, true>, &ns::scal_exp_row<T>, &ns::scal_dot<T>,          \
-            &ns::scal_axpy<T>, &ns::scal_write<T>                                          \
+            &ns::scal_axpy<T>, &ns::scal_write<T>, &ns::row_ties<T>                        \
     }
 
 // The widest instruction set this CPU has, capped by SINKHORN_OT_CPU_ISA ("avx512", "avx2"
@@ -485,6 +486,21 @@ int scaling_codes(const T* X, int64_t N, int64_t K, double alpha, bool probs, co
 }
 
 template <class T>
+void near_ties(const T* X, int64_t N, int64_t K, double alpha, const double* g,
+               const int64_t* rows, int64_t n, double tau, int64_t* count, int n_threads) {
+    const int nt = resolve_threads(n_threads, std::max<int64_t>(n, 1), K);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        FlushDenormals ftz;
+        int64_t lo, hi;
+        row_range(n, nt, thread_id(), lo, hi);
+        for (int64_t k = lo; k < hi; ++k)
+            count[k] = kernels<T>().row_ties(X + rows[k] * K, g, K, alpha, tau);
+    }
+    (void)N;
+}
+
+template <class T>
 bool plan(const T* X, int64_t N, int64_t K, double alpha, const double* f, const double* g,
           const PlanOut<T>& p, int n_threads, const Interrupted& interrupted) {
     const int64_t n = p.n_rows;
@@ -623,7 +639,9 @@ double column_update(const double* g, const double* logb, const double* col,
     template bool column_lse<T>(const T*, int64_t, int64_t, double, const double*, double*, \
                                 CheckOut*, double, int, const Interrupted&);                \
     template int scaling_codes<T>(const T*, int64_t, int64_t, double, bool, const double*,  \
-                                  int, double, T*, int, const Interrupted&);
+                                  int, double, T*, int, const Interrupted&);                \
+    template void near_ties<T>(const T*, int64_t, int64_t, double, const double*,           \
+                               const int64_t*, int64_t, double, int64_t*, int);
 SK_INSTANTIATE(float)
 SK_INSTANTIATE(double)
 

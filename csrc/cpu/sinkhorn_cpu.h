@@ -74,6 +74,12 @@ int scaling_codes(const T* X, int64_t N, int64_t K, double alpha, bool probs, co
                   int n_iter, double scale, T* out, int n_threads,
                   const Interrupted& interrupted);
 
+// For each listed row, the number of entries whose score alpha X_iy + g_y is within tau (and
+// a rounding margin of 1e-12 relative) of the row's best score: a count above 1 is a tie.
+template <class T>
+void near_ties(const T* X, int64_t N, int64_t K, double alpha, const double* g,
+               const int64_t* rows, int64_t n, double tau, int64_t* count, int n_threads);
+
 // One read of X for validation only.
 template <class T>
 CheckOut check_matrix(const T* X, int64_t N, int64_t K, double forbidden, int n_threads);

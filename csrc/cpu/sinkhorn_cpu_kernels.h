@@ -496,4 +496,33 @@ void scal_write(const T* e, double u, const double* v, int64_t K, T* out) {
     for (int64_t y = Kb; y < K; ++y) out[y] = static_cast<T>(static_cast<double>(e[y]) * u * v[y]);
 }
 
+// The number of entries of a row whose score alpha x_y + g_y (in float64, as the passes form
+// it) is within tau (plus a rounding margin) of the row's best: more than 1 is a tie.
+template <class T>
+int64_t row_ties(const T* x, const double* g, int64_t K, double alpha, double tau) {
+    using Tr = Traits<T>;
+    constexpr int B = Tr::B;
+    const int64_t Kb = K - K % B;
+    vd lo, hi;
+    vd mx = splat<vd>(kNegInf), mxh = mx;
+    for (int64_t y = 0; y < Kb; y += B) {
+        Tr::diff(x + y, g + y, alpha, 0.0, lo, hi);
+        mx = vmax(mx, lo);
+        mxh = vmax(mxh, hi);
+    }
+    double best = std::max(hmax(mx), hmax(mxh));
+    for (int64_t y = Kb; y < K; ++y) best = std::max(best, static_cast<double>(x[y]) * alpha + g[y]);
+    const double cut = best - tau - 1e-12 * (1.0 + std::abs(best));
+    vl n = splat<vl>(int64_t(0));
+    for (int64_t y = 0; y < Kb; y += B) {
+        Tr::diff(x + y, g + y, alpha, 0.0, lo, hi);
+        n = n - bits<vl>(lo >= cut);  // a true lane is -1
+        if constexpr (B == NF) n = n - bits<vl>(hi >= cut);
+    }
+    int64_t count = 0;
+    for (int l = 0; l < ND; ++l) count += n[l];
+    for (int64_t y = Kb; y < K; ++y) count += static_cast<double>(x[y]) * alpha + g[y] >= cut;
+    return count;
+}
+
 #undef SK_V
