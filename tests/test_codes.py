@@ -394,3 +394,31 @@ def test_scaling_passes_rows_of_a_large_matrix_use_the_log_domain(monkeypatch, r
     monkeypatch.setattr(_codes, "_SCALING_BUFFER_BYTES", 1000)
     q = sinkhorn_ot.codes(S, eps=0.3, rows=slice(-50, None))
     np.testing.assert_allclose(q, ref, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("dt", [np.float64, np.float32])
+def test_scaling_passes_differential(dt):
+    """Random shapes, scales, temperatures, forbidden pairs and cluster priors: the scaling
+    passes (or the log-domain passes they give way to) against the log-domain passes in
+    float64 on the same values."""
+    rng = np.random.default_rng(31)
+    for _ in range(150):
+        N, K = int(rng.integers(1, 40)), int(rng.integers(1, 30))
+        scale = 10 ** rng.uniform(-2, 2.5)
+        S = rng.standard_normal((N, K)) * scale
+        if rng.random() < 0.3:
+            S[rng.random((N, K)) < 0.3] = -np.inf
+        S[np.arange(N), rng.integers(0, K, N)] = rng.standard_normal(N) * scale
+        S[rng.integers(0, N, K), np.arange(K)] = rng.standard_normal(K) * scale
+        S = S.astype(dt)
+        eps = 10 ** rng.uniform(-2, 1)
+        n_iter = int(rng.integers(1, 6))
+        b = rng.dirichlet(np.ones(K)) if rng.random() < 0.3 else None
+        q = sinkhorn_ot.codes(S, eps=eps, n_iter=n_iter, b=b)
+        assert q.dtype == dt and np.isfinite(q).all()
+        assert np.all(q[np.isneginf(S)] == 0)
+        ref = _log_domain(S.astype(np.float64), eps, n_iter, b)
+        # float32 rounds |S / eps| (up to ~3e4 here) to ~1e-7 relative: codes move by that
+        atol = 1e-10 if dt == np.float64 else 2e-7 * max(1.0, float(np.abs(
+            S[np.isfinite(S)]).max()) / eps)
+        np.testing.assert_allclose(q, ref, rtol=0, atol=atol)

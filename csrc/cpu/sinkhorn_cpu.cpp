@@ -392,6 +392,13 @@ int scaling_codes(const T* X, int64_t N, int64_t K, double alpha, bool probs, co
     const double a = 1.0 / static_cast<double>(N);
     std::vector<double*> cols(nt);
     std::vector<double> ref(nt, kNegInf), v(K);
+    // The largest u_i and v_y of any iteration (u of the first column step is at most 1):
+    // an entry of E that underflowed (below exp(-87), exp(-708) in float64, of its row's
+    // largest) weighed at most u_max e v_max in the plan.
+    std::vector<double> umax(nt, 1.0), vmax(nt, 0.0);
+    double b_min = b ? kNoMax : 1.0 / static_cast<double>(K);
+    for (int64_t y = 0; b && y < K; ++y)
+        if (b[y] > 0) b_min = std::min(b_min, b[y]);
     std::atomic<int> status{0};
     Interrupt intr(interrupted);
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -418,6 +425,7 @@ int scaling_codes(const T* X, int64_t N, int64_t K, double alpha, bool probs, co
                                  : cols[k][y];
                 if (!(c > kScalLo && c < kScalHi)) status.store(2);
                 v[y] = (b ? b[y] : 1.0 / static_cast<double>(K)) / c;
+                vmax[tid] = std::max(vmax[tid], v[y]);
             }
         };
         // The kernel and its column sums at u_i = exp(m_i - ref): ref is the thread's largest
@@ -471,6 +479,7 @@ int scaling_codes(const T* X, int64_t N, int64_t K, double alpha, bool probs, co
                     status.store(2);
                     break;
                 }
+                umax[tid] = std::max(umax[tid], a / rs);
                 if (last)
                     kern.scal_write(e, a * scale / rs, v.data(), K, out + i * K);
                 else
@@ -482,7 +491,17 @@ int scaling_codes(const T* X, int64_t N, int64_t K, double alpha, bool probs, co
         }
     }
     if (intr.stopped()) return -1;
-    return status.load();
+    if (status.load()) return status.load();
+    // The mass the underflowed entries could have carried, N K u_max e v_max, must stay
+    // below 1e-7 (1e-15 in float64) of the smallest marginal entry; otherwise the kernel
+    // has lost what the log-domain passes keep (a cluster fed only by entries far below
+    // their rows' best).
+    const bool f32 = std::is_same_v<T, float>;
+    const double lost = static_cast<double>(N) * static_cast<double>(K) *
+                        *std::max_element(umax.begin(), umax.end()) *
+                        *std::max_element(vmax.begin(), vmax.end()) *
+                        (f32 ? 1.7e-38 : 3.4e-308);
+    return lost <= (f32 ? 1e-7 : 1e-15) * std::min(a, b_min) ? 0 : 2;
 }
 
 template <class T>

@@ -67,8 +67,10 @@ bool column_lse(const T* X, int64_t N, int64_t K, double alpha, const double* f,
 // probability matrix, 0 a forbidden pair).  One read of X, then one of E per iteration.
 // Returns 0 when done; 1 for an invalid entry, a row with every pair forbidden or |alpha X|
 // above a sixteenth of T's largest value (what the log-domain kernels' validation refuses);
-// 2 when a scaling or sum left [1e-280, 1e280] (the log-domain passes are then needed); -1
-// when interrupted.  With a nonzero return `out` holds no result.
+// 2 when a scaling or sum left [1e-280, 1e280], or when the entries of E that underflowed
+// could have carried more than 1e-7 (float64: 1e-15) of the smallest marginal entry (the
+// log-domain passes are then needed); -1 when interrupted.  With a nonzero return `out`
+// holds no result.
 template <class T>
 int scaling_codes(const T* X, int64_t N, int64_t K, double alpha, bool probs, const double* b,
                   int n_iter, double scale, T* out, int n_threads,
