@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from . import _core
 from . import _validation as V
 from ._arrays import array_module, to_host, to_native
 
@@ -255,6 +256,11 @@ def _host_values(rows, bf16):
 def _spread_ties(xp, X, lam, gh, labels, near, tau, bf16=False):
     """(see tie_break; ``gh``: g on the host)"""
     cand = np.asarray(to_host(xp.nonzero(near)[0]))
+    if cand.size >= 2 and xp is np and X.dtype in (np.float32, np.float64) and \
+            X.flags.c_contiguous:  # the core reads the candidates once for their ties
+        cand = cand[_core.near_ties(X, lam, gh, cand.astype(np.int64), tau) > 1]
+    if cand.size < 2:
+        return labels
     S = lam * _host_values(X[xp.asarray(cand)], bf16)
     S += gh[None, :]
     best = S.max(axis=1)
