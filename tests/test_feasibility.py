@@ -121,3 +121,10 @@ def test_class_masks_merge_to_a_few_nodes():
     assert merged.allowed.shape[0] <= 4 + 40  # the classes, plus rows the columns fixed
     assert merged.pairs <= _feasibility.UPFRONT_PAIRS
     np.testing.assert_array_equal(merged.allowed[merged.ir][:, merged.ic], mask)
+
+
+def test_emd_names_the_violating_block():
+    C = -_blocked()
+    with pytest.raises(ValueError, match=r"rows 1, 4, 5 of C \(3 rows, mass 0.5\) allow only "
+                                         r"columns 0, 3 "):
+        sinkhorn_ot.emd(C)

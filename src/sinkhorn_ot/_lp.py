@@ -287,12 +287,15 @@ def _big_m(Xd, finite):
 
 
 def _finish(Cm, finite, wa, wb, start, duals):
-    """The exact transport simplex (sinkhorn_ot._simplex) from ``start``."""
+    """The exact transport simplex (sinkhorn_ot._simplex) from ``start``; on an infeasible
+    support, the max-flow names the rows that cannot be served and the columns they allow."""
+    from ._feasibility import check_support
     from ._simplex import Infeasible, finish
 
     try:
         return finish(Cm, wa, wb, start, duals=duals, forbidden=~finite)
     except Infeasible as exc:
+        check_support(finite, wa, wb, "C")
         raise ValueError(str(exc)) from None
 
 
