@@ -573,7 +573,9 @@ def test_tie_counts_kernel_against_the_host(dtype):
 @pytest.mark.parametrize("n_iter", [3, None])
 def test_tied_labels_follow_the_plan_as_on_the_cpu(n_iter):
     """A constant logP (every row a tie), duplicated rows and tied pairs: the device spreads
-    them as the CPU does (_hard.tie_break): same labels, no empty cluster."""
+    them as the CPU does (_hard.tie_break).  After a fixed n_iter (exact ties) the labels are
+    the CPU's; solved to a tolerance, ties are within the plan's accuracy and the order of
+    clusters of equal mass to rounding may differ: the sizes are the CPU's."""
     rng = np.random.default_rng(6)
     K = 7
     const = np.zeros((rows(70, 28), K))
@@ -585,9 +587,11 @@ def test_tied_labels_follow_the_plan_as_on_the_cpu(n_iter):
         kw = dict(n_iter=n_iter) if n_iter else dict(tol=1e-8, max_iter=5000)
         ref = sinkhorn_ot.balanced_assign(logp, 25.0, **kw)
         gpu = sinkhorn_ot.balanced_assign(cp.asarray(logp), 25.0, **kw)
-        np.testing.assert_array_equal(cp.asnumpy(gpu.labels), ref.labels)
+        lab = cp.asnumpy(gpu.labels)
         np.testing.assert_array_equal(cp.asnumpy(gpu.sizes), ref.sizes)
-    assert (ref.sizes > 0).all()
+        if n_iter:
+            np.testing.assert_array_equal(lab, ref.labels)
+        assert (cp.asnumpy(gpu.sizes) > 0).all()  # the first argmax would leave them empty
 
 
 def test_priors_unbalanced_hard_labels_and_rounding_on_the_device():
