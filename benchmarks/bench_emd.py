@@ -91,9 +91,11 @@ def main(argv=None):
     body = ["## Exact LP: `emd` against POT's `ot.emd` (bench_emd.py)", "",
             *C.header(C.command_line()),
             f"- median of {rounds} interleaved rounds after a warm-up; load average "
-            f"{load:.1f} at start; ot.emd is POT's C++ network simplex (one thread), emd a "
-            "NumPy transport simplex from a greedy basis on a coarse entropic plan (the "
-            "compiled Sinkhorn core, OpenMP threads).", "",
+            f"{load:.1f} before the first round; ot.emd is POT's C++ network simplex (one "
+            "thread); emd: a coarse entropic plan (the compiled Sinkhorn core, one thread) "
+            "picks each row's and column's likeliest pairs, HiGHS solves the LP on them, and "
+            "a NumPy transport simplex finishes exactly (assignment: from "
+            "linear_sum_assignment).", "",
             C.table(rows, headers)]
     print(body[-1])
     if not args.no_write:
