@@ -1,0 +1,301 @@
+r"""Differentiable Sinkhorn costs for PyTorch: :func:`sinkhorn_cost` and
+:func:`sinkhorn_divergence`.
+
+Import it explicitly (``import sinkhorn_ot.torch``); ``import sinkhorn_ot`` alone does not
+need PyTorch.  The forward pass is the library's solve (the C++ core for CPU tensors, the
+CUDA kernels for CUDA tensors); the backward pass differentiates the dual objective at the
+returned potentials (envelope theorem), so nothing is unrolled and nothing of size ``N x K``
+is kept between the two passes: the backward pass writes the plan once, as the gradient of
+the cost matrix.
+
+The solvers of the main namespace (:func:`sinkhorn_ot.sinkhorn`,
+:func:`sinkhorn_ot.sinkhorn_unbalanced`, ...) stay non-differentiable: their results are
+constants (a tensor that requires grad is detached).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _problem
+from . import _validation as V
+from ._arrays import to_host, to_native
+from ._backend import select_backend
+from ._unbalanced import reg_m_pair, relaxation
+
+__all__ = ["sinkhorn_cost", "sinkhorn_divergence"]
+
+
+@dataclass
+class _Solved:
+    """What the backward pass needs of a solve: O(N + K) numbers and the options that
+    rebuild the backend (the matrix itself is the caller's tensor, saved by reference)."""
+
+    value: float
+    f: Any                 # potentials of the returned plan, float64 tensors
+    g: Any
+    wa: Any                # the marginals as solved (uniform when not given), float64 tensors
+    wb: Any
+    reg: float
+    tau: tuple             # (reg_m_a, reg_m_b); inf on an exact side
+    n_threads: Any
+
+
+def _side(xp, w, pot):
+    """``u = pot - log w``, the dual potential of one side in units of ``reg`` (``F / reg``
+    in the notation of Feydy et al.).  Zero weights get ``u = 0`` here: they do not enter
+    the value, and their gradient takes ``u`` from the c-transform."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        # a relaxed side's row (column) with every pair forbidden is solved without and
+        # gets pot = -inf: its plan is zero, which is u = +inf (F = +inf in the dual)
+        u = xp.where(w > 0, xp.where(xp.isneginf(pot), math.inf, pot - xp.log(w)), 0.0)
+    return u
+
+
+def _phi(xp, u, reg, tau):
+    """``phi(reg u)``: ``reg u`` on an exact side, ``tau (1 - exp(-reg u / tau))`` on a
+    relaxed one (tau = reg_m)."""
+    if math.isinf(tau):
+        return reg * u
+    return -tau * xp.expm1(-(reg / tau) * u)
+
+
+def _ratio(xp, u, reg, tau):
+    """The plan's marginal over the weight at the optimum conditions of a side:
+    ``exp(-reg u / tau)``, 1 on an exact side."""
+    if math.isinf(tau):
+        return xp.ones_like(u)
+    return xp.exp(-(reg / tau) * u)
+
+
+def _solve(C, a, b, reg, tau, tol, max_iter, n_iter, n_threads) -> _Solved:
+    """The forward pass: the library's solve and the dual objective of its potentials."""
+    rho_a, rho_b = relaxation(tau[0], reg), relaxation(tau[1], reg)
+    balanced = rho_a == 1.0 and rho_b == 1.0
+    opts = _problem.options(tol=tol, max_iter=max_iter, n_iter=n_iter, n_threads=n_threads)
+    p = _problem.prepare(C, "C", alpha=-1.0 / reg, a=a, b=b, rho_a=rho_a, rho_b=rho_b,
+                         opts=opts, want_labels=False, balanced=balanced,
+                         reducer=_problem.reducer(None))
+    sol = _problem.run(p)
+    xp = p.xp
+    wa, wb = p.a[0], p.b[0]
+    u = _side(xp, wa, sol.f)
+    v = _side(xp, wb, sol.g)
+    # The rows of the returned plan meet their (relaxed) targets by construction: the mass
+    # of the plan is that of its rows, a ratio of a away (1 on an exact side).
+    mass = (wa * _ratio(xp, u, reg, tau[0])).sum()
+    with np.errstate(invalid="ignore"):
+        terms = xp.stack([(wa * _phi(xp, u, reg, tau[0])).sum(),
+                          (wb * _phi(xp, v, reg, tau[1])).sum(), mass])
+    pa, pb, mass = (float(t) for t in to_host(terms))
+    value = pa + pb - reg * (mass - p.a.total * p.b.total)
+    back = p.native.wrap
+    return _Solved(value, back(sol.f), back(sol.g), back(wa), back(wb), reg, tau, n_threads)
+
+
+def _centre(t):
+    return t - t.mean()
+
+
+class _SinkhornCost(torch.autograd.Function):
+    """Value: the dual objective of the solve's potentials (float64, 0-d).  Saves the cost
+    matrix by reference and the O(N + K) potentials and marginals, nothing else."""
+
+    @staticmethod
+    def forward(ctx, C, a, b, solved):
+        ctx.params = (solved.reg, solved.tau, solved.n_threads)
+        # the gradients of the marginals in their own dtypes (the solve's are float64)
+        ctx.dtypes = (None if a is None else a.dtype, None if b is None else b.dtype)
+        ctx.save_for_backward(C, solved.f, solved.g, solved.wa, solved.wb)
+        return torch.tensor(solved.value, dtype=torch.float64, device=C.device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        C, f, g, wa, wb = ctx.saved_tensors
+        reg, (tau_a, tau_b), n_threads = ctx.params
+        need_C, need_a, need_b = ctx.needs_input_grad[:3]
+        native = to_native(C.detach(), "C")
+        backend = select_backend(native, n_threads)
+        xp = backend.xp
+        X = V.matrix(native, "C", xp)
+        alpha = -1.0 / reg
+        wrap = native.wrap
+
+        def nat(t):  # a saved float64 tensor as the backend's array (no copy)
+            return xp.from_dlpack(t)
+
+        fn, gn = nat(f), nat(g)
+        grad_C = grad_a = grad_b = None
+        scale = float(grad_out)
+        if need_C:  # d value / d C = the plan of the returned potentials
+            if backend.device == "cpu":
+                Q = backend.plan(X, alpha, fn, gn, scale=scale)
+                grad_C = wrap(Q)
+            else:
+                grad_C = wrap(backend.plan(X, alpha, fn, gn))
+                grad_C.mul_(scale)
+            if grad_C.dtype != C.dtype:
+                grad_C = grad_C.to(C.dtype)
+        balanced = math.isinf(tau_a) and math.isinf(tau_b)
+        wan, wbn = nat(wa), nat(wb)
+        ma, mb = float(wan.sum()), float(wbn.sum())
+        if need_a:
+            u = _side(xp, wan, fn)
+            zero = wan == 0
+            if bool(zero.any()):
+                # zero-weight rows: u from the c-transform of g (a pass handed log a = 0
+                # computes -rho_a LSE_y(S_iy + g_y) for every row; -inf: no mass reaches it)
+                rho_a = relaxation(tau_a, reg)
+                u0 = xp.empty(X.shape[0])
+                backend.fused_pass(X, alpha, gn, xp.zeros(X.shape[0]), rho_a, u0, None)
+                u = xp.where(zero, xp.where(xp.isneginf(u0), math.inf, u0), u)
+            da = _phi(xp, u, reg, tau_a) - reg * _ratio(xp, u, reg, tau_a) + reg * mb
+            grad_a = wrap(da)
+        if need_b:
+            # the columns are not exact at a stopped solve: their plan sums, over b, are
+            # exp(v_y + LSE_i(S_iy + f_i)) (one read of C)
+            L = backend.column_lse(X, alpha, fn)
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                v = _side(xp, wbn, gn)
+                zero = wbn == 0
+                if bool(zero.any()):  # zero-weight columns: the c-transform of f
+                    v = xp.where(zero, -relaxation(tau_b, reg) * L, v)
+                col = xp.where(xp.isneginf(L), 0.0, xp.exp(v + L))
+            db = _phi(xp, v, reg, tau_b) - reg * col + reg * ma
+            grad_b = wrap(db)
+        if balanced:  # defined for sum(a) = sum(b) only: keep each total
+            grad_a = None if grad_a is None else _centre(grad_a)
+            grad_b = None if grad_b is None else _centre(grad_b)
+        grad_a, grad_b = (None if grad is None else (grad * grad_out).to(dtype)
+                          for grad, dtype in zip((grad_a, grad_b), ctx.dtypes))
+        return grad_C, grad_a, grad_b, None
+
+
+def _check_weights(w, n, name, C):
+    """``w`` as given to the solve, and the tensor autograd should see (or None)."""
+    if w is None:
+        return None, None
+    if isinstance(w, torch.Tensor):
+        if w.device != C.device:
+            raise ValueError(f"{name} is on {w.device} but C is on {C.device}")
+        if w.ndim != 1 or w.shape[0] != n:
+            raise ValueError(f"{name} must have shape ({n},) to match C, got "
+                             f"{tuple(w.shape)}")
+        return w.detach(), w
+    return w, None
+
+
+def _options(reg, reg_m):
+    reg = V.positive_scalar(reg, "reg")
+    tau = (math.inf, math.inf) if reg_m is None else reg_m_pair(reg_m)
+    return reg, tau
+
+
+def _cost64(C, a, b, reg, tau, tol, max_iter, n_iter, n_threads):
+    if not isinstance(C, torch.Tensor):
+        raise TypeError(f"C must be a torch.Tensor, got {type(C).__name__} (for NumPy or "
+                        "CuPy arrays use sinkhorn_ot.sinkhorn)")
+    if C.ndim != 2:
+        raise ValueError(f"C must be 2-d, got {C.ndim}-d with shape {tuple(C.shape)}")
+    a_in, a_t = _check_weights(a, C.shape[0], "a", C)
+    b_in, b_t = _check_weights(b, C.shape[1], "b", C)
+    solved = _solve(C.detach(), a_in, b_in, reg, tau, tol, max_iter, n_iter, n_threads)
+    return _SinkhornCost.apply(C, a_t, b_t, solved)
+
+
+def sinkhorn_cost(C, a=None, b=None, *, reg, reg_m=None, tol=None, max_iter=1000,
+                  n_iter=None, n_threads=None):
+    r"""Entropic optimal transport cost of a PyTorch cost matrix, differentiable in ``C``,
+    ``a`` and ``b``.
+
+    The value is the regularised objective
+
+    .. math::
+
+        \mathrm{OT}(a, b) = \min_{Q \ge 0} \langle Q, C\rangle
+            + \mathrm{reg}\,\mathrm{KL}(Q \,\|\, a b^T)
+            + \mathrm{reg\_m}_a \mathrm{KL}(Q 1 \,\|\, a)
+            + \mathrm{reg\_m}_b \mathrm{KL}(Q^T 1 \,\|\, b)
+
+    (generalised KL, :math:`\mathrm{KL}(x\|y) = \sum x \log(x/y) - \sum x + \sum y`; a side
+    with ``reg_m = inf``, the default ``reg_m=None`` for both, is an exact constraint and
+    contributes nothing), computed as its dual objective at the solver's potentials
+    :math:`F = \mathrm{reg}(f - \log a)`, :math:`G = \mathrm{reg}(g - \log b)`:
+
+    .. math::
+
+        D(F, G) = \langle a, \varphi_a(F)\rangle + \langle b, \varphi_b(G)\rangle
+            - \mathrm{reg}\,\langle a b^T, e^{(F \oplus G - C)/\mathrm{reg}} - 1\rangle,
+
+    with :math:`\varphi(F) = F` on an exact side and :math:`\varphi(F) = \mathrm{reg\_m}
+    (1 - e^{-F/\mathrm{reg\_m}})` on a relaxed one (Séjourné et al. 2019).  ``D`` is at
+    most ``OT`` for any potentials and equal at the optimum.
+
+    The gradient is that of ``D`` with the potentials held fixed (envelope theorem): the
+    plan :math:`Q = e^{-C/\mathrm{reg} + f \oplus g}` for ``C``, :math:`\varphi_a(F) -
+    \mathrm{reg}\,(Q1)/a + \mathrm{reg}\sum b` for ``a`` and likewise for ``b``.  It is
+    exact for the returned value at any stopping point (``tol`` or ``n_iter``) and is the
+    gradient of ``OT`` itself at convergence; nothing is unrolled.  In the balanced case
+    (both sides exact) the cost is defined only for ``sum(a) = sum(b)``, and the gradients
+    of ``a`` and ``b`` are given centred (zero mean: perturbations that keep each total),
+    :math:`F - \bar F` and :math:`G - \bar G` at convergence.
+
+    Parameters
+    ----------
+    C : torch.Tensor, shape (n, m)
+        Cost matrix, float32 or float64 on the CPU (the C++ core) or a CUDA device (the
+        CUDA kernels; float16 and bfloat16 too).  ``+inf`` marks a forbidden pair (its
+        gradient is 0).
+    a : torch.Tensor or array of float, shape (n,), optional
+        Row marginal (reference measure on a relaxed side), uniform ``1/n`` by default; a
+        tensor on ``C``'s device to get its gradient.
+    b : torch.Tensor or array of float, shape (m,), optional
+        Column marginal, uniform ``1/m`` by default.
+    reg : float
+        Entropic regularisation (``> 0``).
+    reg_m : float or (float, float), optional
+        Marginal relaxation, as in :func:`sinkhorn_ot.sinkhorn_unbalanced`: one value for
+        both sides or ``(reg_m_a, reg_m_b)``, ``inf`` for an exact side (semi-relaxed).
+        ``None`` (default): balanced, as :func:`sinkhorn_ot.sinkhorn`.
+    tol, max_iter, n_iter, n_threads
+        As in :func:`sinkhorn_ot.sinkhorn` (a solve that does not reach ``tol`` warns).
+
+    Returns
+    -------
+    torch.Tensor
+        0-d, ``C``'s dtype and device, with a ``grad_fn`` when an input requires grad.
+
+    Notes
+    -----
+    Memory: the backward pass allocates one ``n x m`` array, the gradient of ``C`` (the
+    plan times the incoming gradient), and O(n + m) besides; between the passes only the
+    potentials and the marginals are kept (``C`` itself by reference: do not modify it in
+    place before ``backward``).  The gradient of ``b`` costs one more read of ``C`` (the
+    column sums of the plan); that of ``a`` none (the rows of the plan are exact).
+
+    Examples
+    --------
+    >>> import torch, sinkhorn_ot.torch
+    >>> x = torch.tensor([[0.0], [1.0]], requires_grad=True)
+    >>> y = torch.tensor([[0.0], [2.0]])
+    >>> cost = sinkhorn_ot.torch.sinkhorn_cost(torch.cdist(x, y) ** 2, reg=0.1)
+    >>> cost.backward()
+    >>> round(cost.item(), 4), [round(v, 3) for v in x.grad.flatten().tolist()]
+    (0.5693, [0.0, -1.0])
+
+    References
+    ----------
+    J. Feydy, T. Séjourné, F.-X. Vialard, S. Amari, A. Trouvé, G. Peyré, "Interpolating
+    between optimal transport and MMD using Sinkhorn divergences", AISTATS 2019.
+
+    T. Séjourné, J. Feydy, F.-X. Vialard, A. Trouvé, G. Peyré, "Sinkhorn divergences for
+    unbalanced optimal transport", arXiv:1910.12958, 2019.
+    """
+    reg, tau = _options(reg, reg_m)
+    out = _cost64(C, a, b, reg, tau, tol, max_iter, n_iter, n_threads)
+    return out.to(C.dtype)
