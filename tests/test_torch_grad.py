@@ -118,6 +118,27 @@ def test_matches_pot_autograd(reg_m):
         np.testing.assert_allclose(t.grad, g, rtol=0, atol=1e-8)
 
 
+def test_matches_pot_solve_and_sinkhorn2():
+    """``ot.solve`` (reg_type="KL", autodiff through its iterations) has the same value and
+    gradients; ``ot.sinkhorn2`` reports the linear part ``<P, C>`` of the plan alone."""
+    C, a, b = problem(7, 5, seed=4)
+    reg = 0.25
+    ours = leaves(C, a, b)
+    v = sinkhorn_cost(*ours, reg=reg, tol=TIGHT)
+    v.backward()
+    ref = leaves(C, a, b)
+    r = ot.solve(*ref, reg=reg, grad="autodiff", tol=1e-15, max_iter=20000)
+    r.value.backward()
+    np.testing.assert_allclose(v.item(), r.value.item(), rtol=1e-12)
+    np.testing.assert_allclose(ours[0].grad, ref[0].grad, rtol=0, atol=1e-12)
+    for t, g in ((ours[1], ref[1].grad), (ours[2], ref[2].grad)):
+        np.testing.assert_allclose(t.grad, g - g.mean(), rtol=0, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lin = ot.sinkhorn2(a, b, C, reg, stopThr=1e-15, numItermax=20000)
+    np.testing.assert_allclose((ours[0].grad * C).sum().item(), lin.item(), rtol=1e-12)
+
+
 def test_plan_gradient_is_the_library_plan():
     C, a, b = problem(30, 20, seed=5)
     Cg = C.clone().requires_grad_(True)
