@@ -388,3 +388,78 @@ def test_main_solvers_stay_constant():
     C, a, b = problem(5, 4, seed=18)
     res = sinkhorn_ot.sinkhorn(C.requires_grad_(True), reg=0.2)
     assert isinstance(res.cost, float) and res.f.grad_fn is None
+
+
+# ----------------------------------------------------------------------------- CUDA backend
+def _emulation_available():
+    import platform
+    import shutil
+    return platform.machine().lower() in ("x86_64", "amd64") and shutil.which("g++")
+
+
+@pytest.mark.skipif(not _emulation_available(), reason="the kernel emulation needs g++ on x86-64")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("reg_m", [None, 0.6, (INF, 0.5)])
+def test_cuda_backend_on_the_kernel_emulation(dtype, reg_m):
+    """The forward and backward code of a CUDA tensor (the CUDA backend's solve, plan,
+    column LSE and pass), run on the kernel emulation of tests/cuda_emu: the gradients of
+    its potentials equal the CPU core's at the same potentials, and its value the CPU
+    solve's to the tolerance."""
+    import cuda_emu
+    from sinkhorn_ot import _validation as V
+    from sinkhorn_ot._arrays import to_host, to_native
+    from sinkhorn_ot._backend import select_backend
+    from sinkhorn_ot.torch import _gradients, _options, _solve
+
+    C, a, b = problem(40, 30, seed=19, forbidden=2)
+    a = a.clone()
+    a[3] = 0.0  # a zero weight: its gradient takes the c-transform pass
+    a, b = (a / a.sum()).numpy(), b.numpy()
+    Cn = C.numpy().astype(dtype)
+    reg, tau = _options(0.2, reg_m)
+    tol = 1e-11 if dtype == "float64" else 1e-5
+
+    devices = []
+
+    def backward(X, s):
+        be = select_backend(to_native(X, "C"), None)
+        devices.append(be.device)
+        X = V.matrix(to_native(X, "C"), "C", be.xp)
+        xp = be.xp
+        args = [xp.asarray(to_host(t)) for t in (s.f, s.g, s.wa, s.wb)]
+        return [to_host(t) for t in _gradients(be, X, *args, reg, tau, (True, True, True),
+                                               -1.5)]
+
+    cpu = _solve(Cn, a, b, reg, tau, tol, 1000, None, None)
+    with cuda_emu.installed() as cp:
+        Xd = cp.asarray(Cn)
+        dev = _solve(Xd, a, b, reg, tau, tol, 1000, None, None)
+        g_dev = backward(Xd, dev)
+    g_cpu = backward(Cn, dev)  # the CPU core at the device solve's potentials
+    assert devices == ["cuda", "cpu"]
+    rtol = 1e-12 if dtype == "float64" else 2e-6
+    for gd, gc in zip(g_dev, g_cpu):
+        np.testing.assert_allclose(gd, gc, rtol=rtol, atol=rtol * np.abs(gc).max())
+    np.testing.assert_allclose(dev.value, cpu.value, rtol=1e-9 if dtype == "float64" else 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs PyTorch with a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reg_m", [None, 0.6])
+def test_cuda_tensors_match_the_cpu(dtype, reg_m):
+    pytest.importorskip("cupy")
+    C, a, b = problem(300, 200, seed=20)
+    Cd = C.to(dtype).cuda()
+    reg = 0.2
+    ours = leaves(Cd, a.cuda(), b.cuda())
+    v = sinkhorn_cost(*ours, reg=reg, reg_m=reg_m)
+    v.backward()
+    assert v.device.type == "cuda" and v.dtype == dtype
+    assert ours[0].grad.device.type == "cuda" and ours[0].grad.dtype == dtype
+    ref = leaves(Cd.float().cpu().double(), a, b)  # the CPU core on the same rounded costs
+    sinkhorn_cost(*ref, reg=reg, reg_m=reg_m, tol=TIGHT).backward()
+    rtol = {torch.float64: 1e-6, torch.float32: 1e-4}.get(dtype, 1e-2)
+    for t, r in zip(ours, ref):
+        np.testing.assert_allclose(t.grad.double().cpu(), r.grad, rtol=rtol,
+                                   atol=rtol * r.grad.abs().max().item())

@@ -97,8 +97,57 @@ def _solve(C, a, b, reg, tau, tol, max_iter, n_iter, n_threads) -> _Solved:
     return _Solved(value, back(sol.f), back(sol.g), back(wa), back(wb), reg, tau, n_threads)
 
 
-def _centre(t):
-    return t - t.mean()
+def _gradients(backend, X, f, g, wa, wb, reg, tau, need, scale):
+    """The backward pass on the backend's own arrays: ``scale`` times the gradients of the
+    value of :func:`_solve` in ``X``, ``a`` and ``b`` (those ``need`` asks for, else None),
+    with the potentials ``f``, ``g`` and marginals ``wa``, ``wb`` held fixed."""
+    xp = backend.xp
+    alpha = -1.0 / reg
+    tau_a, tau_b = tau
+    need_C, need_a, need_b = need
+    grad_C = grad_a = grad_b = None
+    if need_C:  # the plan of the returned potentials
+        # the CPU kernel folds a positive scale into the exponent (as a log): the incoming
+        # gradient's sign, or a zero or non-finite one, costs a sweep more
+        if backend.device == "cpu" and 0 < abs(scale) < math.inf:
+            grad_C = backend.plan(X, alpha, f, g, scale=abs(scale))
+            if scale < 0:
+                xp.negative(grad_C, out=grad_C)
+        else:
+            grad_C = backend.plan(X, alpha, f, g)
+            grad_C *= scale
+    ma, mb = float(wa.sum()), float(wb.sum())
+    if need_a:
+        u = _side(xp, wa, f)
+        zero = wa == 0
+        if bool(zero.any()):
+            # zero-weight rows: u from the c-transform of g (a pass handed log a = 0
+            # computes -rho_a LSE_y(S_iy + g_y) for every row; -inf: no mass reaches it)
+            u0 = xp.empty(X.shape[0])
+            backend.fused_pass(X, alpha, g, xp.zeros(X.shape[0]), relaxation(tau_a, reg),
+                               u0, None)
+            u = xp.where(zero, xp.where(xp.isneginf(u0), math.inf, u0), u)
+        grad_a = _phi(xp, u, reg, tau_a) - reg * _ratio(xp, u, reg, tau_a) + reg * mb
+    if need_b:
+        # the columns are not exact at a stopped solve: their plan sums, over b, are
+        # exp(v_y + LSE_i(S_iy + f_i)) (one read of X)
+        L = backend.column_lse(X, alpha, f)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            v = _side(xp, wb, g)
+            zero = wb == 0
+            if bool(zero.any()):  # zero-weight columns: the c-transform of f
+                v = xp.where(zero, -relaxation(tau_b, reg) * L, v)
+            col = xp.where(xp.isneginf(L), 0.0, xp.exp(v + L))
+        grad_b = _phi(xp, v, reg, tau_b) - reg * col + reg * ma
+    balanced = math.isinf(tau_a) and math.isinf(tau_b)
+    out = []
+    for grad in (grad_a, grad_b):
+        if grad is not None:
+            if balanced:  # defined for sum(a) = sum(b) only: keep each total
+                grad = grad - grad.mean()
+            grad = grad * scale
+        out.append(grad)
+    return grad_C, out[0], out[1]
 
 
 class _SinkhornCost(torch.autograd.Function):
@@ -117,66 +166,20 @@ class _SinkhornCost(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         C, f, g, wa, wb = ctx.saved_tensors
-        reg, (tau_a, tau_b), n_threads = ctx.params
-        need_C, need_a, need_b = ctx.needs_input_grad[:3]
+        reg, tau, n_threads = ctx.params
         native = to_native(C.detach(), "C")
         backend = select_backend(native, n_threads)
         xp = backend.xp
         X = V.matrix(native, "C", xp)
-        alpha = -1.0 / reg
-        wrap = native.wrap
-
-        def nat(t):  # a saved float64 tensor as the backend's array (no copy)
-            return xp.from_dlpack(t)
-
-        fn, gn = nat(f), nat(g)
-        grad_C = grad_a = grad_b = None
-        scale = float(grad_out)
-        if need_C:  # d value / d C = the plan of the returned potentials
-            # the CPU kernel folds a positive scale into the exponent (log scale): the
-            # incoming gradient's sign, or a zero or non-finite one, costs a sweep more
-            folded = backend.device == "cpu" and 0 < abs(scale) < math.inf
-            if folded:
-                grad_C = wrap(backend.plan(X, alpha, fn, gn, scale=abs(scale)))
-                if scale < 0:
-                    grad_C.neg_()
-            else:
-                grad_C = wrap(backend.plan(X, alpha, fn, gn))
-                grad_C.mul_(scale)
-            if grad_C.dtype != C.dtype:
-                grad_C = grad_C.to(C.dtype)
-        balanced = math.isinf(tau_a) and math.isinf(tau_b)
-        wan, wbn = nat(wa), nat(wb)
-        ma, mb = float(wan.sum()), float(wbn.sum())
-        if need_a:
-            u = _side(xp, wan, fn)
-            zero = wan == 0
-            if bool(zero.any()):
-                # zero-weight rows: u from the c-transform of g (a pass handed log a = 0
-                # computes -rho_a LSE_y(S_iy + g_y) for every row; -inf: no mass reaches it)
-                rho_a = relaxation(tau_a, reg)
-                u0 = xp.empty(X.shape[0])
-                backend.fused_pass(X, alpha, gn, xp.zeros(X.shape[0]), rho_a, u0, None)
-                u = xp.where(zero, xp.where(xp.isneginf(u0), math.inf, u0), u)
-            da = _phi(xp, u, reg, tau_a) - reg * _ratio(xp, u, reg, tau_a) + reg * mb
-            grad_a = wrap(da)
-        if need_b:
-            # the columns are not exact at a stopped solve: their plan sums, over b, are
-            # exp(v_y + LSE_i(S_iy + f_i)) (one read of C)
-            L = backend.column_lse(X, alpha, fn)
-            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-                v = _side(xp, wbn, gn)
-                zero = wbn == 0
-                if bool(zero.any()):  # zero-weight columns: the c-transform of f
-                    v = xp.where(zero, -relaxation(tau_b, reg) * L, v)
-                col = xp.where(xp.isneginf(L), 0.0, xp.exp(v + L))
-            db = _phi(xp, v, reg, tau_b) - reg * col + reg * ma
-            grad_b = wrap(db)
-        if balanced:  # defined for sum(a) = sum(b) only: keep each total
-            grad_a = None if grad_a is None else _centre(grad_a)
-            grad_b = None if grad_b is None else _centre(grad_b)
-        grad_a, grad_b = (None if grad is None else (grad * grad_out).to(dtype)
-                          for grad, dtype in zip((grad_a, grad_b), ctx.dtypes))
+        # the saved float64 tensors as the backend's arrays (no copy)
+        f, g, wa, wb = (xp.from_dlpack(t) for t in (f, g, wa, wb))
+        grads = _gradients(backend, X, f, g, wa, wb, reg, tau, ctx.needs_input_grad[:3],
+                           float(grad_out))
+        grad_C, grad_a, grad_b = (None if t is None else native.wrap(t) for t in grads)
+        if grad_C is not None and grad_C.dtype != C.dtype:  # 16-bit inputs: float32 plans
+            grad_C = grad_C.to(C.dtype)
+        grad_a, grad_b = (None if t is None else t.to(dtype)
+                          for t, dtype in zip((grad_a, grad_b), ctx.dtypes))
         return grad_C, grad_a, grad_b, None
 
 
