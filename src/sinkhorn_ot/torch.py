@@ -72,15 +72,17 @@ def _ratio(xp, u, reg, tau):
     return xp.exp(-(reg / tau) * u)
 
 
-def _solve(C, a, b, reg, tau, tol, max_iter, n_iter, n_threads) -> _Solved:
-    """The forward pass: the library's solve and the dual objective of its potentials."""
+def _solve(C, a, b, reg, tau, tol, max_iter, n_iter, n_threads, symmetric=False) -> _Solved:
+    """The forward pass: the library's solve and the dual objective of its potentials.
+    ``symmetric``: ``C`` is symmetric and ``a`` is ``b`` (a self-transport problem; solved
+    by the symmetric update where no row or column is dropped)."""
     rho_a, rho_b = relaxation(tau[0], reg), relaxation(tau[1], reg)
     balanced = rho_a == 1.0 and rho_b == 1.0
     opts = _problem.options(tol=tol, max_iter=max_iter, n_iter=n_iter, n_threads=n_threads)
     p = _problem.prepare(C, "C", alpha=-1.0 / reg, a=a, b=b, rho_a=rho_a, rho_b=rho_b,
                          opts=opts, want_labels=False, balanced=balanced,
                          reducer=_problem.reducer(None))
-    sol = _problem.run(p)
+    sol = _problem.run(p, symmetric=symmetric and p.keep is None and p.rows is None)
     xp = p.xp
     wa, wb = p.a[0], p.b[0]
     u = _side(xp, wa, sol.f)
@@ -203,7 +205,7 @@ def _options(reg, reg_m):
     return reg, tau
 
 
-def _cost64(C, a, b, reg, tau, tol, max_iter, n_iter, n_threads):
+def _cost64(C, a, b, reg, tau, tol, max_iter, n_iter, n_threads, symmetric=False):
     if not isinstance(C, torch.Tensor):
         raise TypeError(f"C must be a torch.Tensor, got {type(C).__name__} (for NumPy or "
                         "CuPy arrays use sinkhorn_ot.sinkhorn)")
@@ -211,7 +213,8 @@ def _cost64(C, a, b, reg, tau, tol, max_iter, n_iter, n_threads):
         raise ValueError(f"C must be 2-d, got {C.ndim}-d with shape {tuple(C.shape)}")
     a_in, a_t = _check_weights(a, C.shape[0], "a", C)
     b_in, b_t = _check_weights(b, C.shape[1], "b", C)
-    solved = _solve(C.detach(), a_in, b_in, reg, tau, tol, max_iter, n_iter, n_threads)
+    solved = _solve(C.detach(), a_in, b_in, reg, tau, tol, max_iter, n_iter, n_threads,
+                    symmetric)
     return _SinkhornCost.apply(C, a_t, b_t, solved)
 
 
@@ -309,6 +312,13 @@ def sinkhorn_cost(C, a=None, b=None, *, reg, reg_m=None, tol=None, max_iter=1000
     return out.to(C.dtype)
 
 
+def _is_symmetric(M) -> bool:
+    """``M == M.T`` exactly, compared a block of rows at a time (no n x n temporary)."""
+    n = M.shape[0]
+    step = max(1, (1 << 22) // max(n, 1))
+    return all(torch.equal(M[i:i + step], M[:, i:i + step].T) for i in range(0, n, step))
+
+
 def _mass(w, n, C):
     """The total of a marginal: a float64 tensor that carries the gradient of ``w`` when
     ``w`` is a tensor (1 for the uniform default)."""
@@ -403,8 +413,9 @@ def sinkhorn_divergence(C_ab, C_aa, C_bb, a=None, b=None, *, reg, reg_m=None, to
     kw = dict(reg=reg, tau=tau, tol=tol, max_iter=max_iter, n_iter=n_iter,
               n_threads=n_threads)
     ot_ab = _cost64(C_ab, a, b, **kw)
-    ot_aa = _cost64(C_aa, a, a, **kw)
-    ot_bb = _cost64(C_bb, b, b, **kw)
+    # the self-transport problems: the symmetric update where the costs are symmetric
+    ot_aa = _cost64(C_aa, a, a, symmetric=_is_symmetric(C_aa.detach()), **kw)
+    ot_bb = _cost64(C_bb, b, b, symmetric=_is_symmetric(C_bb.detach()), **kw)
     s = ot_ab - 0.5 * (ot_aa + ot_bb)
     if reg_m is not None:
         s = s + 0.5 * reg * (_mass(a, n, C_ab) - _mass(b, m, C_ab)) ** 2
