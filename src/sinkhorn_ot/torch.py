@@ -36,9 +36,9 @@ class _Solved:
     rebuild the backend (the matrix itself is the caller's tensor, saved by reference)."""
 
     value: float
-    f: Any                 # potentials of the returned plan, float64 tensors
+    f: Any                 # potentials of the returned plan, float64, the caller's family
     g: Any
-    wa: Any                # the marginals as solved (uniform when not given), float64 tensors
+    wa: Any                # the marginals as solved (uniform when not given), likewise
     wb: Any
     reg: float
     tau: tuple             # (reg_m_a, reg_m_b); inf on an exact side
