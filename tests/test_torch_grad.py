@@ -139,6 +139,20 @@ def test_matches_pot_solve_and_sinkhorn2():
     np.testing.assert_allclose((ours[0].grad * C).sum().item(), lin.item(), rtol=1e-12)
 
 
+def test_pot_envelope_gradient_of_a_is_the_entropy_objectives():
+    """What docs/migration.rst says of POT: ``ot.solve(grad="envelope")`` returns for ``a``
+    reg times its centred log u, which differs from the gradient of its KL value by
+    reg (log a - mean log a)."""
+    C, a, b = problem(7, 5, seed=4)
+    reg = 0.25
+    ours = leaves(C, a, b)
+    sinkhorn_cost(*ours, reg=reg, tol=TIGHT).backward()
+    ref = leaves(C, a, b)
+    ot.solve(*ref, reg=reg, grad="envelope", tol=1e-15, max_iter=20000).value.backward()
+    la = torch.log(a)
+    np.testing.assert_allclose(ref[1].grad - ours[1].grad, reg * (la - la.mean()), atol=1e-12)
+
+
 def test_plan_gradient_is_the_library_plan():
     C, a, b = problem(30, 20, seed=5)
     Cg = C.clone().requires_grad_(True)
