@@ -524,3 +524,17 @@ def test_symmetric_update_on_the_kernel_emulation(reg_m):
         warnings.simplefilter("error")
         dev = _solve(cp.asarray(C), a, a, reg, tau, 1e-12, 300, None, None, symmetric=True)
     np.testing.assert_allclose(dev.value, cpu.value, rtol=1e-12)
+
+
+def test_non_contiguous_and_half_inputs():
+    C, a, b = problem(6, 5, seed=21)
+    ref = leaves(C)[0]
+    sinkhorn_cost(ref, a, b, reg=0.2, tol=TIGHT).backward()
+    T = C.t().contiguous().requires_grad_(True)  # C as a transposed view: copied, not refused
+    sinkhorn_cost(T.t(), a, b, reg=0.2, tol=TIGHT).backward()
+    np.testing.assert_allclose(T.grad.t(), ref.grad, rtol=0, atol=1e-15)
+    H = C.half().requires_grad_(True)  # the CPU core reads float16 as float32
+    v = sinkhorn_cost(H, a, b, reg=0.2)
+    v.backward()
+    assert v.dtype == H.grad.dtype == torch.float16
+    np.testing.assert_allclose(H.grad.double(), ref.grad, rtol=0, atol=2e-3 * ref.grad.max())
