@@ -283,7 +283,8 @@ def sinkhorn_cost(C, a=None, b=None, *, reg, reg_m=None, tol=None, max_iter=1000
     Notes
     -----
     Memory: the backward pass allocates one ``n x m`` array, the gradient of ``C`` (the
-    plan times the incoming gradient), and O(n + m) besides; between the passes only the
+    plan times the incoming gradient; for a 16-bit ``C`` on CUDA it is formed in float32,
+    then cast), and O(n + m) besides; between the passes only the
     potentials and the marginals are kept (``C`` itself by reference: do not modify it in
     place before ``backward``).  The gradient of ``b`` costs one more read of ``C`` (the
     column sums of the plan); that of ``a`` none (the rows of the plan are exact).
