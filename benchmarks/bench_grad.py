@@ -223,12 +223,13 @@ def main(argv=None):
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
+    head = C.header(C.command_line())  # the machine's load before the run
     out = []
     for N, K in sizes:
         run_size(N, K, args, out)
     if not args.no_write:
         body = ["## Gradients: sinkhorn_ot.torch.sinkhorn_cost forward + backward "
-                "(benchmarks/bench_grad.py)", "", *C.header(C.command_line()), "",
+                "(benchmarks/bench_grad.py)", "", *head, "",
                 "One process; the backward pass is the envelope theorem's (no unrolling); "
                 "POT differentiates through its iterations, run for the iteration count at "
                 "which its plan first reaches our err; err computed independently in "
