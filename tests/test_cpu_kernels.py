@@ -138,6 +138,47 @@ def test_validation_folded_into_the_column_lse(dtype):
         (7 * 30 + 3, 9, 11)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("step", [1e-3, 0.5, 40.0])
+def test_pass_with_the_previous_row_shifts(dtype, step):
+    """A pass shifted by the previous pass's row log-sum-exps (a small change of g), or at
+    the exact maxima (a change too wide for that bound, or a column that closes), gives the
+    pass of the float64 reference."""
+    X, lam = _problem(120, 300, dtype, seed=3, forbid=0.2)
+    N, K = X.shape
+    rng = np.random.default_rng(4)
+    loga = np.full(N, -np.log(N))
+    g0 = rng.standard_normal(K)
+    lse0 = np.empty(N)
+    _core.fused_pass(X, lam, g0, loga, 1.0, np.empty(N), None, 1, lse=lse0)
+    t0 = lam * X.astype(np.float64) + g0
+    np.testing.assert_allclose(lse0, np.log(np.exp(t0 - t0.max(1, keepdims=True)).sum(1))
+                               + t0.max(1), rtol=1e-6 if dtype == np.float32 else 1e-13)
+    for g1 in (g0 + step * rng.standard_normal(K), np.where(np.arange(K) == 5, -np.inf, g0)):
+        f = np.empty(N)
+        lse1 = np.empty(N)
+        col, _, cost, _ = _core.fused_pass(X, lam, g1, loga, 1.0, f, None, 1, lse=lse1,
+                                           lse_prev=lse0, g_prev=g0)
+        rf, rcol, rcost, _, _ = _ref_pass(X, lam, g1, loga)
+        tol = 2e-5 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(f, rf, rtol=tol, atol=tol)
+        np.testing.assert_allclose(col, rcol, rtol=tol, atol=tol / K)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_near_ties_against_numpy(dtype, rng):
+    X = np.round(rng.standard_normal((500, 77)), 1).astype(dtype)  # many exact ties
+    X[7, :] = -np.inf
+    X[7, 3] = X[7, 70] = 0.5
+    g = np.round(rng.standard_normal(77), 1)
+    rows = np.array([0, 7, 499, 7, 250])
+    for tau in (0.0, 0.05, 0.3):
+        S = 3.0 * X[rows].astype(np.float64) + g
+        best = S.max(axis=1, keepdims=True)
+        ref = (S >= best - tau - 1e-12 * (1 + np.abs(best))).sum(axis=1)
+        np.testing.assert_array_equal(_core.near_ties(X, 3.0, g, rows, tau), ref)
+
+
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_every_instruction_set_copy(isa):
     """The narrower copies of the kernels give the same answers (this machine may run only
@@ -153,8 +194,9 @@ def test_every_instruction_set_copy(isa):
         "    X = rng.standard_normal((301, 37)).astype(dt); X[3, 4] = -np.inf\n"
         "    r = sinkhorn_ot.balanced_assign(X, 5.0, n_iter=7)\n"
         "    q = sinkhorn_ot.codes(X, eps=0.2, n_iter=3)\n"
+        "    t = _core.near_ties(np.round(X, 1), 5.0, np.zeros(37), np.arange(301), 0.0)\n"
         "    np.save(sys.argv[1] + dt.__name__ + '.npy', np.concatenate([r.f, r.g, q.ravel(),"
-        " r.labels.astype(float), [r.err, r.cost]]))\n")
+        " r.labels.astype(float), [r.err, r.cost], t]))\n")
     tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sk_isa_{os.getpid()}_")
     outs = {}
     for which in (isa, "avx512"):

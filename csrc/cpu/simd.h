@@ -139,6 +139,7 @@ inline Vec<E, N> operator-(Vec<E, N> a) {
 SK_CMPOP(<)
 SK_CMPOP(>)
 SK_CMPOP(==)
+SK_CMPOP(>=)
 #undef SK_CMPOP
 
 template <class V, class S>

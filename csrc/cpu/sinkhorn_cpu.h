@@ -29,14 +29,27 @@ struct PassOut {
     double slack = 0;   // bound on the relative error of the plan entries measured, written
 };
 
+// The row shifts of consecutive passes over the same X and alpha: `lse` (written, N) gets
+// each row's log sum_y exp(alpha X_iy + g_y); given the previous pass's (`lse_prev`, at
+// `g_prev`), a pass shifts row i's exponentials by lse_prev_i + max_y (g_y - g_prev_y), an
+// upper bound of the row's maximum, instead of finding the maximum in a sweep of its own,
+// where that bound exceeds the maximum by at most log K + the range of g - g_prev <= 30.
+struct RowShifts {
+    const double* lse_prev = nullptr;
+    const double* g_prev = nullptr;
+    double* lse = nullptr;
+};
+
 // One fused pass.  `fast` (float32 input, without labels): rows whose entries can be formed in
 // float32 with a relative plan error within `fast` are (out.slack: the largest such bound);
-// 0 keeps every row in float64.  Returns false if `interrupted` (called from the calling
-// thread only, about every 0.2 s) reported an interruption; the outputs are then incomplete.
+// 0 keeps every row in float64.  `shifts` may be null.  Returns false if `interrupted`
+// (called from the calling thread only, about every 0.2 s) reported an interruption; the
+// outputs are then incomplete.
 template <class T>
 bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
                 const double* loga, double rho_a, PassOut& out, const PlanOut<T>* plan,
-                double fast, int n_threads, const Interrupted& interrupted);
+                double fast, const RowShifts* shifts, int n_threads,
+                const Interrupted& interrupted);
 
 // The plan exp(alpha X_iy + f_i + g_y) * scale of the rows of `plan`, in X's precision.
 template <class T>
@@ -58,6 +71,29 @@ template <class T>
 bool column_lse(const T* X, int64_t N, int64_t K, double alpha, const double* f, double* L,
                 CheckOut* check, double forbidden, int n_threads,
                 const Interrupted& interrupted);
+
+// The plan times `scale` of a balanced problem with uniform rows (a = 1/N) and columns `b`
+// (null: uniform), after `n_iter` iterations (a column then a row normalisation each)
+// starting from the kernel, written to `out` (N x K): the codes of a fixed-iteration solve,
+// by scaling passes on the kernel stored once in `out` (E_iy = exp(alpha (X_iy - max_y
+// X_iy)), -inf a forbidden pair) or on X itself when `probs` (X holds the kernel: a
+// probability matrix, 0 a forbidden pair).  One read of X, then one of E per iteration.
+// Returns 0 when done; 1 for an invalid entry, a row with every pair forbidden or |alpha X|
+// above a sixteenth of T's largest value (what the log-domain kernels' validation refuses);
+// 2 when a scaling or sum left [1e-280, 1e280], or when the entries of E that underflowed
+// could have carried more than 1e-7 (float64: 1e-15) of the smallest marginal entry (the
+// log-domain passes are then needed); -1 when interrupted.  With a nonzero return `out`
+// holds no result.
+template <class T>
+int scaling_codes(const T* X, int64_t N, int64_t K, double alpha, bool probs, const double* b,
+                  int n_iter, double scale, T* out, int n_threads,
+                  const Interrupted& interrupted);
+
+// For each listed row, the number of entries whose score alpha X_iy + g_y is within tau (and
+// a rounding margin of 1e-12 relative) of the row's best score: a count above 1 is a tie.
+template <class T>
+void near_ties(const T* X, int64_t N, int64_t K, double alpha, const double* g,
+               const int64_t* rows, int64_t n, double tau, int64_t* count, int n_threads);
 
 // One read of X for validation only.
 template <class T>
