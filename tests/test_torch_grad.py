@@ -538,3 +538,11 @@ def test_non_contiguous_and_half_inputs():
     v.backward()
     assert v.dtype == H.grad.dtype == torch.float16
     np.testing.assert_allclose(H.grad.double(), ref.grad, rtol=0, atol=2e-3 * ref.grad.max())
+
+
+def test_import_sinkhorn_ot_does_not_import_torch():
+    import subprocess
+    import sys
+    code = ("import sys, sinkhorn_ot; assert 'torch' not in sys.modules; "
+            "sinkhorn_ot.torch.sinkhorn_cost; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -19,7 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("sinkhorn_ot.torch needs PyTorch: pip install torch") from exc
 
 from . import _problem
 from . import _validation as V
