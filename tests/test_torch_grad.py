@@ -174,6 +174,41 @@ def test_value_is_the_primal_objective_at_convergence():
     np.testing.assert_allclose(v.item(), u.objective, rtol=1e-10)
 
 
+@pytest.mark.parametrize("reg_m", [None, 0.7, (INF, 0.5)])
+def test_exact_for_the_dual_of_a_stopped_solve(reg_m):
+    """Three passes, far from converged: the value is the dual objective D(F, G) of the
+    returned potentials and the gradient is D's with F and G held fixed (written out here
+    in torch and differentiated by autograd)."""
+    C, a, b = problem(8, 6, seed=22)
+    a, b = (a, b) if reg_m is None else (0.8 * a, 1.2 * b)
+    reg = 0.2
+    tau = (INF, INF) if reg_m is None else (reg_m if isinstance(reg_m, tuple) else (reg_m,) * 2)
+    ours = leaves(C, a, b)
+    v = sinkhorn_cost(*ours, reg=reg, reg_m=reg_m, n_iter=3)
+    v.backward()
+    if reg_m is None:
+        res = sinkhorn_ot.sinkhorn(C, a, b, reg=reg, n_iter=3)
+    else:
+        res = sinkhorn_ot.sinkhorn_unbalanced(C, a, b, reg=reg, reg_m=reg_m, n_iter=3)
+    assert res.err > 1e-4  # really stopped early
+    F, G = reg * (res.f - torch.log(a)), reg * (res.g - torch.log(b))  # constants
+
+    def phi(P, t):
+        return P if t == INF else t * (1 - torch.exp(-P / t))
+
+    ref = leaves(C, a, b)
+    Cr, ar, br = ref
+    D = ((ar * phi(F, tau[0])).sum() + (br * phi(G, tau[1])).sum()
+         - reg * (ar[:, None] * br[None, :] * (torch.exp((F[:, None] + G[None, :] - Cr) / reg)
+                                                - 1)).sum())
+    D.backward()
+    np.testing.assert_allclose(v.item(), D.item(), rtol=1e-13)
+    np.testing.assert_allclose(ours[0].grad, Cr.grad, rtol=1e-12, atol=1e-15)
+    for t, r in zip(ours[1:], (ar, br)):
+        g = r.grad - r.grad.mean() if reg_m is None else r.grad
+        np.testing.assert_allclose(t.grad, g, rtol=1e-12, atol=1e-13)
+
+
 # ----------------------------------------------------------------------------- finite differences
 @pytest.mark.parametrize("reg_m", [None, 0.5])
 def test_float32_gradient_against_float64_finite_differences(reg_m):
