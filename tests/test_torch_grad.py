@@ -258,6 +258,18 @@ def test_zero_weight_gradients_are_one_sided_derivatives():
     val = lambda w: sinkhorn_cost(C, w, b, reg=reg, tol=TIGHT).item()  # noqa: E731
     np.testing.assert_allclose((A.grad * d).sum().item(), (val(a + h * d) - val(a)) / h,
                                atol=1e-5)
+    # a zero column weight (the c-transform of f), relaxed and balanced
+    bz = b.clone()
+    bz[1] = 0.0
+    bz = bz / bz.sum()
+    e = torch.zeros_like(b)
+    e[1], e[0] = 1.0, -1.0
+    for reg_m, d in ((0.5, e.abs() * (e > 0)), (None, e)):
+        B = bz.clone().requires_grad_(True)
+        sinkhorn_cost(C, a, B, reg=reg, reg_m=reg_m, tol=TIGHT).backward()
+        v0, v1 = (sinkhorn_cost(C, a, w, reg=reg, reg_m=reg_m, tol=TIGHT).item()
+                  for w in (bz, bz + h * d))
+        np.testing.assert_allclose((B.grad * d).sum().item(), (v1 - v0) / h, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- divergence
