@@ -81,3 +81,11 @@ def test_bench_emd(tmp_path):
     for family in ("2-D euclidean, random marginals", "integer costs", "uniform"):
         assert family in out, family
     assert "<!-- BEGIN bench_emd -->" in res.read_text()
+
+
+def test_bench_grad(tmp_path):
+    pytest.importorskip("torch")
+    res = tmp_path / "RESULTS.md"
+    out = run("bench_grad.py", "--sizes", "500x20", "--results", str(res))
+    assert "sinkhorn_cost forward + backward (C)" in out and "POT ot.sinkhorn2" in out
+    assert "<!-- BEGIN bench_grad -->" in res.read_text()
