@@ -181,6 +181,8 @@ py::tuple column_update(const F64& g, const F64& logb, const F64& col, const F64
 
 }  // namespace
 
+void register_batched(py::module_& m);  // csrc/batched_bindings.cpp
+
 PYBIND11_MODULE(_core, m) {
     m.doc() = "Compiled CPU core of sinkhorn_ot (private; use the functions in sinkhorn_ot).";
     m.def("fused_pass", &fused_pass, py::arg("X"), py::arg("alpha"), py::arg("g"),
@@ -205,6 +207,7 @@ PYBIND11_MODULE(_core, m) {
           py::arg("n_threads"), "Validation scan: invalid entries, empty rows and columns.");
     m.def("max_threads", &cpu::max_threads, "Threads OpenMP would use by default.");
     m.def("isa", &cpu::isa_name, "Instruction set of the kernels in use.");
+    register_batched(m);
 #ifdef _OPENMP
     m.attr("openmp") = true;
 #else

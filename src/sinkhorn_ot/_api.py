@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from . import _hard, _problem
+from . import _batched, _hard, _problem
 from . import _validation as V
 from ._arrays import to_host
 from ._lp import check_size
@@ -92,6 +92,11 @@ def sinkhorn(C, a=None, b=None, *, reg, tol=None, max_iter=1000, n_iter=None, in
     M. Cuturi, "Sinkhorn distances: lightspeed computation of optimal transport", NeurIPS
     2013.
     """
+    if _batched.is_batch(C) or _batched.is_multi_target(C, b):
+        solve = _batched.sinkhorn if _batched.is_batch(C) else _batched.multi_target
+        return solve(C, a, b, reg=reg, tol=tol, max_iter=max_iter, n_iter=n_iter, init=init,
+                     acceleration=acceleration, eps_scaling=eps_scaling,
+                     n_threads=n_threads, comm=comm)
     red = _problem.reducer(comm)
     reg = red.agreed(V.positive_scalar, reg, "reg")
     opts = red.agreed(lambda: _problem.options(
@@ -185,6 +190,11 @@ def balanced_assign(logP, lam=25.0, *, b=None, size_penalty=None, hard="argmax",
     Y. M. Asano, C. Rupprecht, A. Vedaldi, "Self-labelling via simultaneous clustering and
     representation learning", ICLR 2020.
     """
+    if _batched.is_batch(logP):
+        return _batched.balanced_assign(
+            logP, lam, b=b, size_penalty=size_penalty, hard=hard, tol=tol, max_iter=max_iter,
+            n_iter=n_iter, init=init, acceleration=acceleration, eps_scaling=eps_scaling,
+            n_threads=n_threads, comm=comm)
     red = _problem.reducer(comm)
     lam = red.agreed(V.positive_scalar, lam, "lam")
     opts = red.agreed(lambda: _problem.options(

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from . import _problem
+from . import _batched, _problem
 from . import _validation as V
 from ._arrays import to_host
 
@@ -250,6 +250,12 @@ def codes(scores, *, eps, n_iter=3, probabilities=False, rows=None, comm="auto",
     "Self-labelling via simultaneous clustering and representation learning", ICLR 2020.
     """
     comm = _auto_comm(comm)
+    if _batched.is_batch(scores):
+        if comm is not None:
+            raise ValueError("a batch of score matrices (B, N, K) cannot be split across "
+                             "processes: pass comm=None")
+        return _batched.codes(scores, eps=eps, n_iter=n_iter, probabilities=probabilities,
+                              rows=rows, b=b, tol=tol, max_iter=max_iter, n_threads=n_threads)
     eps = V.positive_scalar(eps, "eps")
     if not isinstance(probabilities, (bool, np.bool_)):
         raise TypeError(f"probabilities must be True or False, got {probabilities!r}")

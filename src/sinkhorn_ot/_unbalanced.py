@@ -6,7 +6,7 @@ import numbers
 
 import numpy as np
 
-from . import _problem
+from . import _batched, _problem
 from . import _validation as V
 from ._results import UnbalancedResult
 
@@ -123,6 +123,10 @@ def sinkhorn_unbalanced(C, a=None, b=None, *, reg, reg_m, tol=None, max_iter=100
     S. Sejourne, J. Feydy, F.-X. Vialard, A. Trouve, G. Peyre, "Sinkhorn divergences for
     unbalanced optimal transport", arXiv:1910.12958, 2019.
     """
+    if _batched.is_batch(C):
+        return _batched.sinkhorn_unbalanced(C, a, b, reg=reg, reg_m=reg_m, tol=tol,
+                                            max_iter=max_iter, n_iter=n_iter, init=init,
+                                            n_threads=n_threads)
     reg = V.positive_scalar(reg, "reg")
     reg_m_a, reg_m_b = reg_m_pair(reg_m)
     opts = _problem.options(tol=tol, max_iter=max_iter, n_iter=n_iter, n_threads=n_threads,

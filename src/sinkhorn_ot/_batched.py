@@ -1,0 +1,719 @@
+"""Many problems in one call: a leading batch axis on the matrix, and several column
+marginals (POT's multi-target ``b`` of shape (m, k)) against one matrix.
+
+The public solvers hand over here when their input has a batch axis.  On the CPU a batch of
+small balanced problems goes to the compiled batched solve (``_core.batched_solve``: one
+problem per thread, each to its own tolerance, the log-domain loop and the Anderson mixing of
+the single solve); anything else (large problems, whose single solve already spreads rows over
+the threads; KL-relaxed sides; exact or greedy labels; CUDA arrays) is solved problem by
+problem by the single-problem path.  Several targets against one large matrix share each
+read of it (``_core.multi_pass``).  Results carry the batch axis: ``f`` (B, n), ``g`` (B, m),
+``n_iter``, ``err``, ``converged`` and ``cost`` of shape (B,), ``plan()`` (B, n, m).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from . import _problem
+from . import _validation as V
+from ._arrays import to_native
+from ._results import Assignment, OTResult, UnbalancedResult
+from ._solver import Anderson, potential_bound
+
+# A problem with at most this many entries is solved by the batched kernel (one problem per
+# thread): below ~64k entries the single solve runs on one thread anyway (one thread per 32k
+# entries), and up to here a problem's rows stay in the L2 cache of its thread.
+SMALL_ENTRIES = 1 << 18
+_MEMORY = 12            # Anderson memory, as the single solve's
+_STALL_WINDOW = 100     # as _solver.STALL_WINDOW
+
+
+def _shape(x):
+    shape = getattr(x, "shape", None)
+    return tuple(shape) if shape is not None else np.shape(x)
+
+
+def is_batch(M) -> bool:
+    """The matrix has a leading batch axis (3-d)."""
+    return len(_shape(M)) == 3
+
+
+def is_multi_target(M, b) -> bool:
+    """A 2-d matrix with a 2-d ``b`` (m, k): k targets against one matrix."""
+    return b is not None and len(_shape(M)) == 2 and len(_shape(b)) == 2
+
+
+def _prefix(p: int, exc: Exception, what: str = "problem"):
+    """``exc`` re-raised with the batch index in front of its message."""
+    return type(exc)(f"{what} {p} of the batch: {exc}")
+
+
+class _Collect:
+    """Collects the single solves' non-convergence warnings into one for the batch."""
+
+    def __init__(self):
+        self.bad = []
+
+    def __enter__(self):
+        self._cm = warnings.catch_warnings(record=True)
+        self._log = self._cm.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+        for w in self._log:  # anything but our own non-convergence note is passed on
+            if not str(w.message).startswith("Sinkhorn did not converge"):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return False
+
+
+def _warn_unconverged(converged, err, tol, what="problems"):
+    bad = np.nonzero(~np.asarray(converged))[0]
+    if bad.size:
+        shown = ", ".join(str(int(p)) for p in bad[:8]) + (", ..." if bad.size > 8 else "")
+        worst = int(bad[np.argmax(np.asarray(err)[bad] - np.asarray(tol)[bad])])
+        _problem.warn(f"Sinkhorn did not converge for {bad.size} of {len(converged)} {what} "
+                      f"(batch indices {shown}): err = {float(err[worst]):.3e} > tol = "
+                      f"{float(tol[worst]):.1e} at {worst} (the best iterates are returned, "
+                      "converged=False there)")
+
+
+def _readonly(*arrays):
+    for arr in arrays:
+        if isinstance(arr, np.ndarray):
+            arr.setflags(write=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Marginals and warm starts with an optional batch axis
+
+def _batch_marginal(v, B: int, n: int, name: str):
+    """``(w, logw, shared)``: w (n,) when shared by the batch, else (B, n), float64."""
+    if v is None:
+        w = np.full(n, 1.0 / n)
+        return w, np.log(w), True
+    w = np.array(v, dtype=np.float64) if not hasattr(v, "__dlpack__") or isinstance(
+        v, np.ndarray) else np.array(np.from_dlpack(v), dtype=np.float64)
+    if w.ndim == 1:
+        wv, _ = V.marginal(w, n, name, np)
+        with np.errstate(divide="ignore"):
+            return wv, np.log(wv), True
+    if w.shape != (B, n):
+        raise ValueError(f"{name} must have shape ({n},) or ({B}, {n}) to match the batch, "
+                         f"got {w.shape}")
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        p, i = np.argwhere(bad)[0]
+        kind = "a non-finite" if not np.isfinite(w[p, i]) else "a negative"
+        raise ValueError(f"problem {p} of the batch: {name} has {kind} entry at {i}")
+    zero = ~(w.sum(axis=1) > 0)
+    if zero.any():
+        raise ValueError(f"problem {int(np.argmax(zero))} of the batch: {name} sums to zero")
+    with np.errstate(divide="ignore"):
+        return w, np.log(w), False
+
+
+def _rows_of(w, B):
+    return np.broadcast_to(w, (B, w.shape[-1]))
+
+
+def _balanced(wa, wb, B):
+    sa, sb = _rows_of(wa, B).sum(axis=1), _rows_of(wb, B).sum(axis=1)
+    for p in np.nonzero(np.abs(sa - sb) > 1e-6 * np.maximum(sa, sb))[0][:1]:
+        raise ValueError(f"problem {p} of the batch: balanced marginals must have equal "
+                         f"totals: sum(a) = {sa[p]!r}, sum(b) = {sb[p]!r}")
+    return sa
+
+
+def _batch_init(init, B: int, m: int, wb):
+    """Warm starts (B, m) or None: a batched result, its g, or one g (m,) for every problem."""
+    if init is None:
+        return None
+    g = getattr(init, "g", init)
+    g = np.array(np.from_dlpack(g) if hasattr(g, "__dlpack__") and not isinstance(
+        g, np.ndarray) else g, dtype=np.float64)
+    if g.shape == (m,):
+        g = np.broadcast_to(g, (B, m)).copy()
+    if g.shape != (B, m):
+        raise ValueError(f"init must be a result or a potential g of shape ({m},) or "
+                         f"({B}, {m}), got shape {g.shape}")
+    if np.isnan(g).any() or (g == np.inf).any():
+        raise ValueError("init potential g has NaN or +inf entries")
+    live = _rows_of(wb, B) > 0
+    bad = live & (g == -np.inf)
+    if bad.any():
+        raise ValueError(f"problem {int(np.argwhere(bad)[0][0])} of the batch: init potential "
+                         "g is -inf on a column of positive mass")
+    return np.where(live, g, -np.inf)
+
+
+# ---------------------------------------------------------------------------------------
+# The matrix of a batch
+
+def _batch_matrix(native, name: str):
+    arr = native.array
+    if native.dtype not in V._FLOAT_KINDS:
+        raise TypeError(f"{name} must be a real floating array, got dtype {native.dtype}")
+    if arr.ndim != 3 or 0 in arr.shape:
+        raise ValueError(f"{name} must be 3-d (B, n, m) with no empty axis, got shape "
+                         f"{arr.shape}")
+    if native.device == "cpu" and native.dtype == "float16":
+        arr = arr.astype(np.float32)
+    return np.ascontiguousarray(arr) if native.device == "cpu" else arr
+
+
+def _check_values(X, name, forbidden, alpha, dtype, wa, wb, n_threads):
+    """Every problem's matrix checked as the single solve checks it; the first bad one is
+    named by its batch index.  Returns max |finite entry| of each problem (B,)."""
+    B, n, m = X.shape
+    from . import _core
+
+    chk = _core.check_matrix(X.reshape(B * n, m), forbidden, n_threads or 0)
+    fi = int(chk["first_invalid"])
+    if fi >= 0:
+        p, rest = divmod(fi, n * m)
+        i, j = divmod(rest, m)
+        other = "+inf" if forbidden < 0 else "-inf"
+        raise ValueError(f"problem {p} of the batch: {name} has a NaN or {other} entry at "
+                         f"({i}, {j}); only finite values and "
+                         f"{'-inf' if forbidden < 0 else '+inf'} (a forbidden pair) are allowed")
+    max_abs = float(chk["max_abs"])
+    zero_mass = (np.asarray(wa) == 0).any() or (np.asarray(wb) == 0).any()
+    if int(chk["first_empty_row"]) >= 0 or zero_mass or np.isinf(X).any():
+        allowed = X != forbidden
+        rows_live = _rows_of(wa, B) > 0
+        cols_live = _rows_of(wb, B) > 0
+        row_bad = rows_live & ~(allowed & cols_live[:, None, :]).any(axis=2)
+        if row_bad.any():
+            p, i = np.argwhere(row_bad)[0]
+            raise ValueError(f"problem {p} of the batch: infeasible problem: row {i} of {name} "
+                             "has every entry forbidden (or in columns of zero mass)")
+        col_bad = cols_live & ~(allowed & rows_live[:, :, None]).any(axis=1)
+        if col_bad.any():
+            p, j = np.argwhere(col_bad)[0]
+            raise ValueError(f"problem {p} of the batch: infeasible problem: column {j} of "
+                             f"{name} has every entry forbidden (or in rows of zero mass)")
+        s_max = np.where(allowed, np.abs(np.where(allowed, X, 0)), 0).reshape(B, -1).max(1)
+    else:
+        s_max = np.full(B, max_abs)
+    if abs(alpha) * max_abs > V._FLOAT_MAX[dtype] / 16:
+        p = int(np.argmax(s_max))
+        raise ValueError(f"problem {p} of the batch: {name} times {abs(alpha):g} overflows "
+                         f"{dtype} (largest |entry| {max_abs:g})")
+    return s_max.astype(np.float64)
+
+
+class _Batch:
+    """A validated batch for the compiled batched solve (NumPy, CPU)."""
+
+    def __init__(self, M, name, alpha, a, b, opts, forbidden):
+        self.native = to_native(M, name)
+        self.name, self.alpha, self.opts = name, alpha, opts
+        X = _batch_matrix(self.native, name)
+        self.X = X
+        B, n, m = X.shape
+        self.B, self.n, self.m = B, n, m
+        self.wa, self.loga, self.a_shared = _batch_marginal(a, B, n, "a")
+        self.wb, self.logb, self.b_shared = _batch_marginal(b, B, m, "b")
+        self.mass = _balanced(self.wa, self.wb, B)
+        self.g0 = _batch_init(opts.init, B, m, self.wb)
+        self.small = self.native.device == "cpu" and n * m <= SMALL_ENTRIES
+        self.s_max = None
+        if self.native.device == "cpu":
+            self.s_max = np.abs(alpha) * _check_values(
+                X, name, forbidden, alpha, self.native.dtype, self.wa, self.wb, opts.n_threads)
+        dt = self.native.dtype
+        self.tol = np.broadcast_to(_problem.DEFAULT_TOL[dt] * self.mass if opts.tol is None
+                                   else np.full(B, opts.tol), (B,)).astype(np.float64)
+
+    def problem(self, p):
+        """The marginals and warm start of problem p, for a single solve."""
+        return (self.wa if self.a_shared else self.wa[p],
+                self.wb if self.b_shared else self.wb[p],
+                None if self.g0 is None else self.g0[p])
+
+
+def _kernel(batch, *, n_iter, max_iter, acceleration, want_labels):
+    """The compiled batched solve of a validated batch."""
+    from . import _core
+
+    o = batch.opts
+    memory = _MEMORY if acceleration == "anderson" else 0
+    rel_slack = 1e-13 if batch.X.dtype == np.float64 else 1e-6
+    f, g, it, err, cost, labels, stalled = _core.batched_solve(
+        batch.X, batch.B, batch.alpha, batch.loga, batch.logb, batch.g0, batch.tol,
+        batch.s_max, max_iter, n_iter or 0, memory, rel_slack, _STALL_WINDOW, want_labels,
+        o.n_threads or 0)
+    if not np.isfinite(err).all():
+        raise FloatingPointError(  # a bug, never a property of valid input: say so loudly
+            "sinkhorn_ot: the column error became non-finite in a batched solve; please "
+            "report this input")
+    return f, g, it, err, cost, labels, stalled.astype(bool)
+
+
+def _plans(X, alpha, f, g, n_threads):
+    """exp(alpha X + f + g) of every problem, by the single solve's plan kernel."""
+    from ._cpu import CPUBackend
+
+    be = CPUBackend(n_threads)
+    Xs = X if X.ndim == 3 else np.broadcast_to(X, (f.shape[0],) + X.shape)
+    out = np.empty((f.shape[0],) + Xs.shape[1:], dtype=X.dtype)
+    for p in range(f.shape[0]):
+        be.plan(Xs[p], alpha, f[p], g[p], out=out[p])
+    return out
+
+
+def _infeasible(batch, p):
+    """Raise, naming problem p, when no plan on its allowed pairs meets its marginals."""
+    from ._feasibility import MAX_PAIRS, check_support
+
+    X = batch.X[p]
+    forbidden = -math.inf if batch.alpha > 0 else math.inf
+    allowed = X != forbidden
+    if allowed.all() or X.size > MAX_PAIRS:
+        return
+    wa = batch.wa if batch.a_shared else batch.wa[p]
+    wb = batch.wb if batch.b_shared else batch.wb[p]
+    try:
+        check_support(allowed, wa, wb, batch.name)
+    except ValueError as exc:
+        raise _prefix(p, exc) from None
+
+
+def _solve_kernel(batch, single, *, n_iter, max_iter, acceleration, want_labels):
+    """The batched kernel, then the single solve for every problem it stalled on (with the
+    passes left of ``max_iter``).  ``single(p, max_iter)`` solves problem p alone and returns
+    its result.  Returns (f, g, n_iter, err, cost, labels)."""
+    f, g, it, err, cost, labels, stalled = _kernel(
+        batch, n_iter=n_iter, max_iter=max_iter, acceleration=acceleration,
+        want_labels=want_labels)
+    if n_iter is None:
+        for p in np.nonzero(~(err <= batch.tol))[0]:
+            _infeasible(batch, p)
+        for p in np.nonzero(stalled & ~(err <= batch.tol))[0]:
+            left = max_iter - int(it[p])
+            if left < 1:
+                continue
+            with _Collect():
+                r = single(p, left)
+            it[p] += int(r.n_iter)
+            if r.err <= err[p]:
+                f[p], g[p], err[p], cost[p] = r.f, r.g, r.err, r.cost
+                if labels is not None:
+                    labels[p] = r.labels
+    return f, g, it, err, cost, labels
+
+
+# ---------------------------------------------------------------------------------------
+# The public batched solvers
+
+def _loop(M, single, B, what="problem"):
+    """Solve problem by problem with ``single(p)``; errors named by batch index, the
+    non-convergence warnings gathered into one.  Returns the results."""
+    out = []
+    with _Collect():
+        for p in range(B):
+            try:
+                out.append(single(p))
+            except (ValueError, TypeError) as exc:
+                raise _prefix(p, exc, what) from exc
+    return out
+
+
+def _stack(native, results, field):
+    vals = [getattr(r, field) for r in results]
+    if native.device == "cpu":
+        arrs = [np.asarray(v) for v in vals]
+        out = np.stack(arrs)
+        out.setflags(write=False)
+        return native.wrap(out)
+    from ._arrays import array_module, to_native as _tn
+
+    xp = array_module(native)
+    return native.wrap(xp.stack([_tn(v, field).array for v in vals]))
+
+
+def _stacked_plan(native, results):
+    def plan():
+        ps = [r.plan() for r in results]
+        if native.device == "cpu":
+            return native.wrap(np.stack([np.asarray(q) for q in ps]))
+        from ._arrays import array_module, to_native as _tn
+
+        return native.wrap(array_module(native).stack([_tn(q, "plan").array for q in ps]))
+    return plan
+
+
+def _common(results, native):
+    n_iter = np.array([r.n_iter for r in results], dtype=np.int64)
+    err = np.array([r.err for r in results], dtype=np.float64)
+    conv = np.array([bool(r.converged) for r in results])
+    cost = np.array([r.cost for r in results], dtype=np.float64)
+    _readonly(n_iter, err, conv, cost)
+    return dict(f=_stack(native, results, "f"), g=_stack(native, results, "g"),
+                n_iter=n_iter, err=err, converged=conv, cost=cost,
+                _plan=_stacked_plan(native, results))
+
+
+def _take(v, p, shared_ndim):
+    """Problem p's slice of a marginal or warm start given with or without the batch axis."""
+    if v is None:
+        return None
+    if hasattr(v, "g"):
+        v = v.g
+    return v if len(_shape(v)) == shared_ndim else v[p]
+
+
+def sinkhorn(C, a, b, *, reg, tol, max_iter, n_iter, init, acceleration, eps_scaling,
+             n_threads, comm):
+    """:func:`sinkhorn_ot.sinkhorn` of a batch C (B, n, m)."""
+    from ._api import sinkhorn as one
+
+    if comm is not None:
+        raise ValueError("a batch of problems (C of shape (B, n, m)) cannot be split across "
+                         "processes: pass comm=None")
+    reg = V.positive_scalar(reg, "reg")
+    opts = _problem.options(tol=tol, max_iter=max_iter, n_iter=n_iter,
+                            acceleration=acceleration, eps_scaling=eps_scaling,
+                            n_threads=n_threads, init=init)
+    kw = dict(reg=reg, tol=tol, n_iter=n_iter, acceleration=acceleration,
+              eps_scaling=eps_scaling, n_threads=n_threads)
+    batch = _Batch(C, "C", -1.0 / reg, a, b, opts, math.inf)
+    B = batch.B
+    if not batch.small:
+        Cn = batch.native.array
+
+        def single(p):
+            return one(Cn[p], _take(a, p, 1), _take(b, p, 1), init=_take(init, p, 1),
+                       max_iter=max_iter, **kw)
+
+        res = _loop(C, single, B)
+        out = _common(res, batch.native)
+        _warn_unconverged(out["converged"] | (n_iter is not None), out["err"], batch.tol)
+        return OTResult(**out)
+
+    def single_left(p, left):
+        pa, pb, pg = batch.problem(p)
+        return one(batch.X[p], pa, pb, init=pg, max_iter=left, **kw)
+
+    f, g, it, err, cost, _ = _solve_kernel(batch, single_left, n_iter=opts.n_iter,
+                                           max_iter=opts.max_iter, acceleration=acceleration,
+                                           want_labels=False)
+    return _kernel_result(OTResult, batch, f, g, it, err, cost, opts.n_iter is None)
+
+
+def _kernel_result(cls, batch, f, g, it, err, cost, tol_mode, **extra):
+    conv = err <= batch.tol
+    _readonly(f, g, it, err, conv, cost)
+    if tol_mode:
+        _warn_unconverged(conv, err, batch.tol)
+    X, alpha, nt, wrap = batch.X, batch.alpha, batch.opts.n_threads, batch.native.wrap
+    fp, gp = f.copy(), g.copy()
+    return cls(f=wrap(f), g=wrap(g), n_iter=it, err=err, converged=conv, cost=cost,
+               _plan=lambda: wrap(_plans(X, alpha, fp, gp, nt)), **extra)
+
+
+def balanced_assign(logP, lam, *, b, size_penalty, hard, tol, max_iter, n_iter, init,
+                    acceleration, eps_scaling, n_threads, comm):
+    """:func:`sinkhorn_ot.balanced_assign` of a batch logP (B, N, K)."""
+    from . import _hard
+    from ._api import balanced_assign as one
+
+    if comm is not None:
+        raise ValueError("a batch of problems (logP of shape (B, N, K)) cannot be split "
+                         "across processes: pass comm=None")
+    lam = V.positive_scalar(lam, "lam")
+    opts = _problem.options(tol=tol, max_iter=max_iter, n_iter=n_iter,
+                            acceleration=acceleration, eps_scaling=eps_scaling,
+                            n_threads=n_threads, init=init)
+    kw = dict(lam=lam, size_penalty=size_penalty, hard=hard, tol=tol, n_iter=n_iter,
+              acceleration=acceleration, eps_scaling=eps_scaling, n_threads=n_threads)
+    if size_penalty is not None or hard != "argmax":
+        native = to_native(logP, "logP")
+        if len(native.array.shape) != 3:
+            raise ValueError(f"logP must be 3-d (B, N, K), got shape {native.array.shape}")
+        Xn = native.array
+
+        def single(p):
+            return one(Xn[p], b=_take(b, p, 1), init=_take(init, p, 1), max_iter=max_iter,
+                       **kw)
+
+        res = _loop(logP, single, Xn.shape[0])
+        out = _common(res, native)
+        _warn_unconverged(out["converged"] | (n_iter is not None), out["err"],
+                          [_problem.DEFAULT_TOL.get(native.dtype, 1e-6)
+                           if tol is None else tol] * len(res))
+        return Assignment(**out, labels=_stack(native, res, "labels"),
+                          sizes=_stack(native, res, "sizes"))
+    batch = _Batch(logP, "logP", lam, None, b, opts, -math.inf)
+    B, N, K = batch.B, batch.n, batch.m
+    if not batch.small:
+        Xn = batch.native.array
+
+        def single(p):
+            return one(Xn[p], b=_take(b, p, 1), init=_take(init, p, 1), max_iter=max_iter,
+                       **kw)
+
+        res = _loop(logP, single, B)
+        out = _common(res, batch.native)
+        _warn_unconverged(out["converged"] | (n_iter is not None), out["err"], batch.tol)
+        return Assignment(**out, labels=_stack(batch.native, res, "labels"),
+                          sizes=_stack(batch.native, res, "sizes"))
+
+    def single_left(p, left):
+        _, pb, pg = batch.problem(p)
+        return one(batch.X[p], b=pb, init=pg, max_iter=left, **kw)
+
+    f, g, it, err, cost, labels = _solve_kernel(
+        batch, single_left, n_iter=opts.n_iter, max_iter=opts.max_iter,
+        acceleration=acceleration, want_labels=True)
+    wb = _rows_of(batch.wb, B)
+    tau_mode = opts.n_iter is None
+    for p in range(B):  # ties spread as the plan spreads them (as the single solve does)
+        b_min = float(np.where(wb[p] > 0, wb[p], np.inf).min()) / float(wb[p].sum())
+        tau = _hard.tie_tolerance(float(err[p]), tau_mode, b_min)
+        labels[p] = _hard.tie_break(np, batch.X[p], lam, f[p], g[p], labels[p],
+                                    -math.log(N), tau, N * wb[p] / wb[p].sum())
+    sizes = np.stack([np.bincount(labels[p], minlength=K) for p in range(B)])
+    _readonly(labels, sizes)
+    wrap = batch.native.wrap
+    return _kernel_result(Assignment, batch, f, g, it, err, -cost, tau_mode,
+                          labels=wrap(labels), sizes=wrap(sizes))
+
+
+def sinkhorn_unbalanced(C, a, b, *, reg, reg_m, tol, max_iter, n_iter, init, n_threads):
+    """:func:`sinkhorn_ot.sinkhorn_unbalanced` of a batch C (B, n, m), problem by problem."""
+    from ._unbalanced import sinkhorn_unbalanced as one
+
+    native = to_native(C, "C")
+    Cn = native.array
+
+    def single(p):
+        return one(Cn[p], _take(a, p, 1), _take(b, p, 1), reg=reg, reg_m=reg_m, tol=tol,
+                   max_iter=max_iter, n_iter=n_iter, init=_take(init, p, 1),
+                   n_threads=n_threads)
+
+    res = _loop(C, single, Cn.shape[0])
+    out = _common(res, native)
+    tols = [(_problem.DEFAULT_TOL.get(native.dtype, 1e-6) * float(
+        np.asarray(_take(a, p, 1)).sum() if a is not None else 1.0)) if tol is None else tol
+        for p in range(len(res))]
+    _warn_unconverged(out["converged"] | (n_iter is not None), out["err"], tols)
+    extra = {k: np.array([getattr(r, k) for r in res]) for k in
+             ("objective", "err_a", "err_b", "dev_a", "dev_b", "mass")}
+    _readonly(*extra.values())
+    return UnbalancedResult(**out, **extra, row_sums=_stack(native, res, "row_sums"),
+                            col_sums=_stack(native, res, "col_sums"))
+
+
+# ---------------------------------------------------------------------------------------
+# Several targets against one matrix
+
+def _targets(b, m: int, n_total: float):
+    """The k column marginals of b (m, k) as (w (k, m), log w (k, m))."""
+    w = np.array(np.from_dlpack(b) if hasattr(b, "__dlpack__") and not isinstance(
+        b, np.ndarray) else b, dtype=np.float64)
+    if w.ndim != 2 or w.shape[0] != m or w.shape[1] == 0:
+        raise ValueError(f"b must have shape ({m},) or ({m}, k) to match C, got {w.shape}")
+    wk = np.ascontiguousarray(w.T)
+    for t in range(wk.shape[0]):
+        try:
+            V.marginal(wk[t], m, "b", np)
+            V.balanced_totals(n_total, float(wk[t].sum()))
+        except ValueError as exc:
+            raise ValueError(f"target {t} (b[:, {t}]): {exc}") from None
+    with np.errstate(divide="ignore"):
+        return wk, np.log(wk)
+
+
+def multi_target(C, a, b, *, reg, tol, max_iter, n_iter, init, acceleration, eps_scaling,
+                 n_threads, comm):
+    """:func:`sinkhorn_ot.sinkhorn` of one C (n, m) against k targets b (m, k)."""
+    from ._api import sinkhorn as one
+
+    if comm is not None:
+        raise ValueError("several targets (b of shape (m, k)) cannot be split across "
+                         "processes: pass comm=None")
+    reg = V.positive_scalar(reg, "reg")
+    opts = _problem.options(tol=tol, max_iter=max_iter, n_iter=n_iter,
+                            acceleration=acceleration, eps_scaling=eps_scaling,
+                            n_threads=n_threads, init=init)
+    if a is not None and len(_shape(a)) != 1:
+        raise ValueError(f"with several targets b (m, k), a must be one marginal (n,), got "
+                         f"shape {_shape(a)}")
+    native = to_native(C, "C")
+    n, m = _shape(native.array)
+    # the matrix and a are checked once, with the first target, as a single solve checks them
+    b0 = np.asarray(np.from_dlpack(b) if hasattr(b, "__dlpack__") and not isinstance(
+        b, np.ndarray) else b, dtype=np.float64)
+    p = _problem.prepare(C, "C", alpha=-1.0 / reg, a=a, b=b0[:, 0] if b0.ndim == 2 and
+                         b0.shape[0] == m and b0.shape[1] else b0, rho_a=1.0, rho_b=1.0,
+                         opts=opts, want_labels=False, balanced=True,
+                         reducer=_problem.reducer(None))
+    wk, logk = _targets(b0, m, p.a.total)
+    k = wk.shape[0]
+    kw = dict(reg=reg, tol=tol, n_iter=n_iter, acceleration=acceleration,
+              eps_scaling=eps_scaling, n_threads=n_threads)
+    if native.device != "cpu" or p.keep is not None or p.rows is not None:
+        # (CUDA arrays; zero-mass entries of a, or of the first target: target by target)
+        Cn = native.array
+
+        def single(t):
+            return one(Cn, a, wk[t], init=_take(init, t, 1), max_iter=max_iter, **kw)
+
+        res = _loop(C, single, k, "target")
+        out = _common(res, native)
+        _warn_unconverged(out["converged"] | (n_iter is not None), out["err"],
+                          [p.tol] * k, "targets")
+        return OTResult(**out)
+    X = p.X
+    g0 = _batch_init(init, k, m, wk)
+    tols = np.full(k, p.tol)
+    zero = (wk == 0)
+    for t in np.nonzero(zero.any(axis=1))[0]:  # a row allowed only in massless columns
+        allowed = (X != math.inf) & ~zero[t][None, :]
+        rows = ~allowed.any(axis=1) & (p.a[0] > 0)
+        if rows.any():
+            raise ValueError(f"target {t} (b[:, {t}]): infeasible problem: row "
+                             f"{int(np.argmax(rows))} of C has every entry forbidden (or in "
+                             "columns of zero mass)")
+    alpha = -1.0 / reg
+    if n * m <= SMALL_ENTRIES:  # every target on its own thread, sharing the (cached) matrix
+        from . import _core
+
+        memory = _MEMORY if acceleration == "anderson" else 0
+        rel_slack = 1e-13 if X.dtype == np.float64 else 1e-6
+        f, g, it, err, cost, _, stalled = _core.batched_solve(
+            X, k, alpha, np.ascontiguousarray(p.a[1]), logk, g0, tols,
+            np.full(k, abs(alpha) * p.max_abs), opts.max_iter, opts.n_iter or 0, memory,
+            rel_slack, _STALL_WINDOW, False, opts.n_threads or 0)
+        stalled = stalled.astype(bool)
+        if opts.n_iter is None:
+            for t in np.nonzero(stalled & ~(err <= tols))[0]:
+                left = opts.max_iter - int(it[t])
+                if left < 1:
+                    continue
+                with _Collect():
+                    r = one(X, p.a[0], wk[t], init=None if g0 is None else g0[t],
+                            max_iter=left, **kw)
+                it[t] += int(r.n_iter)
+                if r.err <= err[t]:
+                    f[t], g[t], err[t], cost[t] = r.f, r.g, r.err, r.cost
+    else:
+        f, g, it, err, cost = _multi_loop(X, alpha, p.a[1], logk, g0, tols, opts,
+                                          acceleration, p.max_abs)
+    conv = err <= tols
+    _readonly(f, g, it, err, conv, cost)
+    if opts.n_iter is None:
+        _warn_unconverged(conv, err, tols, "targets")
+    wrap, nt = native.wrap, opts.n_threads
+    fp, gp = f.copy(), g.copy()
+    return OTResult(f=wrap(f), g=wrap(g), n_iter=it, err=err, converged=conv, cost=cost,
+                    _plan=lambda: wrap(_plans(X, alpha, fp, gp, nt)))
+
+
+def _multi_loop(X, alpha, loga, logk, g0, tols, opts, acceleration, max_abs):
+    """k targets against one large X: each pass reads X once for every target still
+    running (``_core.multi_pass``); each target runs the single solve's loop (its own best
+    iterate, Anderson mixing, stop at its tolerance).  Returns (f, g, n_iter, err, cost)."""
+    from . import _core
+
+    nt = opts.n_threads or 0
+    n, m = X.shape
+    k = logk.shape[0]
+    loga = np.ascontiguousarray(loga)
+    log_n = math.log(n)
+    wk = np.exp(logk)
+    if g0 is None:
+        L = _core.column_lse(X, alpha, None, nt)
+        with np.errstate(invalid="ignore"):
+            G = np.where(np.isneginf(logk), -np.inf, logk - L[None, :])
+    else:
+        G = g0.copy()
+    fixed = opts.n_iter is not None
+    iters = opts.n_iter if fixed else opts.max_iter
+    a = np.exp(loga)
+    acc = [None] * k
+    if acceleration == "anderson" and not fixed:
+        for t in range(k):
+            if (wk[t] > 0).all():  # (a massless column's g is -inf: plain passes there)
+                acc[t] = Anderson(np, rel_slack=1e-13 if X.dtype == np.float64 else 1e-6,
+                                  bound=potential_bound(np, loga, logk[t],
+                                                        abs(alpha) * max_abs, n))
+    best_err = np.full(k, np.inf)
+    best_g = G.copy()
+    n_iter = np.zeros(k, dtype=np.int64)
+    active = list(range(k))
+    for it in range(1, iters + 1):
+        if not active:
+            break
+        F, col, _, under = _core.multi_pass(X, alpha, np.ascontiguousarray(G[active]), loga,
+                                            False, nt)
+        still = []
+        for j, t in enumerate(active):
+            g = G[t]
+            c = col[j]
+            if under[j]:  # a column underflowed: this target's pass measured exactly
+                fw = np.empty(n)
+                c, colmax, _, _ = _core.fused_pass(X, alpha, g, loga, 1.0, fw, None, nt)
+                F[j] = fw
+            else:
+                with np.errstate(divide="ignore"):
+                    colmax = np.log(c)
+            g_next, err = _core.column_update(g, logk[t], c, colmax, log_n, 1.0)
+            n_iter[t] = it
+            ok = True
+            if acc[t] is not None:
+                af = a * np.where(a > 0, F[j], 0.0)
+                bg = wk[t] * g
+                dual, scale = af.sum() + bg.sum(), np.abs(af).sum() + np.abs(bg).sum()
+                g_max = float(np.abs(g - g.mean()).max())
+                ok = g_max <= acc[t].bound
+            if (err <= best_err[t] or fixed) and ok:
+                best_err[t], best_g[t] = err, g
+            if (not fixed and err <= tols[t] and best_err[t] == err) or not math.isfinite(err):
+                continue
+            G[t] = g_next if acc[t] is None else acc[t].step(g, g_next, dual, scale, g_max)
+            still.append(t)
+        active = still
+    # the returned iterates measured by one more pass (their f, err and cost)
+    F, col, cost, under = _core.multi_pass(X, alpha, np.ascontiguousarray(best_g), loga, True,
+                                           nt)
+    err = np.empty(k)
+    for t in range(k):
+        c = col[t]
+        if under[t]:
+            fw = np.empty(n)
+            c, _, qx, _ = _core.fused_pass(X, alpha, best_g[t], loga, 1.0, fw, None, nt)
+            F[t], cost[t] = fw, qx
+        err[t] = float(np.abs(c - wk[t]).sum())
+    return F, best_g, n_iter, err, cost
+
+
+def codes(scores, *, eps, n_iter, probabilities, rows, b, tol, max_iter, n_threads):
+    """:func:`sinkhorn_ot.codes` of a batch of score matrices (B, N, K), problem by problem
+    (the codes of each are those of its single call)."""
+    from ._codes import codes as one
+
+    native = to_native(scores, "scores")
+    S = native.array
+    out = []
+    for p in range(S.shape[0]):
+        try:
+            q = one(scores[p], eps=eps, n_iter=n_iter, probabilities=probabilities, rows=rows,
+                    comm=None, b=_take(b, p, 1), tol=tol, max_iter=max_iter,
+                    n_threads=n_threads)
+        except (ValueError, TypeError) as exc:
+            raise _prefix(p, exc) from exc
+        out.append(q)
+    if type(out[0]).__module__.split(".")[0] == "torch":
+        import torch
+
+        return torch.stack(out)
+    from ._arrays import array_module
+
+    return array_module(native).stack(out)
