@@ -19,6 +19,13 @@
 
 #include "../common/sinkhorn_math.h"
 
+#if defined(__GNUC__) || defined(__clang__)
+#define BK_BITS(To, x) __builtin_bit_cast(To, x)
+#else
+#include <bit>
+#define BK_BITS(To, x) std::bit_cast<To>(x)
+#endif
+
 namespace sinkhorn_ot::cpu {
 namespace {
 
@@ -32,20 +39,26 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 namespace v4 {
+#define BK_W 64
 #include "batched_kernels.h"
+#undef BK_W
 }  // namespace v4
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 namespace v3 {
+#define BK_W 32
 #include "batched_kernels.h"
+#undef BK_W
 }  // namespace v3
 #pragma GCC pop_options
 #else
 #define BK_INLINE inline
 #endif
 namespace base {
+#define BK_W 16
 #include "batched_kernels.h"
+#undef BK_W
 }  // namespace base
 
 // Out-of-line entry points per ISA (the kernels are always_inline into these).
@@ -53,10 +66,10 @@ template <class T>
 struct Kernels {
     double (*row_exp)(const T*, const double*, int64_t, double, double*, double&);
     void (*axpy)(double*, const double*, double, int64_t);
-    void (*multi_rows)(const T*, int64_t, int64_t, int64_t, double, const double*,
+    void (*multi_rows)(const T*, int64_t, int64_t, int64_t, int64_t, double, const double*,
                        const double*, double*, double*, double*);
-    void (*multi_accumulate)(const double*, const double*, int64_t, int64_t, int64_t,
-                             double*);
+    void (*multi_axpys)(const double*, const double*, int64_t, int64_t, double*);
+    void (*times_x)(const double*, const T*, int64_t, int64_t, int64_t, double*);
     void (*col_max)(const T*, int64_t, double, double*);
     void (*col_sumexp)(const T*, int64_t, double, const double*, double*);
     double (*row_cost)(const T*, const double*, int64_t, double);
@@ -74,13 +87,17 @@ struct Kernels {
     }                                                                                       \
     inline void axpy(double* c, const double* e, double r, int64_t K) { ns::axpy(c, e, r, K); } \
     template <class T>                                                                      \
-    void multi_rows(const T* X, int64_t R, int64_t K, int64_t k, double alpha,              \
-                    const double* gbar, const double* W, double* E, double* m, double* S) { \
-        ns::multi_rows<T>(X, R, K, k, alpha, gbar, W, E, m, S);                             \
+    void multi_rows(const T* X, int64_t R, int64_t K, int64_t Kp, int64_t kp, double alpha, \
+                    const double* gbar, const double* Wt, double* E, double* m, double* S) {\
+        ns::multi_rows<T>(X, R, K, Kp, kp, alpha, gbar, Wt, E, m, S);                       \
     }                                                                                       \
-    inline void multi_accumulate(const double* E, const double* Rr, int64_t R, int64_t K,   \
-                                 int64_t k, double* acc) {                                  \
-        ns::multi_accumulate(E, Rr, R, K, k, acc);                                          \
+    inline void multi_axpys(const double* E, const double* Rr, int64_t Kp, int64_t kp,     \
+                            double* acc) {                                                  \
+        ns::multi_axpys(E, Rr, Kp, kp, acc);                                                \
+    }                                                                                       \
+    template <class T>                                                                      \
+    void times_x(const double* E, const T* X, int64_t R, int64_t K, int64_t Kp, double* o) {\
+        ns::times_x<T>(E, X, R, K, Kp, o);                                                  \
     }                                                                                       \
     template <class T>                                                                      \
     void col_max(const T* x, int64_t K, double alpha, double* mx) {                         \
@@ -121,7 +138,7 @@ BK_ENTRIES(base)
 #define BK_TABLE(ns, T)                                                                    \
     Kernels<T> {                                                                           \
         &ns##_entry::row_exp<T>, &ns##_entry::axpy, &ns##_entry::multi_rows<T>,            \
-            &ns##_entry::multi_accumulate, &ns##_entry::col_max<T>,                        \
+            &ns##_entry::multi_axpys, &ns##_entry::times_x<T>, &ns##_entry::col_max<T>,    \
             &ns##_entry::col_sumexp<T>, &ns##_entry::row_cost<T>,                          \
             &ns##_entry::pass_rows<T>, &ns##_entry::row_potentials                         \
     }
@@ -554,20 +571,24 @@ template <class T>
 bool multi_pass(const T* X, int64_t N, int64_t K, double alpha, const double* G, int64_t k,
                 const double* loga, double* F, double* col, double* cost, uint8_t* underflow,
                 int n_threads, const Interrupted& interrupted) {
-    // gbar_y = max_t g^t_y and W_yt = exp(g^t_y - gbar_y) <= 1 (K x k), once per pass
-    std::vector<double> gbar(K, kNegInf), W(static_cast<size_t>(K) * k);
+    // Padded sizes: Kp a multiple of 8 lanes, kp of base::kTargets (zero rows and columns
+    // contribute nothing).
+    const int64_t Kp = (K + 7) / 8 * 8, kR = base::kRows, kT = base::kTargets;
+    const int64_t kp = (k + kT - 1) / kT * kT;
+    // gbar_y = max_t g^t_y and Wt_ty = exp(g^t_y - gbar_y) <= 1, once per pass
+    std::vector<double> gbar(K, kNegInf), Wt(static_cast<size_t>(kp) * Kp, 0.0);
     for (int64_t t = 0; t < k; ++t)
         for (int64_t y = 0; y < K; ++y) gbar[y] = std::max(gbar[y], G[t * K + y]);
-    for (int64_t y = 0; y < K; ++y)
-        for (int64_t t = 0; t < k; ++t)
-            W[y * k + t] = gbar[y] > kNegInf ? std::exp(G[t * K + y] - gbar[y]) : 0.0;
+    for (int64_t t = 0; t < k; ++t)
+        for (int64_t y = 0; y < K; ++y)
+            Wt[t * Kp + y] = gbar[y] > kNegInf ? std::exp(G[t * K + y] - gbar[y]) : 0.0;
     const int64_t entries = N * K * (1 + k / 4);
     int nt = n_threads > 0 ? n_threads : max_threads();
-    nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({int64_t(nt), N, entries / 32768})));
-    constexpr int64_t kBlock = 4;
+    nt = static_cast<int>(
+        std::max<int64_t>(1, std::min<int64_t>({int64_t(nt), N, entries / 32768})));
     // a factorised row sum below this has lost digits to underflow: recomputed exactly
     constexpr double kTiny = 1e-250;
-    std::vector<std::vector<double>> acc(nt), ccol(nt);
+    std::vector<std::vector<double>> acc(nt), acc_x(nt), ccol(nt);
     std::vector<double> part_cost(static_cast<size_t>(nt) * k, 0.0);
     Interrupt intr(interrupted);
     const Kernels<T>& kern = kernels<T>();
@@ -576,85 +597,82 @@ bool multi_pass(const T* X, int64_t N, int64_t K, double alpha, const double* G,
         FlushDenormals ftz;
         const int tid = thread_id();
         std::vector<double>& a = acc[tid];
-        std::vector<double>& cc = ccol[tid];  // exact contributions (k x K), rarely used
-        a.assign(static_cast<size_t>(K) * k, 0.0);
-        std::vector<double> E(kBlock * K), m(kBlock), S(kBlock * k), Rr(kBlock * k), ex(K);
+        std::vector<double>& ax = acc_x[tid];  // sum_i Rr_it e_iy x_iy, for the cost
+        std::vector<double>& cc = ccol[tid];   // exact contributions (k x K), rarely used
+        a.assign(static_cast<size_t>(kp) * Kp, 0.0);
+        if (cost) ax.assign(static_cast<size_t>(kp) * Kp, 0.0);
+        std::vector<double> E(kR * Kp, 0.0), Ex(cost ? kR * Kp : 0), m(kR),
+            S(kR * kp), Rr(kR * kp, 0.0), ex(K);
         double* pc = &part_cost[static_cast<size_t>(tid) * k];
         const int64_t lo = N * tid / nt, hi = N * (tid + 1) / nt;
-        for (int64_t i0 = lo; i0 < hi; i0 += kBlock) {
+        for (int64_t i0 = lo; i0 < hi; i0 += kR) {
             if (((i0 - lo) & 255) == 0 && intr.poll()) break;
-            const int64_t R = std::min(kBlock, hi - i0);
-            kern.multi_rows(X + i0 * K, R, K, k, alpha, gbar.data(), W.data(), E.data(),
-                            m.data(), S.data());
-            for (int64_t r = 0; r < R; ++r) {
+            const int64_t R = std::min(kR, hi - i0);
+            kern.multi_rows(X + i0 * K, R, K, Kp, kp, alpha, gbar.data(), Wt.data(),
+                            E.data(), m.data(), S.data());
+            for (int64_t r = 0; r < kR; ++r) {
+                for (int64_t t = 0; t < kp; ++t) Rr[r * kp + t] = 0;
+                if (r >= R) continue;
                 const int64_t i = i0 + r;
                 const double la = loga[i];
                 for (int64_t t = 0; t < k; ++t) {
-                    const double s = S[r * k + t];
-                    Rr[r * k + t] = 0;
+                    const double s = S[r * kp + t];
                     if (la == kNegInf || !(m[r] > kNegInf)) {
                         F[t * N + i] = kNegInf;
                     } else if (s > kTiny) {
                         const double ls = std::log(s);
                         F[t * N + i] = la - m[r] - ls;
-                        Rr[r * k + t] = std::exp(la - ls);
+                        Rr[r * kp + t] = std::exp(la - ls);
                     } else {  // this target's own shift: exact, one more read of the row
-                        const double* g = G + t * K;
+                        const T* x = X + i * K;
                         double ss;
-                        const double mt = kern.row_exp(X + i * K, g, K, alpha, ex.data(), ss);
+                        const double mt = kern.row_exp(x, G + t * K, K, alpha, ex.data(), ss);
                         if (!(mt > kNegInf)) {
                             F[t * N + i] = kNegInf;
                             continue;
                         }
-                        const double ls = std::log(ss);
+                        const double ls = std::log(ss), r_it = std::exp(la - ls);
                         F[t * N + i] = la - mt - ls;
                         if (cc.empty()) cc.assign(static_cast<size_t>(k) * K, 0.0);
-                        kern.axpy(cc.data() + t * K, ex.data(), std::exp(la - ls), K);
+                        kern.axpy(cc.data() + t * K, ex.data(), r_it, K);
                         if (cost) {
                             double c = 0;
                             for (int64_t y = 0; y < K; ++y)
-                                if (ex[y] > 0) c += ex[y] * static_cast<double>(X[i * K + y]);
-                            pc[t] += c * std::exp(la - ls);
+                                if (ex[y] > 0) c += ex[y] * static_cast<double>(x[y]);
+                            pc[t] += c * r_it;
                         }
                     }
                 }
-                if (cost) {  // sum_y Q^t_iy x_y = Rr_t sum_y e_y W_yt x_y
-                    const T* x = X + i * K;
-                    const double* e = E.data() + r * K;
-                    for (int64_t t = 0; t < k; ++t) {
-                        if (Rr[r * k + t] == 0) continue;
-                        double c = 0;
-                        for (int64_t y = 0; y < K; ++y)
-                            if (e[y] > 0) c += e[y] * W[y * k + t] * static_cast<double>(x[y]);
-                        pc[t] += c * Rr[r * k + t];
-                    }
-                }
             }
-            kern.multi_accumulate(E.data(), Rr.data(), R, K, k, a.data());
+            kern.multi_axpys(E.data(), Rr.data(), Kp, kp, a.data());
+            if (cost) {
+                kern.times_x(E.data(), X + i0 * K, R, K, Kp, Ex.data());
+                kern.multi_axpys(Ex.data(), Rr.data(), Kp, kp, ax.data());
+            }
         }
     }
     if (intr.stopped()) return false;
     for (int64_t t = 0; t < k; ++t) {
         underflow[t] = 0;
-        if (cost) {
-            double c = 0;
-            for (int p = 0; p < nt; ++p) c += part_cost[static_cast<size_t>(p) * k + t];
-            cost[t] = c;
+        double c = 0;
+        for (int p = 0; p < nt; ++p) c += part_cost[static_cast<size_t>(p) * k + t];
+        for (int64_t y = 0; y < K && cost; ++y) {
+            double v = 0;
+            for (int p = 0; p < nt; ++p) v += acc_x[p][t * Kp + y];
+            c += Wt[t * Kp + y] * v;
+        }
+        if (cost) cost[t] = c;
+        for (int64_t y = 0; y < K; ++y) {
+            double v = 0;
+            for (int p = 0; p < nt; ++p) v += acc[p][t * Kp + y];
+            v *= Wt[t * Kp + y];
+            for (int p = 0; p < nt; ++p)
+                if (!ccol[p].empty()) v += ccol[p][t * K + y];
+            if (G[t * K + y] == kNegInf) v = 0;
+            col[t * K + y] = v;
+            if (G[t * K + y] > kNegInf && !(v > kColumnUnderflow)) underflow[t] = 1;
         }
     }
-    for (int64_t y = 0; y < K; ++y)
-        for (int64_t t = 0; t < k; ++t) {
-            double c = 0;
-            for (int p = 0; p < nt; ++p) {
-                c += acc[p][y * k + t];
-            }
-            c *= W[y * k + t];
-            for (int p = 0; p < nt; ++p)
-                if (!ccol[p].empty()) c += ccol[p][t * K + y];
-            if (G[t * K + y] == kNegInf) c = 0;
-            col[t * K + y] = c;
-            if (G[t * K + y] > kNegInf && !(c > kColumnUnderflow)) underflow[t] = 1;
-        }
     return true;
 }
 

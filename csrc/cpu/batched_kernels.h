@@ -11,13 +11,15 @@
 // polynomial on |r| <= ln2 / 2 (relative error below 2e-16).  Exactly 0 below -708 (a
 // forbidden pair, or a term under float64's normal range).  Written with scalar arithmetic
 // and bit casts only, so `omp simd` loops vectorise it.
-BK_INLINE double bexp(double x) {
-    const double magic = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
-    const double xc = x < -708.0 ? -708.0 : x;
-    const double kt = xc * 1.4426950408889634 + magic;
-    const double kd = kt - magic;
-    const double r = (xc - kd * 0.693147180559890330187) - kd * 5.4979230187083711552e-14;
-    double p = 2.08767569878681e-09;  // 1 / 12!
+template <class V, class U>
+BK_INLINE V bexp_t(V x) {
+    const V zero = V();
+    const V lo = zero - 708.0, magic = zero + 6755399441055744.0;  // 1.5 * 2^52
+    const V xc = x < lo ? lo : x;
+    const V kt = xc * 1.4426950408889634 + magic;  // adding magic rounds to an integer
+    const V kd = kt - magic;
+    const V r = (xc - kd * 0.693147180559890330187) - kd * 5.4979230187083711552e-14;
+    V p = zero + 2.08767569878681e-09;  // 1 / 12!
     p = p * r + 2.505210838544172e-08;
     p = p * r + 2.755731922398589e-07;
     p = p * r + 2.755731922398589e-06;
@@ -30,15 +32,40 @@ BK_INLINE double bexp(double x) {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    uint64_t ki;  // kd as an integer: the low bits of kt (no float-to-int conversion)
-    __builtin_memcpy(&ki, &kt, 8);
-    ki -= 0x4338000000000000ULL;
-    uint64_t pb;
-    __builtin_memcpy(&pb, &p, 8);
-    pb += ki << 52;
-    double out;
-    __builtin_memcpy(&out, &pb, 8);
-    return x < -708.0 ? 0.0 : out;
+    // kd as an integer: the low bits of kt (no float-to-int conversion)
+    const U ki = BK_BITS(U, kt) - 0x4338000000000000ULL;
+    const V out = BK_BITS(V, BK_BITS(U, p) + (ki << 52));
+    return x < lo ? zero : out;
+}
+BK_INLINE double bexp(double x) { return bexp_t<double, uint64_t>(x); }
+
+// One row of the balanced pass at g: t_y = alpha x_y + g_y, m = max t, e_y = exp(t_y - m)
+// into `e`, s = sum e.  Returns m (-inf when the row has no allowed entry).
+#if defined(__GNUC__)
+typedef double bvd __attribute__((vector_size(BK_W)));
+typedef uint64_t bvu __attribute__((vector_size(BK_W)));
+typedef float bvh __attribute__((vector_size(BK_W / 2)));
+constexpr int64_t BL = BK_W / 8;
+BK_INLINE bvd bload(const double* p) {
+    bvd v;
+    __builtin_memcpy(&v, p, sizeof(v));
+    return v;
+}
+BK_INLINE bvd bload(const float* p) {
+    bvh v;
+    __builtin_memcpy(&v, p, sizeof(v));
+    return __builtin_convertvector(v, bvd);
+}
+BK_INLINE void bstore(double* p, bvd v) { __builtin_memcpy(p, &v, sizeof(v)); }
+BK_INLINE double bsum(bvd v) {
+    double s = 0;
+    for (int64_t l = 0; l < BL; ++l) s += v[l];
+    return s;
+}
+BK_INLINE double bmax(bvd v) {
+    double s = v[0];
+    for (int64_t l = 1; l < BL; ++l) s = v[l] > s ? v[l] : s;
+    return s;
 }
 
 // One row of the balanced pass at g: t_y = alpha x_y + g_y, m = max t, e_y = exp(t_y - m)
@@ -46,8 +73,41 @@ BK_INLINE double bexp(double x) {
 template <class T>
 BK_INLINE double row_exp(const T* x, const double* g, int64_t K, double alpha, double* e,
                          double& s) {
+    const double ninf = -std::numeric_limits<double>::infinity();
+    const int64_t Kb = K - K % BL;
+    bvd mv = bvd{} + ninf;
+    for (int64_t y = 0; y < Kb; y += BL) {
+        const bvd t = bload(x + y) * alpha + bload(g + y);
+        bstore(e + y, t);
+        mv = t > mv ? t : mv;
+    }
+    double m = bmax(mv);
+    for (int64_t y = Kb; y < K; ++y) {
+        const double t = alpha * static_cast<double>(x[y]) + g[y];
+        e[y] = t;
+        m = t > m ? t : m;
+    }
+    s = 0;
+    if (!(m > ninf)) return m;
+    bvd sv = bvd{};
+    for (int64_t y = 0; y < Kb; y += BL) {
+        const bvd v = bexp_t<bvd, bvu>(bload(e + y) - m);
+        bstore(e + y, v);
+        sv += v;
+    }
+    s = bsum(sv);
+    for (int64_t y = Kb; y < K; ++y) {
+        const double v = bexp(e[y] - m);
+        e[y] = v;
+        s += v;
+    }
+    return m;
+}
+#else
+template <class T>
+BK_INLINE double row_exp(const T* x, const double* g, int64_t K, double alpha, double* e,
+                         double& s) {
     double m = -std::numeric_limits<double>::infinity();
-#pragma omp simd reduction(max : m)
     for (int64_t y = 0; y < K; ++y) {
         const double t = alpha * static_cast<double>(x[y]) + g[y];
         e[y] = t;
@@ -55,7 +115,6 @@ BK_INLINE double row_exp(const T* x, const double* g, int64_t K, double alpha, d
     }
     s = 0;
     if (!(m > -std::numeric_limits<double>::infinity())) return m;
-#pragma omp simd reduction(+ : s)
     for (int64_t y = 0; y < K; ++y) {
         const double v = bexp(e[y] - m);
         e[y] = v;
@@ -63,6 +122,7 @@ BK_INLINE double row_exp(const T* x, const double* g, int64_t K, double alpha, d
     }
     return m;
 }
+#endif
 
 // col_y += r e_y
 BK_INLINE void axpy(double* col, const double* e, double r, int64_t K) {
@@ -70,60 +130,121 @@ BK_INLINE void axpy(double* col, const double* e, double r, int64_t K) {
     for (int64_t y = 0; y < K; ++y) col[y] += r * e[y];
 }
 
-// The multi-target row block: for rows i of a block (R at most kBlock), e_iy = exp(alpha x_iy
-// + gbar_y - m_i) into E (R x K), then s_it = sum_y e_iy W_yt (W: K x k, row-major), all k
-// targets from one exponential per entry.
-template <class T>
-BK_INLINE void multi_rows(const T* X, int64_t R, int64_t K, int64_t k, double alpha,
-                          const double* gbar, const double* W, double* E, double* m_out,
-                          double* S) {
-    for (int64_t r = 0; r < R; ++r) {
-        double s;
-        m_out[r] = row_exp(X + r * K, gbar, K, alpha, E + r * K, s);
+// The multi-target kernels work on blocks of kRows rows and kTargets targets, padded with
+// zeros: E (kRows x Kp), Wt and the accumulators (kp x Kp), Kp a multiple of the vector
+// width and kp of kTargets, so every loop below has constant bounds and its accumulators
+// stay in registers.
+constexpr int64_t kRows = 4, kTargets = 4;
+#if defined(__GNUC__)
+// S_rt = sum_y E_ry Wt_ty for the kRows rows of E and targets t0 .. t0 + kTargets - 1
+BK_INLINE void multi_dots(const double* E, const double* Wt, int64_t Kp, int64_t t0,
+                          double* S, int64_t kp) {
+    bvd acc[kRows][kTargets] = {};
+    const double* w0 = Wt + t0 * Kp;
+    for (int64_t y = 0; y < Kp; y += BL) {
+        bvd w[kTargets], e[kRows];
+        for (int64_t t = 0; t < kTargets; ++t) w[t] = bload(w0 + t * Kp + y);
+        for (int64_t r = 0; r < kRows; ++r) e[r] = bload(E + r * Kp + y);
+        for (int64_t r = 0; r < kRows; ++r)
+            for (int64_t t = 0; t < kTargets; ++t) acc[r][t] += e[r] * w[t];
     }
-    for (int64_t q = 0; q < R * k; ++q) S[q] = 0;
-    for (int64_t y = 0; y < K; ++y) {
-        const double* w = W + y * k;
-        for (int64_t r = 0; r < R; ++r) {
-            const double ey = E[r * K + y];
-            double* sr = S + r * k;
-#pragma omp simd
-            for (int64_t t = 0; t < k; ++t) sr[t] += ey * w[t];
+    for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t t = 0; t < kTargets; ++t) S[r * kp + t0 + t] = bsum(acc[r][t]);
+}
+
+// acc_ty += sum_r Rr_rt E_ry for every target (Rr: kRows x kp)
+BK_INLINE void multi_axpys(const double* E, const double* Rr, int64_t Kp, int64_t kp,
+                           double* acc) {
+    for (int64_t y = 0; y < Kp; y += BL) {
+        bvd e[kRows];
+        for (int64_t r = 0; r < kRows; ++r) e[r] = bload(E + r * Kp + y);
+        for (int64_t t = 0; t < kp; ++t) {
+            bvd a = bload(acc + t * Kp + y);
+            for (int64_t r = 0; r < kRows; ++r) a += Rr[r * kp + t] * e[r];
+            bstore(acc + t * Kp + y, a);
         }
     }
 }
-
-// acc_yt += sum_r e_ry rr_rt for a block of rows (the column sums before the W_yt factor).
-BK_INLINE void multi_accumulate(const double* E, const double* Rr, int64_t R, int64_t K,
-                                int64_t k, double* acc) {
-    for (int64_t y = 0; y < K; ++y) {
-        double* ay = acc + y * k;
-        for (int64_t r = 0; r < R; ++r) {
-            const double ey = E[r * K + y];
-            const double* rr = Rr + r * k;
-#pragma omp simd
-            for (int64_t t = 0; t < k; ++t) ay[t] += ey * rr[t];
+#else
+BK_INLINE void multi_dots(const double* E, const double* Wt, int64_t Kp, int64_t t0,
+                          double* S, int64_t kp) {
+    for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t t = t0; t < t0 + kTargets; ++t) {
+            double s = 0;
+            for (int64_t y = 0; y < Kp; ++y) s += E[r * Kp + y] * Wt[t * Kp + y];
+            S[r * kp + t] = s;
         }
+}
+BK_INLINE void multi_axpys(const double* E, const double* Rr, int64_t Kp, int64_t kp,
+                           double* acc) {
+    for (int64_t t = 0; t < kp; ++t)
+        for (int64_t r = 0; r < kRows; ++r) {
+            const double c = Rr[r * kp + t];
+            for (int64_t y = 0; y < Kp; ++y) acc[t * Kp + y] += c * E[r * Kp + y];
+        }
+}
+#endif
+
+// The multi-target row block: for the R (<= kRows) rows of X, e_ry = exp(alpha x_ry +
+// gbar_y - m_r) into E (kRows x Kp; rows R.. zero), then S_rt = sum_y e_ry W_ty for every
+// target (S: kRows x kp): one exponential per entry serves every target.
+template <class T>
+BK_INLINE void multi_rows(const T* X, int64_t R, int64_t K, int64_t Kp, int64_t kp,
+                          double alpha, const double* gbar, const double* Wt, double* E,
+                          double* m_out, double* S) {
+    for (int64_t r = 0; r < kRows; ++r) {
+        double s;
+        if (r < R) {
+            m_out[r] = row_exp(X + r * K, gbar, K, alpha, E + r * Kp, s);
+            if (!(m_out[r] > -std::numeric_limits<double>::infinity()))
+                for (int64_t y = 0; y < K; ++y) E[r * Kp + y] = 0;
+        } else {
+            for (int64_t y = 0; y < Kp; ++y) E[r * Kp + y] = 0;
+        }
+    }
+    for (int64_t t0 = 0; t0 < kp; t0 += kTargets) multi_dots(E, Wt, Kp, t0, S, kp);
+}
+
+// E_ry x_ry where E_ry > 0 (a forbidden pair's x is infinite), for the cost
+template <class T>
+BK_INLINE void times_x(const double* E, const T* X, int64_t R, int64_t K, int64_t Kp,
+                       double* Ex) {
+    for (int64_t r = 0; r < kRows; ++r) {
+        double* o = Ex + r * Kp;
+        const double* e = E + r * Kp;
+        if (r >= R) {
+            for (int64_t y = 0; y < Kp; ++y) o[y] = 0;
+            continue;
+        }
+        const T* x = X + r * K;
+#pragma omp simd
+        for (int64_t y = 0; y < K; ++y) o[y] = e[y] > 0 ? e[y] * static_cast<double>(x[y]) : 0.0;
+        for (int64_t y = K; y < Kp; ++y) o[y] = 0;
     }
 }
 
 // mx_y = max(mx_y, alpha x_y): the column maxima of S, a row at a time
 template <class T>
 BK_INLINE void col_max(const T* x, int64_t K, double alpha, double* mx) {
-#pragma omp simd
     for (int64_t y = 0; y < K; ++y) {
         const double t = alpha * static_cast<double>(x[y]);
         mx[y] = t > mx[y] ? t : mx[y];
     }
 }
 
+#if defined(__GNUC__)
 // z_y += exp(alpha x_y - mx_y) (mx_y = -inf: the column has no allowed entry, z stays 0)
 template <class T>
 BK_INLINE void col_sumexp(const T* x, int64_t K, double alpha, const double* mx, double* z) {
-#pragma omp simd
-    for (int64_t y = 0; y < K; ++y) {
+    const int64_t Kb = K - K % BL;
+    for (int64_t y = 0; y < Kb; y += BL) {
+        const bvd d = bload(x + y) * alpha - bload(mx + y);
+        const bvd e = bexp_t<bvd, bvu>(d);
+        bstore(z + y, bload(z + y) + (d == d ? e : bvd{}));  // -inf - -inf: NaN, nothing
+    }
+    for (int64_t y = Kb; y < K; ++y) {
         const double d = alpha * static_cast<double>(x[y]) - mx[y];
-        z[y] += d == d ? bexp(d) : 0.0;  // -inf - -inf is NaN: nothing allowed
+        z[y] += d == d ? bexp(d) : 0.0;
     }
 }
 
@@ -131,8 +252,32 @@ BK_INLINE void col_sumexp(const T* x, int64_t K, double alpha, const double* mx,
 // are at most the row mass, so the exponent stays below ~0)
 template <class T>
 BK_INLINE double row_cost(const T* x, const double* c, int64_t K, double alpha) {
+    const int64_t Kb = K - K % BL;
+    bvd sv = bvd{};
+    for (int64_t y = 0; y < Kb; y += BL) {
+        const bvd xv = bload(x + y);
+        const bvd q = bexp_t<bvd, bvu>(xv * alpha + bload(c + y));
+        sv += q > 0 ? q * xv : bvd{};
+    }
+    double s = bsum(sv);
+    for (int64_t y = Kb; y < K; ++y) {
+        const double xv = static_cast<double>(x[y]);
+        const double q = bexp(alpha * xv + c[y]);
+        s += q > 0 ? q * xv : 0.0;
+    }
+    return s;
+}
+#else
+template <class T>
+BK_INLINE void col_sumexp(const T* x, int64_t K, double alpha, const double* mx, double* z) {
+    for (int64_t y = 0; y < K; ++y) {
+        const double d = alpha * static_cast<double>(x[y]) - mx[y];
+        z[y] += d == d ? bexp(d) : 0.0;
+    }
+}
+template <class T>
+BK_INLINE double row_cost(const T* x, const double* c, int64_t K, double alpha) {
     double s = 0;
-#pragma omp simd reduction(+ : s)
     for (int64_t y = 0; y < K; ++y) {
         const double xv = static_cast<double>(x[y]);
         const double q = bexp(alpha * xv + c[y]);
@@ -140,19 +285,17 @@ BK_INLINE double row_cost(const T* x, const double* c, int64_t K, double alpha) 
     }
     return s;
 }
+#endif
 
 // log(x) in float64 for positive normal x: x = 2^e u with u in [sqrt(1/2), sqrt(2)), log u =
 // 2 atanh(s), s = (u - 1) / (u + 1), |s| <= 0.172, by its series to s^23 (relative error
 // below 1e-16).  Bit casts and arithmetic only, so `omp simd` loops vectorise it.
 BK_INLINE double blog(double x) {
-    uint64_t b;
-    __builtin_memcpy(&b, &x, 8);
+    const uint64_t b = BK_BITS(uint64_t, x);
     // shift the exponent so that u lands in [sqrt(1/2), sqrt(2)): 0x3fe6a09e... = sqrt(1/2)
     const uint64_t off = b - 0x3fe6a09e667f3bcdULL;
     const int64_t e = static_cast<int64_t>(off) >> 52;
-    const uint64_t ub = b - (static_cast<uint64_t>(e) << 52);
-    double u;
-    __builtin_memcpy(&u, &ub, 8);
+    const double u = BK_BITS(double, b - (static_cast<uint64_t>(e) << 52));
     const double s = (u - 1.0) / (u + 1.0), s2 = s * s;
     double p = 1.0 / 23;
     p = p * s2 + 1.0 / 21;
