@@ -550,8 +550,9 @@ def multi_target(C, a, b, *, reg, tol, max_iter, n_iter, init, acceleration, eps
     # the matrix and a are checked once, with the first target, as a single solve checks them
     b0 = np.asarray(np.from_dlpack(b) if hasattr(b, "__dlpack__") and not isinstance(
         b, np.ndarray) else b, dtype=np.float64)
-    p = _problem.prepare(C, "C", alpha=-1.0 / reg, a=a, b=b0[:, 0] if b0.ndim == 2 and
-                         b0.shape[0] == m and b0.shape[1] else b0, rho_a=1.0, rho_b=1.0,
+    if b0.shape[0] != m or b0.shape[1] == 0:
+        raise ValueError(f"b must have shape ({m},) or ({m}, k) to match C, got {b0.shape}")
+    p = _problem.prepare(C, "C", alpha=-1.0 / reg, a=a, b=b0[:, 0], rho_a=1.0, rho_b=1.0,
                          opts=opts, want_labels=False, balanced=True,
                          reducer=_problem.reducer(None))
     wk, logk = _targets(b0, m, p.a.total)
@@ -628,6 +629,7 @@ def _multi_loop(X, alpha, loga, logk, g0, tols, opts, acceleration, max_abs):
     loga = np.ascontiguousarray(loga)
     log_n = math.log(n)
     wk = np.exp(logk)
+    dead = wk == 0
     if g0 is None:
         L = _core.column_lse(X, alpha, None, nt)
         with np.errstate(invalid="ignore"):
@@ -665,6 +667,7 @@ def _multi_loop(X, alpha, loga, logk, g0, tols, opts, acceleration, max_abs):
                 with np.errstate(divide="ignore"):
                     colmax = np.log(c)
             g_next, err = _core.column_update(g, logk[t], c, colmax, log_n, 1.0)
+            g_next[dead[t]] = -np.inf  # a column of zero mass keeps g = -inf
             n_iter[t] = it
             ok = True
             if acc[t] is not None:
@@ -695,25 +698,71 @@ def _multi_loop(X, alpha, loga, logk, g0, tols, opts, acceleration, max_abs):
 
 
 def codes(scores, *, eps, n_iter, probabilities, rows, b, tol, max_iter, n_threads):
-    """:func:`sinkhorn_ot.codes` of a batch of score matrices (B, N, K), problem by problem
-    (the codes of each are those of its single call)."""
-    from ._codes import codes as one
+    """:func:`sinkhorn_ot.codes` of a batch of score matrices (B, N, K).  On the CPU small
+    problems go to the batched kernel (fixed ``n_iter``: the same passes as a single call,
+    in float64); otherwise problem by problem."""
+    from . import _codes as K_
 
-    native = to_native(scores, "scores")
-    S = native.array
-    out = []
-    for p in range(S.shape[0]):
-        try:
-            q = one(scores[p], eps=eps, n_iter=n_iter, probabilities=probabilities, rows=rows,
-                    comm=None, b=_take(b, p, 1), tol=tol, max_iter=max_iter,
-                    n_threads=n_threads)
-        except (ValueError, TypeError) as exc:
-            raise _prefix(p, exc) from exc
-        out.append(q)
-    if type(out[0]).__module__.split(".")[0] == "torch":
+    eps = V.positive_scalar(eps, "eps")
+    if not isinstance(probabilities, (bool, np.bool_)):
+        raise TypeError(f"probabilities must be True or False, got {probabilities!r}")
+    n_iter = V.positive_int(n_iter, "n_iter")
+    out_dtype = K_._family_dtype(scores)
+    X_in = K_._as_input(scores, bool(probabilities))
+    native = to_native(X_in, "scores")
+    shape = native.array.shape
+    small = native.device == "cpu" and len(shape) == 3 and shape[1] * shape[2] <= SMALL_ENTRIES
+    if not small:
+        res = []
+        for p in range(shape[0]):
+            try:
+                res.append(K_.codes(scores[p], eps=eps, n_iter=n_iter,
+                                    probabilities=probabilities, rows=rows, comm=None,
+                                    b=_take(b, p, 1), tol=tol, max_iter=max_iter,
+                                    n_threads=n_threads))
+            except (ValueError, TypeError) as exc:
+                raise _prefix(p, exc) from exc
+        if type(res[0]).__module__.split(".")[0] == "torch":
+            import torch
+
+            return torch.stack(res)
+        from ._arrays import array_module
+
+        return array_module(native).stack(res)
+    opts = _problem.options(tol=tol, max_iter=max_iter,
+                            n_iter=None if tol is not None else n_iter, n_threads=n_threads)
+    try:
+        batch = _Batch(X_in, "scores", 1.0 / eps, None, b, opts, -math.inf)
+    except ValueError as exc:
+        err = K_._probability_error(exc) if probabilities else exc
+        if err is exc:
+            raise
+        raise err from exc
+    B, N = batch.B, batch.n
+    idx = K_._row_index(rows, N, np)
+
+    def single_left(p, left):
+        _, pb, _ = batch.problem(p)
+        return _codes_solve(batch.X[p], eps, pb, opts.tol, left, n_threads)
+
+    f, g, it, err, cost, _ = _solve_kernel(batch, single_left, n_iter=opts.n_iter,
+                                           max_iter=opts.max_iter, acceleration="anderson",
+                                           want_labels=False)
+    if opts.n_iter is None:
+        _warn_unconverged(err <= batch.tol, err, batch.tol)
+    Q = _plans(batch.X, batch.alpha, f + math.log(N), g, n_threads)[:, idx]
+    if out_dtype != "bfloat16" and Q.dtype != np.dtype(out_dtype):
+        Q = Q.astype(out_dtype)
+    out = native.wrap(np.ascontiguousarray(Q))
+    if K_._is_torch(out) and str(out.dtype) != f"torch.{out_dtype}":
         import torch
 
-        return torch.stack(out)
-    from ._arrays import array_module
+        out = out.to(getattr(torch, out_dtype))
+    return out
 
-    return array_module(native).stack(out)
+
+def _codes_solve(X, eps, b, tol, max_iter, n_threads):
+    """The single solve behind :func:`sinkhorn_ot.codes` with ``tol`` (potentials)."""
+    from ._api import balanced_assign
+
+    return balanced_assign(X, 1.0 / eps, b=b, tol=tol, max_iter=max_iter, n_threads=n_threads)
