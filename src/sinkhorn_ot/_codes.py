@@ -179,7 +179,10 @@ def codes(scores, *, eps, n_iter=3, probabilities=False, rows=None, comm="auto",
         ``__dlpack__`` tensor such as PyTorch (CPU or CUDA); float64, float32, float16 or
         bfloat16 (arithmetic in float32 at least).  A tensor that requires grad is taken as
         a constant: the codes are targets, no gradient flows through them.  A per-row shift
-        of ``scores`` does not change the codes.
+        of ``scores`` does not change the codes.  A leading axis (shape ``(P, B, K)``) is
+        a batch of ``P`` independent score matrices (e.g. positionwise losses), solved in
+        one call (:doc:`batched`); the codes are then ``(P, B, K)`` and ``b`` may be
+        ``(P, K)``.
     eps : float
         Temperature (``> 0``): the kernel is ``exp(scores / eps)``.  SwAV, solo-learn and
         lightly call it ``epsilon``, DINOv2 ``teacher_temp``; SeLa's ``lamb`` is ``1 / eps``.

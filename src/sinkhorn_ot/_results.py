@@ -22,7 +22,10 @@ class OTResult:
     The plan is ``Q[i, y] = exp(S[i, y] + f[i] + g[y])`` with ``S = -C / reg`` (or
     ``S = lam * logP`` for :func:`balanced_assign`); it is never formed unless :meth:`plan`
     is called.  Arrays are of the input's family (NumPy, CuPy, or the ``__dlpack__``
-    producer such as PyTorch) and device.
+    producer such as PyTorch) and device.  The result of a batch of ``B`` problems (a
+    matrix of shape ``(B, n, m)``, or ``B`` targets) has the batch axis in front of every
+    field: ``f`` (B, n), ``g`` (B, m), ``n_iter``, ``err``, ``converged`` and ``cost``
+    NumPy arrays of shape (B,), ``plan()`` (B, n, m).
 
     Attributes
     ----------

@@ -73,9 +73,11 @@ def sinkhorn_unbalanced(C, a=None, b=None, *, reg, reg_m, tol=None, max_iter=100
 
     Parameters
     ----------
-    C : array of float, shape (n, m)
+    C : array of float, shape (n, m) or (B, n, m)
         Cost matrix (NumPy, CuPy or a ``__dlpack__`` array, as in :func:`sinkhorn`);
-        ``+inf`` marks a forbidden pair.
+        ``+inf`` marks a forbidden pair.  A leading axis is a batch of ``B`` problems,
+        solved one by one by this function (``a``, ``b``: ``(n,)``/``(m,)`` shared or
+        ``(B, n)``/``(B, m)``); every result field gains the batch axis (:doc:`batched`).
     a : array of float, shape (n,), optional
         Row reference measure, uniform ``1/n`` by default.  Totals of ``a`` and ``b`` may
         differ.
