@@ -8,6 +8,8 @@ broadcast marginals run the same arithmetic and agree exactly.
 from __future__ import annotations
 
 import math
+import platform
+import shutil
 import warnings
 
 import numpy as np
@@ -366,3 +368,23 @@ def test_multi_pass_underflowing_target_is_exact():
         np.testing.assert_allclose(cost[t], qx, rtol=1e-10)
         Q = plan_from_potentials(-5.0 * X, F[t], G[t])
         np.testing.assert_allclose(col[t], Q.sum(0), rtol=1e-10, atol=1e-300)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64")
+                    or shutil.which("g++") is None,
+                    reason="the kernel emulation needs g++ on x86-64")
+def test_cuda_batch_loops_the_single_solves():
+    """CUDA arrays are solved problem by problem (on the kernel emulation of tests/cuda_emu):
+    the results come back as CuPy arrays with the batch axis, each the single solve's."""
+    import cuda_emu
+
+    C = np.random.default_rng(18).random((3, 40, 30)).astype(np.float32)
+    with cuda_emu.installed() as cp:
+        r = so.sinkhorn(cp.asarray(C), reg=0.1, tol=1e-5)
+        assert isinstance(r.f, cp.ndarray) and r.f.shape == (3, 40)
+        assert r.plan().shape == (3, 40, 30) and r.converged.all()
+        for p in range(3):
+            s = so.sinkhorn(cp.asarray(C[p]), reg=0.1, tol=1e-5)
+            np.testing.assert_array_equal(r.f[p].get(), s.f.get())
+        q = so.codes(cp.asarray(C), eps=0.1)
+        assert isinstance(q, cp.ndarray) and q.shape == (3, 40, 30)

@@ -359,6 +359,32 @@ def _common(results, native):
                 _plan=_stacked_plan(native, results))
 
 
+def _on_cpu(native) -> bool:
+    """A batch the CPU core reads (CUDA batches are solved problem by problem)."""
+    if native.device != "cpu":
+        return False
+    if len(native.array.shape) != 3:
+        raise ValueError(f"expected a batch of shape (B, n, m), got {native.array.shape}")
+    return True
+
+
+def _single_tols(results, tol, native, a=None):
+    """The tolerance each single solve used (its default scales with the mass of a)."""
+    out = []
+    for p in range(len(results)):
+        if tol is not None:
+            out.append(tol)
+            continue
+        mass = 1.0
+        if a is not None:
+            w = _take(a, p, 1)
+            w = w.get() if hasattr(w, "get") else (
+                w.detach().cpu().numpy() if hasattr(w, "detach") else w)
+            mass = float(np.asarray(w, dtype=np.float64).sum())
+        out.append(_problem.DEFAULT_TOL[native.dtype] * mass)
+    return out
+
+
 def _take(v, p, shared_ndim):
     """Problem p's slice of a marginal or warm start given with or without the batch axis."""
     if v is None:
@@ -382,18 +408,19 @@ def sinkhorn(C, a, b, *, reg, tol, max_iter, n_iter, init, acceleration, eps_sca
                             n_threads=n_threads, init=init)
     kw = dict(reg=reg, tol=tol, n_iter=n_iter, acceleration=acceleration,
               eps_scaling=eps_scaling, n_threads=n_threads)
-    batch = _Batch(C, "C", -1.0 / reg, a, b, opts, math.inf)
-    B = batch.B
-    if not batch.small:
-        Cn = batch.native.array
+    native = to_native(C, "C")
+    batch = _Batch(C, "C", -1.0 / reg, a, b, opts, math.inf) if _on_cpu(native) else None
+    if batch is None or not batch.small:
+        Cn = native.array
 
         def single(p):
             return one(Cn[p], _take(a, p, 1), _take(b, p, 1), init=_take(init, p, 1),
                        max_iter=max_iter, **kw)
 
-        res = _loop(C, single, B)
-        out = _common(res, batch.native)
-        _warn_unconverged(out["converged"] | (n_iter is not None), out["err"], batch.tol)
+        res = _loop(C, single, Cn.shape[0])
+        out = _common(res, native)
+        _warn_unconverged(out["converged"] | (n_iter is not None), out["err"],
+                          _single_tols(res, tol, native, a))
         return OTResult(**out)
 
     def single_left(p, left):
@@ -445,24 +472,25 @@ def balanced_assign(logP, lam, *, b, size_penalty, hard, tol, max_iter, n_iter, 
         res = _loop(logP, single, Xn.shape[0])
         out = _common(res, native)
         _warn_unconverged(out["converged"] | (n_iter is not None), out["err"],
-                          [_problem.DEFAULT_TOL.get(native.dtype, 1e-6)
-                           if tol is None else tol] * len(res))
+                          _single_tols(res, tol, native))
         return Assignment(**out, labels=_stack(native, res, "labels"),
                           sizes=_stack(native, res, "sizes"))
-    batch = _Batch(logP, "logP", lam, None, b, opts, -math.inf)
-    B, N, K = batch.B, batch.n, batch.m
-    if not batch.small:
-        Xn = batch.native.array
+    native = to_native(logP, "logP")
+    batch = _Batch(logP, "logP", lam, None, b, opts, -math.inf) if _on_cpu(native) else None
+    if batch is None or not batch.small:
+        Xn = native.array
 
         def single(p):
             return one(Xn[p], b=_take(b, p, 1), init=_take(init, p, 1), max_iter=max_iter,
                        **kw)
 
-        res = _loop(logP, single, B)
-        out = _common(res, batch.native)
-        _warn_unconverged(out["converged"] | (n_iter is not None), out["err"], batch.tol)
-        return Assignment(**out, labels=_stack(batch.native, res, "labels"),
-                          sizes=_stack(batch.native, res, "sizes"))
+        res = _loop(logP, single, Xn.shape[0])
+        out = _common(res, native)
+        _warn_unconverged(out["converged"] | (n_iter is not None), out["err"],
+                          _single_tols(res, tol, native))
+        return Assignment(**out, labels=_stack(native, res, "labels"),
+                          sizes=_stack(native, res, "sizes"))
+    B, N, K = batch.B, batch.n, batch.m
 
     def single_left(p, left):
         _, pb, pg = batch.problem(p)
@@ -499,10 +527,8 @@ def sinkhorn_unbalanced(C, a, b, *, reg, reg_m, tol, max_iter, n_iter, init, n_t
 
     res = _loop(C, single, Cn.shape[0])
     out = _common(res, native)
-    tols = [(_problem.DEFAULT_TOL.get(native.dtype, 1e-6) * float(
-        np.asarray(_take(a, p, 1)).sum() if a is not None else 1.0)) if tol is None else tol
-        for p in range(len(res))]
-    _warn_unconverged(out["converged"] | (n_iter is not None), out["err"], tols)
+    _warn_unconverged(out["converged"] | (n_iter is not None), out["err"],
+                      _single_tols(res, tol, native, a))
     extra = {k: np.array([getattr(r, k) for r in res]) for k in
              ("objective", "err_a", "err_b", "dev_a", "dev_b", "mass")}
     _readonly(*extra.values())
