@@ -37,7 +37,7 @@ auto dispatch(const py::array& X, const char* name, F&& f) {
 
 // X: (B, N, K), or (N, K) shared by B problems.  loga: (B, N) or (N,); logb: (B, K) or (K,).
 py::tuple batched_solve(const py::array& X, int64_t B, double alpha, const F64& loga,
-                        const F64& logb, py::object g0, const F64& tol, const F64& s_max,
+                        const F64& logb, py::object g0, const F64& tol, double forbidden,
                         int64_t max_iter, int64_t n_iter, int memory, double rel_slack,
                         int64_t stall_window, bool want_labels, int n_threads) {
     return dispatch(X, "batched_solve", [&](auto tag) {
@@ -69,17 +69,17 @@ py::tuple batched_solve(const py::array& X, int64_t B, double alpha, const F64& 
                     "batched_solve: g0 shape");
             a.g0 = g0a.data();
         }
-        require(tol.size() == B && s_max.size() == B, "batched_solve: tol / s_max size");
+        require(tol.size() == B, "batched_solve: tol size");
         a.tol = tol.data();
-        a.s_max = s_max.data();
+        a.forbidden = forbidden;
         a.max_iter = max_iter;
         a.n_iter = n_iter;
         a.memory = memory;
         a.rel_slack = rel_slack;
         a.stall_window = stall_window;
-        F64 f({B, N}), g({B, K}), err(B), cost(B);
+        F64 f({B, N}), g({B, K}), err(B), cost(B), max_abs(B);
         I64 it(B), labels;
-        U8 stalled(B);
+        U8 stalled(B), flags(B);
         cpu::BatchedOut o;
         o.f = f.mutable_data();
         o.g = g.mutable_data();
@@ -87,6 +87,8 @@ py::tuple batched_solve(const py::array& X, int64_t B, double alpha, const F64& 
         o.cost = cost.mutable_data();
         o.n_iter = it.mutable_data();
         o.stalled = stalled.mutable_data();
+        o.flags = flags.mutable_data();
+        o.max_abs = max_abs.mutable_data();
         if (want_labels) {
             labels = I64({B, N});
             o.labels = labels.mutable_data();
@@ -99,7 +101,7 @@ py::tuple batched_solve(const py::array& X, int64_t B, double alpha, const F64& 
         }
         if (!done) throw py::error_already_set();
         py::object lab = want_labels ? py::object(labels) : py::object(py::none());
-        return py::make_tuple(f, g, it, err, cost, lab, stalled);
+        return py::make_tuple(f, g, it, err, cost, lab, stalled, flags, max_abs);
     });
 }
 
@@ -132,10 +134,11 @@ py::tuple multi_pass(const py::array& X, double alpha, const F64& G, const F64& 
 
 void register_batched(py::module_& m) {
     m.def("batched_solve", &batched_solve, py::arg("X"), py::arg("B"), py::arg("alpha"),
-          py::arg("loga"), py::arg("logb"), py::arg("g0"), py::arg("tol"), py::arg("s_max"),
+          py::arg("loga"), py::arg("logb"), py::arg("g0"), py::arg("tol"), py::arg("forbidden"),
           py::arg("max_iter"), py::arg("n_iter"), py::arg("memory"), py::arg("rel_slack"),
           py::arg("stall_window"), py::arg("want_labels"), py::arg("n_threads"),
-          "B balanced problems, one per thread: (f, g, n_iter, err, cost, labels, stalled).");
+          "B balanced problems, one per thread: (f, g, n_iter, err, cost, labels, stalled, "
+          "flags, max_abs).");
     m.def("multi_pass", &multi_pass, py::arg("X"), py::arg("alpha"), py::arg("G"),
           py::arg("loga"), py::arg("want_cost"), py::arg("n_threads"),
           "One pass for k column potentials sharing the read of X: (F, col, cost, underflow).");

@@ -76,6 +76,7 @@ struct Kernels {
     void (*pass_rows)(const T*, int64_t, int64_t, double, const double*, const double*,
                       double*, double*, double*, double*);
     void (*row_potentials)(const double*, const double*, const double*, int64_t, double*);
+    uint8_t (*scan_entries)(const T*, int64_t, double, double&);
 };
 
 #define BK_ENTRIES(ns)                                                                      \
@@ -120,6 +121,10 @@ struct Kernels {
                                int64_t N, double* f) {                                      \
         ns::row_potentials(la, m, s, N, f);                                                 \
     }                                                                                       \
+    template <class T>                                                                      \
+    uint8_t scan_entries(const T* x, int64_t n, double forbidden, double& mx) {             \
+        return ns::scan_entries<T>(x, n, forbidden, mx);                                    \
+    }                                                                                       \
     }
 
 #ifdef BK_MULTI_ISA
@@ -140,7 +145,8 @@ BK_ENTRIES(base)
         &ns##_entry::row_exp<T>, &ns##_entry::axpy, &ns##_entry::multi_rows<T>,            \
             &ns##_entry::multi_axpys, &ns##_entry::times_x<T>, &ns##_entry::col_max<T>,    \
             &ns##_entry::col_sumexp<T>, &ns##_entry::row_cost<T>,                          \
-            &ns##_entry::pass_rows<T>, &ns##_entry::row_potentials                         \
+            &ns##_entry::pass_rows<T>, &ns##_entry::row_potentials,                        \
+            &ns##_entry::scan_entries<T>                                                   \
     }
 
 // The same choice of instruction set as the single solve's kernels (isa_name honours
@@ -553,10 +559,22 @@ bool batched_solve(const T* X, const BatchedArgs& A, BatchedOut& out, int n_thre
         for (int64_t p = 0; p < B; ++p) {
             if (intr.poll()) continue;
             const T* Xp = X + p * A.x_stride;
+            // the validation read: a problem with an invalid entry is not solved (the
+            // caller raises, naming it)
+            double mx = 0;
+            out.flags[p] = kern.scan_entries(Xp, N * K, A.forbidden, mx);
+            out.max_abs[p] = mx;
+            if (out.flags[p] & 1) {
+                out.n_iter[p] = 0;
+                out.err[p] = std::numeric_limits<double>::quiet_NaN();
+                out.stalled[p] = 0;
+                out.cost[p] = 0;
+                continue;
+            }
             OneResult r = solve_one(kern, Xp, N, K, A, A.loga + p * A.a_stride,
                                     A.logb + p * A.b_stride, A.g0 ? A.g0 + p * K : nullptr,
-                                    A.tol[p], A.s_max[p], out.f + p * N, out.g + p * K, w,
-                                    intr);
+                                    A.tol[p], std::abs(A.alpha) * mx, out.f + p * N,
+                                    out.g + p * K, w, intr);
             out.n_iter[p] = r.n_iter;
             out.err[p] = r.err;
             out.stalled[p] = r.stalled ? 1 : 0;

@@ -13,7 +13,8 @@ namespace sinkhorn_ot::cpu {
 // `n_iter` passes when n_iter > 0.  A row (column) of zero mass has loga (logb) = -inf and
 // gets f (g) = -inf.  `memory` > 0: Anderson mixing of g as _solver.Anderson (tolerance mode
 // only), given up after `stall_window` passes that cut the best err by less than 5%
-// (stalled[p] = 1: the caller solves that problem again by other means).
+// (stalled[p] = 1: the caller solves that problem again by other means).  Each problem's
+// entries are read once first for the validation facts (flags, max_abs).
 struct BatchedArgs {
     int64_t B = 0, N = 0, K = 0;
     int64_t x_stride = 0;
@@ -24,7 +25,7 @@ struct BatchedArgs {
     int64_t b_stride = 0;
     const double* g0 = nullptr;    // (B, K) warm starts, or null
     const double* tol = nullptr;   // (B)
-    const double* s_max = nullptr; // (B) |alpha| * max |X[p]| (bounds the Anderson iterates)
+    double forbidden = 0;          // the infinity of a forbidden pair (-inf: logP, +inf: cost)
     int64_t max_iter = 1000;
     int64_t n_iter = 0;
     int memory = 0;
@@ -42,6 +43,9 @@ struct BatchedOut {
     double* cost = nullptr;     // (B) sum Q X over the allowed pairs
     int64_t* labels = nullptr;  // (B, N) first argmax_y (S_iy + g_y), or null
     uint8_t* stalled = nullptr; // (B)
+    uint8_t* flags = nullptr;   // (B) bit 0: a NaN or wrong infinity (not solved), bit 1: a
+                                // forbidden entry
+    double* max_abs = nullptr;  // (B) largest |finite entry| (bounds the Anderson iterates)
 };
 
 template <class T>

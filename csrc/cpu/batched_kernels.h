@@ -44,6 +44,7 @@ BK_INLINE double bexp(double x) { return bexp_t<double, uint64_t>(x); }
 #if defined(__GNUC__)
 typedef double bvd __attribute__((vector_size(BK_W)));
 typedef uint64_t bvu __attribute__((vector_size(BK_W)));
+typedef int64_t bvm __attribute__((vector_size(BK_W)));
 typedef float bvh __attribute__((vector_size(BK_W / 2)));
 constexpr int64_t BL = BK_W / 8;
 BK_INLINE bvd bload(const double* p) {
@@ -344,4 +345,47 @@ BK_INLINE void pass_rows(const T* X, int64_t N, int64_t K, double alpha, const d
         if (!(mi > -std::numeric_limits<double>::infinity())) continue;
         axpy(col, e, a[i] / si, K);
     }
+}
+
+// The validation facts of one problem's n entries (the single solve's check_matrix):
+// returns bit 0 when an entry is NaN or the wrong infinity, bit 1 when one is `forbidden`;
+// max_abs = the largest |finite entry|.
+template <class T>
+BK_INLINE uint8_t scan_entries(const T* x, int64_t n, double forbidden, double& max_abs) {
+    const double inf = std::numeric_limits<double>::infinity();
+    double mx = 0;
+    bool bad = false, forb = false;
+#if defined(__GNUC__)
+    const int64_t nb = n - n % BL;
+    bvd mv = bvd{};
+    bvu badv = bvu{}, forbv = bvu{};
+    for (int64_t y = 0; y < nb; y += BL) {
+        const bvd v = bload(x + y);
+        const bvd av = v < 0 ? -v : v;
+        const bvm fin = av < inf;  // false for +-inf and NaN
+        const bvm isf = v == forbidden;
+        mv = (fin & (av > mv)) ? av : mv;
+        badv |= (bvu)(~fin & ~isf);
+        forbv |= (bvu)isf;
+    }
+    mx = bmax(mv);
+    for (int64_t l = 0; l < BL; ++l) {
+        bad |= badv[l] != 0;
+        forb |= forbv[l] != 0;
+    }
+#else
+    const int64_t nb = 0;
+#endif
+    for (int64_t y = nb; y < n; ++y) {
+        const double v = static_cast<double>(x[y]), av = v < 0 ? -v : v;
+        if (av < inf) {
+            mx = av > mx ? av : mx;
+        } else if (v == forbidden) {
+            forb = true;
+        } else {
+            bad = true;
+        }
+    }
+    max_abs = mx;
+    return static_cast<uint8_t>((bad ? 1 : 0) | (forb ? 2 : 0));
 }

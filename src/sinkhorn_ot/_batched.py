@@ -166,45 +166,42 @@ def _batch_matrix(native, name: str):
     return np.ascontiguousarray(arr) if native.device == "cpu" else arr
 
 
-def _check_values(X, name, forbidden, alpha, dtype, wa, wb, n_threads):
-    """Every problem's matrix checked as the single solve checks it; the first bad one is
-    named by its batch index.  Returns max |finite entry| of each problem (B,)."""
-    B, n, m = X.shape
-    from . import _core
-
-    chk = _core.check_matrix(X.reshape(B * n, m), forbidden, n_threads or 0)
-    fi = int(chk["first_invalid"])
-    if fi >= 0:
-        p, rest = divmod(fi, n * m)
-        i, j = divmod(rest, m)
+def _check_values(batch, flags, max_abs):
+    """Raise, naming the first bad problem by its batch index, for what the batched solve's
+    validation read found (``flags``: bit 0 a NaN or wrong infinity, bit 1 a forbidden
+    entry; ``max_abs`` the largest finite |entry|), as the single solve's checks would: then
+    rows or columns that need mass but allow no pair, and values that overflow."""
+    X, name, B, n, m = batch.X, batch.name, batch.B, batch.n, batch.m
+    forbidden = batch.forbidden
+    bad = np.nonzero(flags & 1)[0]
+    if bad.size:
+        p = int(bad[0])
+        Xp = np.asarray(X[p], dtype=np.float64)
+        hit = np.isnan(Xp) | (Xp == -forbidden)
+        i, j = np.argwhere(hit)[0]
         other = "+inf" if forbidden < 0 else "-inf"
         raise ValueError(f"problem {p} of the batch: {name} has a NaN or {other} entry at "
                          f"({i}, {j}); only finite values and "
                          f"{'-inf' if forbidden < 0 else '+inf'} (a forbidden pair) are allowed")
-    max_abs = float(chk["max_abs"])
-    zero_mass = (np.asarray(wa) == 0).any() or (np.asarray(wb) == 0).any()
-    if int(chk["first_empty_row"]) >= 0 or zero_mass or np.isinf(X).any():
-        allowed = X != forbidden
-        rows_live = _rows_of(wa, B) > 0
-        cols_live = _rows_of(wb, B) > 0
-        row_bad = rows_live & ~(allowed & cols_live[:, None, :]).any(axis=2)
+    wa, wb = _rows_of(batch.wa, B), _rows_of(batch.wb, B)
+    look = (flags & 2).astype(bool) | (wa == 0).any(axis=1) | (wb == 0).any(axis=1)
+    for p in np.nonzero(look)[0]:  # (a few problems, or every problem of a ragged batch)
+        allowed = X[p] != forbidden
+        row_bad = (wa[p] > 0) & ~(allowed & (wb[p] > 0)[None, :]).any(axis=1)
         if row_bad.any():
-            p, i = np.argwhere(row_bad)[0]
-            raise ValueError(f"problem {p} of the batch: infeasible problem: row {i} of {name} "
-                             "has every entry forbidden (or in columns of zero mass)")
-        col_bad = cols_live & ~(allowed & rows_live[:, :, None]).any(axis=1)
+            raise ValueError(f"problem {p} of the batch: infeasible problem: row "
+                             f"{int(np.argmax(row_bad))} of {name} has every entry forbidden "
+                             "(or in columns of zero mass)")
+        col_bad = (wb[p] > 0) & ~(allowed & (wa[p] > 0)[:, None]).any(axis=0)
         if col_bad.any():
-            p, j = np.argwhere(col_bad)[0]
-            raise ValueError(f"problem {p} of the batch: infeasible problem: column {j} of "
-                             f"{name} has every entry forbidden (or in rows of zero mass)")
-        s_max = np.where(allowed, np.abs(np.where(allowed, X, 0)), 0).reshape(B, -1).max(1)
-    else:
-        s_max = np.full(B, max_abs)
-    if abs(alpha) * max_abs > V._FLOAT_MAX[dtype] / 16:
-        p = int(np.argmax(s_max))
-        raise ValueError(f"problem {p} of the batch: {name} times {abs(alpha):g} overflows "
-                         f"{dtype} (largest |entry| {max_abs:g})")
-    return s_max.astype(np.float64)
+            raise ValueError(f"problem {p} of the batch: infeasible problem: column "
+                             f"{int(np.argmax(col_bad))} of {name} has every entry forbidden "
+                             "(or in rows of zero mass)")
+    over = np.abs(batch.alpha) * max_abs > V._FLOAT_MAX[batch.native.dtype] / 16
+    if over.any():
+        p = int(np.argmax(over))
+        raise ValueError(f"problem {p} of the batch: {name} times {abs(batch.alpha):g} "
+                         f"overflows {batch.native.dtype} (largest |entry| {max_abs[p]:g})")
 
 
 class _Batch:
@@ -221,11 +218,19 @@ class _Batch:
         self.wb, self.logb, self.b_shared = _batch_marginal(b, B, m, "b")
         self.mass = _balanced(self.wa, self.wb, B)
         self.g0 = _batch_init(opts.init, B, m, self.wb)
-        self.small = self.native.device == "cpu" and n * m <= SMALL_ENTRIES
-        self.s_max = None
-        if self.native.device == "cpu":
-            self.s_max = np.abs(alpha) * _check_values(
-                X, name, forbidden, alpha, self.native.dtype, self.wa, self.wb, opts.n_threads)
+        self.small = n * m <= SMALL_ENTRIES
+        self.forbidden = forbidden
+        if not self.small:  # the single solves check each problem; named here first
+            from . import _core
+
+            flags = np.zeros(B, dtype=np.uint8)
+            max_abs = np.zeros(B)
+            for p in range(B):
+                chk = _core.check_matrix(X[p], forbidden, opts.n_threads or 0)
+                flags[p] = (1 if chk["first_invalid"] >= 0 else 0) | (
+                    2 if chk["first_empty_row"] >= 0 or chk["first_empty_col"] >= 0 else 0)
+                max_abs[p] = chk["max_abs"]
+            _check_values(self, flags, max_abs)
         dt = self.native.dtype
         self.tol = np.broadcast_to(_problem.DEFAULT_TOL[dt] * self.mass if opts.tol is None
                                    else np.full(B, opts.tol), (B,)).astype(np.float64)
@@ -244,10 +249,11 @@ def _kernel(batch, *, n_iter, max_iter, acceleration, want_labels):
     o = batch.opts
     memory = _MEMORY if acceleration == "anderson" else 0
     rel_slack = 1e-13 if batch.X.dtype == np.float64 else 1e-6
-    f, g, it, err, cost, labels, stalled = _core.batched_solve(
+    f, g, it, err, cost, labels, stalled, flags, max_abs = _core.batched_solve(
         batch.X, batch.B, batch.alpha, batch.loga, batch.logb, batch.g0, batch.tol,
-        batch.s_max, max_iter, n_iter or 0, memory, rel_slack, _STALL_WINDOW, want_labels,
+        batch.forbidden, max_iter, n_iter or 0, memory, rel_slack, _STALL_WINDOW, want_labels,
         o.n_threads or 0)
+    _check_values(batch, flags, max_abs)  # the validation read was the kernel's first
     if not np.isfinite(err).all():
         raise FloatingPointError(  # a bug, never a property of valid input: say so loudly
             "sinkhorn_ot: the column error became non-finite in a batched solve; please "
@@ -614,10 +620,10 @@ def multi_target(C, a, b, *, reg, tol, max_iter, n_iter, init, acceleration, eps
 
         memory = _MEMORY if acceleration == "anderson" else 0
         rel_slack = 1e-13 if X.dtype == np.float64 else 1e-6
-        f, g, it, err, cost, _, stalled = _core.batched_solve(
-            X, k, alpha, np.ascontiguousarray(p.a[1]), logk, g0, tols,
-            np.full(k, abs(alpha) * p.max_abs), opts.max_iter, opts.n_iter or 0, memory,
-            rel_slack, _STALL_WINDOW, False, opts.n_threads or 0)
+        f, g, it, err, cost, _, stalled, _, _ = _core.batched_solve(
+            X, k, alpha, np.ascontiguousarray(p.a[1]), logk, g0, tols, math.inf,
+            opts.max_iter, opts.n_iter or 0, memory, rel_slack, _STALL_WINDOW, False,
+            opts.n_threads or 0)
         stalled = stalled.astype(bool)
         if opts.n_iter is None:
             for t in np.nonzero(stalled & ~(err <= tols))[0]:
@@ -757,8 +763,15 @@ def codes(scores, *, eps, n_iter, probabilities, rows, b, tol, max_iter, n_threa
         return array_module(native).stack(res)
     opts = _problem.options(tol=tol, max_iter=max_iter,
                             n_iter=None if tol is not None else n_iter, n_threads=n_threads)
+    def single_left(p, left):
+        _, pb, _ = batch.problem(p)
+        return _codes_solve(batch.X[p], eps, pb, opts.tol, left, n_threads)
+
     try:
         batch = _Batch(X_in, "scores", 1.0 / eps, None, b, opts, -math.inf)
+        f, g, it, err, cost, _ = _solve_kernel(batch, single_left, n_iter=opts.n_iter,
+                                               max_iter=opts.max_iter,
+                                               acceleration="anderson", want_labels=False)
     except ValueError as exc:
         err = K_._probability_error(exc) if probabilities else exc
         if err is exc:
@@ -766,14 +779,6 @@ def codes(scores, *, eps, n_iter, probabilities, rows, b, tol, max_iter, n_threa
         raise err from exc
     B, N = batch.B, batch.n
     idx = K_._row_index(rows, N, np)
-
-    def single_left(p, left):
-        _, pb, _ = batch.problem(p)
-        return _codes_solve(batch.X[p], eps, pb, opts.tol, left, n_threads)
-
-    f, g, it, err, cost, _ = _solve_kernel(batch, single_left, n_iter=opts.n_iter,
-                                           max_iter=opts.max_iter, acceleration="anderson",
-                                           want_labels=False)
     if opts.n_iter is None:
         _warn_unconverged(err <= batch.tol, err, batch.tol)
     Q = _plans(batch.X, batch.alpha, f + math.log(N), g, n_threads)[:, idx]
