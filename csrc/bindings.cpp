@@ -179,6 +179,51 @@ py::tuple column_update(const F64& g, const F64& logb, const F64& col, const F64
     return py::make_tuple(out, err);
 }
 
+int scaling_codes(const py::array& X, double alpha, bool probs, py::object b, int n_iter,
+                  double scale, py::array out, int n_threads) {
+    return dispatch(X, "scaling_codes", [&](auto tag) {
+        using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+        const int64_t N = X.shape(0), K = X.shape(1);
+        require(N > 0 && K > 0 && n_iter > 0, "scaling_codes: empty matrix or n_iter < 1");
+        require(py::isinstance<py::array_t<T>>(out) && is_matrix(out) && out.shape(0) == N &&
+                    out.shape(1) == K && out.writeable(),
+                "scaling_codes: out must be a writable C-contiguous array like X");
+        F64 bw;
+        if (!b.is_none()) {
+            bw = b.cast<F64>();
+            require(bw.size() == K, "scaling_codes: b size mismatch");
+        }
+        int st;
+        {
+            py::gil_scoped_release nogil;
+            st = cpu::scaling_codes<T>(static_cast<const T*>(X.data()), N, K, alpha, probs,
+                                       b.is_none() ? nullptr : bw.data(), n_iter, scale,
+                                       static_cast<T*>(out.mutable_data()), n_threads,
+                                       interrupted);
+        }
+        if (st < 0) throw py::error_already_set();
+        return st;
+    });
+}
+
+I64 near_ties(const py::array& X, double alpha, const F64& g, const I64& rows, double tau,
+              int n_threads) {
+    return dispatch(X, "near_ties", [&](auto tag) {
+        using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+        const int64_t N = X.shape(0), K = X.shape(1), n = rows.size();
+        require(g.size() == K, "near_ties: g size mismatch");
+        for (int64_t k = 0; k < n; ++k)
+            require(rows.data()[k] >= 0 && rows.data()[k] < N, "near_ties: row out of range");
+        I64 count(n);
+        {
+            py::gil_scoped_release nogil;
+            cpu::near_ties<T>(static_cast<const T*>(X.data()), N, K, alpha, g.data(),
+                              rows.data(), n, tau, count.mutable_data(), n_threads);
+        }
+        return count;
+    });
+}
+
 }  // namespace
 
 void register_batched(py::module_& m);  // csrc/batched_bindings.cpp
@@ -205,6 +250,14 @@ PYBIND11_MODULE(_core, m) {
           "(next g, L1 column error) from one pass's column sums.");
     m.def("check_matrix", &check_matrix, py::arg("X"), py::arg("forbidden"),
           py::arg("n_threads"), "Validation scan: invalid entries, empty rows and columns.");
+    m.def("scaling_codes", &scaling_codes, py::arg("X"), py::arg("alpha"), py::arg("probs"),
+          py::arg("b"), py::arg("n_iter"), py::arg("scale"), py::arg("out"),
+          py::arg("n_threads"),
+          "The plan times scale of n_iter fixed iterations by scaling passes, into out; "
+          "returns 0 (done), 1 (invalid entry or empty row) or 2 (out of float64 range).");
+    m.def("near_ties", &near_ties, py::arg("X"), py::arg("alpha"), py::arg("g"),
+          py::arg("rows"), py::arg("tau"), py::arg("n_threads") = 0,
+          "Per listed row: entries whose score alpha X + g is within tau of the row's best.");
     m.def("max_threads", &cpu::max_threads, "Threads OpenMP would use by default.");
     m.def("isa", &cpu::isa_name, "Instruction set of the kernels in use.");
     register_batched(m);

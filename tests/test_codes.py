@@ -337,3 +337,88 @@ def test_matrix_errors():
         sinkhorn_ot.codes(P, eps=1.0, probabilities=True)
     with pytest.raises(ValueError, match="overflows float32"):
         sinkhorn_ot.codes(np.full((4, 4), 1e30, dtype=np.float32), eps=1e-10)
+
+
+# --------------------------------------------------------------------------- scaling passes
+def _log_domain(S, eps, n_iter=3, b=None):
+    """The same fixed-iteration solve by the log-domain passes (balanced_assign's plan)."""
+    N = S.shape[0]
+    return N * sinkhorn_ot.balanced_assign(S, 1.0 / eps, b=b, n_iter=n_iter).plan()
+
+
+@pytest.mark.parametrize("n_iter", [1, 3, 7])
+@pytest.mark.parametrize("dt", [np.float64, np.float32])
+def test_scaling_passes_match_the_log_domain(dt, n_iter, rng):
+    S = (C.cosine_scores(333, 47, seed=21).numpy() + 0.3 * rng.standard_normal((333, 47)))
+    S = S.astype(dt)
+    S[5, :40] = -np.inf                                     # forbidden pairs
+    b = rng.dirichlet(np.ones(47))
+    for kw in ({}, {"b": b}):
+        q = sinkhorn_ot.codes(S, eps=0.1, n_iter=n_iter, **kw)
+        assert q.dtype == dt and np.all(q[5, :40] == 0)
+        ref = _log_domain(S.astype(np.float64), 0.1, n_iter, kw.get("b"))
+        np.testing.assert_allclose(q, ref, rtol=0, atol=1e-13 if dt == np.float64 else 1e-6)
+
+
+def test_scaling_passes_threads_and_rows(rng):
+    S = rng.standard_normal((4000, 30))
+    one = sinkhorn_ot.codes(S, eps=0.2, n_threads=1)
+    two = sinkhorn_ot.codes(S, eps=0.2, n_threads=2)
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-14)  # another order of the sums
+    idx = np.array([3999, 0, 17, 17])
+    np.testing.assert_array_equal(sinkhorn_ot.codes(S, eps=0.2, n_threads=2, rows=idx),
+                                  two[idx])
+
+
+def test_scaling_passes_give_way_beyond_float64(rng):
+    # a column nobody prefers, 2000 (in units of eps) below every row's best: its column sum
+    # of the shifted kernel underflows float64, so the log-domain passes take over
+    S = rng.standard_normal((50, 6)) * 0.01
+    S[:, 2] -= 2.0
+    for dt in (np.float64, np.float32):
+        q = sinkhorn_ot.codes(S.astype(dt), eps=1e-3)
+        assert np.isfinite(q).all()
+        # float32 at |S / eps| ~ 2000: the kernels' float32 rounding moves codes by ~1e-4
+        np.testing.assert_allclose(q, _log_domain(S.astype(dt).astype(np.float64), 1e-3),
+                                   rtol=0, atol=1e-12 if dt == np.float64 else 3e-4)
+        np.testing.assert_allclose(q.sum(axis=1), 1.0, rtol=0, atol=1e-5)
+
+
+def test_scaling_passes_rows_of_a_large_matrix_use_the_log_domain(monkeypatch, rng):
+    # with rows, the scaling passes need the whole kernel in memory: above the buffer limit
+    # the log-domain passes write only those rows
+    from sinkhorn_ot import _codes
+
+    S = rng.standard_normal((300, 20))
+    ref = sinkhorn_ot.codes(S, eps=0.3, rows=slice(-50, None))
+    monkeypatch.setattr(_codes, "_SCALING_BUFFER_BYTES", 1000)
+    q = sinkhorn_ot.codes(S, eps=0.3, rows=slice(-50, None))
+    np.testing.assert_allclose(q, ref, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("dt", [np.float64, np.float32])
+def test_scaling_passes_differential(dt):
+    """Random shapes, scales, temperatures, forbidden pairs and cluster priors: the scaling
+    passes (or the log-domain passes they give way to) against the log-domain passes in
+    float64 on the same values."""
+    rng = np.random.default_rng(31)
+    for _ in range(150):
+        N, K = int(rng.integers(1, 40)), int(rng.integers(1, 30))
+        scale = 10 ** rng.uniform(-2, 2.5)
+        S = rng.standard_normal((N, K)) * scale
+        if rng.random() < 0.3:
+            S[rng.random((N, K)) < 0.3] = -np.inf
+        S[np.arange(N), rng.integers(0, K, N)] = rng.standard_normal(N) * scale
+        S[rng.integers(0, N, K), np.arange(K)] = rng.standard_normal(K) * scale
+        S = S.astype(dt)
+        eps = 10 ** rng.uniform(-2, 1)
+        n_iter = int(rng.integers(1, 6))
+        b = rng.dirichlet(np.ones(K)) if rng.random() < 0.3 else None
+        q = sinkhorn_ot.codes(S, eps=eps, n_iter=n_iter, b=b)
+        assert q.dtype == dt and np.isfinite(q).all()
+        assert np.all(q[np.isneginf(S)] == 0)
+        ref = _log_domain(S.astype(np.float64), eps, n_iter, b)
+        # float32 rounds |S / eps| (up to ~3e4 here) to ~1e-7 relative: codes move by that
+        atol = 1e-10 if dt == np.float64 else 2e-7 * max(1.0, float(np.abs(
+            S[np.isfinite(S)]).max()) / eps)
+        np.testing.assert_allclose(q, ref, rtol=0, atol=atol)

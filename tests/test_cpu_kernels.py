@@ -138,6 +138,20 @@ def test_validation_folded_into_the_column_lse(dtype):
         (7 * 30 + 3, 9, 11)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_near_ties_against_numpy(dtype, rng):
+    X = np.round(rng.standard_normal((500, 77)), 1).astype(dtype)  # many exact ties
+    X[7, :] = -np.inf
+    X[7, 3] = X[7, 70] = 0.5
+    g = np.round(rng.standard_normal(77), 1)
+    rows = np.array([0, 7, 499, 7, 250])
+    for tau in (0.0, 0.05, 0.3):
+        S = 3.0 * X[rows].astype(np.float64) + g
+        best = S.max(axis=1, keepdims=True)
+        ref = (S >= best - tau - 1e-12 * (1 + np.abs(best))).sum(axis=1)
+        np.testing.assert_array_equal(_core.near_ties(X, 3.0, g, rows, tau), ref)
+
+
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_every_instruction_set_copy(isa):
     """The narrower copies of the kernels give the same answers (this machine may run only
@@ -153,8 +167,9 @@ def test_every_instruction_set_copy(isa):
         "    X = rng.standard_normal((301, 37)).astype(dt); X[3, 4] = -np.inf\n"
         "    r = sinkhorn_ot.balanced_assign(X, 5.0, n_iter=7)\n"
         "    q = sinkhorn_ot.codes(X, eps=0.2, n_iter=3)\n"
+        "    t = _core.near_ties(np.round(X, 1), 5.0, np.zeros(37), np.arange(301), 0.0)\n"
         "    np.save(sys.argv[1] + dt.__name__ + '.npy', np.concatenate([r.f, r.g, q.ravel(),"
-        " r.labels.astype(float), [r.err, r.cost]]))\n")
+        " r.labels.astype(float), [r.err, r.cost], t]))\n")
     tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sk_isa_{os.getpid()}_")
     outs = {}
     for which in (isa, "avx512"):

@@ -139,6 +139,7 @@ inline Vec<E, N> operator-(Vec<E, N> a) {
 SK_CMPOP(<)
 SK_CMPOP(>)
 SK_CMPOP(==)
+SK_CMPOP(>=)
 #undef SK_CMPOP
 
 template <class V, class S>
@@ -214,11 +215,16 @@ SK_V bool any(M m) {
     return false;
 }
 
-// exp(x) for the sweeps, vectorised: Cephes' expf polynomial (about 1 ulp) or a degree-12
-// Taylor polynomial (error below 2e-16) on [-ln2/2, ln2/2] after x = n ln2 + r.  Arguments
-// are clamped below at -87 (-708): exp of the clamp, 1.7e-38 (3e-308), stands for anything
-// smaller, so the result is never subnormal; `xc` returns the clamped argument.  The caller
-// guarantees x < 88 (700): no overflow test.  NaN is not propagated (inputs are validated).
+// exp(x) for the sweeps, vectorised, after x = n ln2 + r (float32) or x = n ln2 / 16 + r
+// (float64, AVX-512: 2^(n mod 16 / 16) from a 16-entry table in two registers): a degree-6
+// minimax polynomial for exp(r) on [-ln2/2, ln2/2] (relative error 8e-8, about 1.3 ulp) or
+// on [-ln2/32, ln2/32] (2.2e-16); without AVX-512, float64 takes a degree-12 Taylor
+// polynomial on [-ln2/2, ln2/2] (below 2e-16).  AVX-512 scales by 2^n with vscalef; the
+// others add n to the exponent bits.  Arguments are clamped below at -87 (-708): exp of the
+// clamp, 1.7e-38 (3e-308), stands for anything smaller, so the result is never subnormal;
+// `xc` returns the clamped argument.  The caller guarantees x < 88 (700): no overflow test.
+// NaN is not propagated (inputs are validated).  The arithmetic runs one instruction per
+// line: the pass is bound by these instructions.
 SK_V vf vexp_clamped(vf x, vf& xc) {
     const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
     xc = vmax(x, splat<vf>(-87.0f));
@@ -226,22 +232,49 @@ SK_V vf vexp_clamped(vf x, vf& xc) {
     vf n = nm - magic;
     vf r = xc - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
-    vf p = splat<vf>(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
+    vf p = splat<vf>(1.3814608100801706e-3f);
+    p = p * r + 8.368710055947304e-3f;
+    p = p * r + 4.166838899254799e-2f;
+    p = p * r + 1.666652113199234e-1f;
+    p = p * r + 4.999999403953552e-1f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
+#if SK_W == 64 && defined(SK_X86)
+    return (vf)_mm512_scalef_ps((__m512)p, (__m512)n);
+#else
     // 2^n from the low bits of nm: (nm - magic) as an integer, plus the exponent bias
     vi scale = (bits<vi>(nm) - (0x4B400000 - 127)) << 23;  // 0x4B400000: the bits of magic
     return p * bits<vf>(scale);
+#endif
 }
 
 SK_V vd vexp_clamped(vd x, vd& xc) {
     const double magic = 6755399441055744.0;  // 1.5 * 2^52
     xc = vmax(x, splat<vd>(-708.0));
+#if SK_W == 64 && defined(SK_X86)
+    vd nm = xc * 23.083120654223414 + magic;  // 16 / ln2
+    vd n = nm - magic;
+    vd r = xc - n * (6.93145751953125e-1 / 16);
+    r = r - n * (1.42860682030941723212e-6 / 16);
+    vd p = splat<vd>(1.3951796496087874e-3);
+    p = p * r + 8.333386045338058e-3;
+    p = p * r + 4.166666390347901e-2;
+    p = p * r + 1.666666666786651e-1;
+    p = p * r + 5.000000000000308e-1;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    const __m512d t0 = _mm512_setr_pd(
+        1.0, 1.0442737824274138403, 1.0905077326652576592, 1.1387886347566916537,
+        1.1892071150027210667, 1.2418578120734840486, 1.2968395546510096659,
+        1.3542555469368927283);
+    const __m512d t1 = _mm512_setr_pd(
+        1.4142135623730950488, 1.4768261459394993114, 1.5422108254079408236,
+        1.6104903319492543082, 1.6817928305074290861, 1.7562521603732994831,
+        1.8340080864093424635, 1.9152065613971472939);
+    // the low 4 bits of nm's bits are n mod 16: the table entry; 2^floor(n / 16) by vscalef
+    vd t = (vd)_mm512_permutex2var_pd(t0, (__m512i)nm, t1);
+    return (vd)_mm512_scalef_pd((__m512d)(p * t), (__m512d)(n * 0.0625));
+#else
     vd nm = xc * 1.4426950408889634 + magic;
     vd n = nm - magic;
     vd r = xc - n * 6.93145751953125e-1;
@@ -261,6 +294,7 @@ SK_V vd vexp_clamped(vd x, vd& xc) {
     p = p * r + 1.0;
     vl scale = (bits<vl>(nm) - (int64_t(0x4338000000000000) - 1023)) << 52;  // bits of magic
     return p * bits<vd>(scale);
+#endif
 }
 
 // exp(x) with exact zeros below the clamp and +inf above the largest finite result: for

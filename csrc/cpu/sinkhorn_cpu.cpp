@@ -92,13 +92,22 @@ struct Kernels {
     decltype(lse_max_row_check) lse_max_row_plain;
     void (*lse_rescale)(double*, double*, const double*, int64_t);
     void (*lse_sum_row)(const T*, int64_t, double, double, const double*, double*);
+    T (*scal_facts_scores)(const T*, int64_t, bool&, bool&, T&);
+    decltype(scal_facts_scores) scal_facts_probs;
+    void (*scal_exp_row)(const T*, int64_t, double, T, T*);
+    double (*scal_dot)(const T*, const double*, int64_t);
+    void (*scal_axpy)(const T*, double, int64_t, double*);
+    void (*scal_write)(const T*, double, const double*, int64_t, T*);
+    int64_t (*row_ties)(const T*, const double*, int64_t, double, double);
 };
 
 #define SK_TABLE(ns, T)                                                                    \
     Kernels<T> {                                                                           \
         &ns::row_body<T, false>, &ns::row_body<T, true>, &ns::flush_cols, &ns::plan_row<T>, \
             &ns::colmax_row<T>, &ns::lse_max_row<T, true>, &ns::lse_max_row<T, false>,     \
-            &ns::lse_rescale, &ns::lse_sum_row<T>                                          \
+            &ns::lse_rescale, &ns::lse_sum_row<T>, &ns::scal_row_facts<T, false>,          \
+            &ns::scal_row_facts<T, true>, &ns::scal_exp_row<T>, &ns::scal_dot<T>,          \
+            &ns::scal_axpy<T>, &ns::scal_write<T>, &ns::row_ties<T>                        \
     }
 
 // The widest instruction set this CPU has, capped by SINKHORN_OT_CPU_ISA ("avx512", "avx2"
@@ -369,6 +378,147 @@ bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
     return true;
 }
 
+// A float64 scaling, column sum or row sum outside [kScalLo, kScalHi] ends the scaling
+// passes: beyond it products of u, E and v could leave float64's range (the log-domain
+// passes take over).
+constexpr double kScalLo = 1e-280, kScalHi = 1e280;
+
+template <class T>
+int scaling_codes(const T* X, int64_t N, int64_t K, double alpha, bool probs, const double* b,
+                  int n_iter, double scale, T* out, int n_threads,
+                  const Interrupted& interrupted) {
+    const int nt = resolve_threads(n_threads, N, K);
+    const T* E = probs ? X : out;
+    const double a = 1.0 / static_cast<double>(N);
+    std::vector<double*> cols(nt);
+    std::vector<double> ref(nt, kNegInf), v(K);
+    // The largest u_i and v_y of any iteration (u of the first column step is at most 1):
+    // an entry of E that underflowed (below exp(-87), exp(-708) in float64, of its row's
+    // largest) weighed at most u_max e v_max in the plan.
+    std::vector<double> umax(nt, 1.0), vmax(nt, 0.0);
+    double b_min = b ? kNoMax : 1.0 / static_cast<double>(K);
+    for (int64_t y = 0; b && y < K; ++y)
+        if (b[y] > 0) b_min = std::min(b_min, b[y]);
+    std::atomic<int> status{0};
+    Interrupt intr(interrupted);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        FlushDenormals ftz;
+        const int tid = thread_id();
+        const Kernels<T>& kern = kernels<T>();
+        Scratch<T>& s = scratch<T>();
+        s.col.assign(K, 0.0);
+        double* col = s.col.data();
+        cols[tid] = col;
+        int64_t lo, hi;
+        row_range(N, nt, tid, lo, hi);
+        const int64_t y0 = K * tid / nt, y1 = K * (tid + 1) / nt;
+        // Column sums over the threads (a slice of columns each), then v = b / c.
+        auto column_step = [&](bool rescale) {
+            double M = kNegInf;
+            if (rescale)
+                for (int k = 0; k < nt; ++k) M = std::max(M, ref[k]);
+            for (int64_t y = y0; y < y1; ++y) {
+                double c = 0;
+                for (int k = 0; k < nt; ++k)
+                    c += rescale ? (ref[k] > kNegInf ? cols[k][y] * std::exp(ref[k] - M) : 0.0)
+                                 : cols[k][y];
+                if (!(c > kScalLo && c < kScalHi)) status.store(2);
+                v[y] = (b ? b[y] : 1.0 / static_cast<double>(K)) / c;
+                vmax[tid] = std::max(vmax[tid], v[y]);
+            }
+        };
+        // The kernel and its column sums at u_i = exp(m_i - ref): ref is the thread's largest
+        // row maximum m_i = alpha max_y x_iy so far (0 for probabilities).
+        double rt = kNegInf;
+        for (int64_t i = lo; i < hi; ++i) {
+            if (intr.poll(i - lo) || status.load(std::memory_order_relaxed)) break;
+            bool bad, allowed;
+            T mn;
+            const T* x = X + i * K;
+            const T mx = probs ? kern.scal_facts_probs(x, K, bad, allowed, mn)
+                               : kern.scal_facts_scores(x, K, bad, allowed, mn);
+            // |alpha x| beyond what the log-domain kernels accept is refused there too
+            if (bad || !allowed ||
+                !(std::abs(alpha) * std::max(std::abs(double(mx)), std::abs(double(mn))) <=
+                  std::numeric_limits<T>::max() / 16)) {
+                status.store(1);
+                break;
+            }
+            double m = 0;
+            if (!probs) {
+                kern.scal_exp_row(x, K, alpha, mx, out + i * K);
+                m = alpha * static_cast<double>(mx);
+            }
+            if (m > rt) {
+                if (rt > kNegInf) {
+                    const double r = std::exp(rt - m);
+                    for (int64_t y = 0; y < K; ++y) col[y] *= r;
+                }
+                rt = m;
+            }
+            kern.scal_axpy(E + i * K, std::exp(m - rt), K, col);
+        }
+        ref[tid] = rt;
+#pragma omp barrier
+        int st = status.load() != 0 || intr.stopped();
+#pragma omp barrier
+        if (!st) column_step(true);
+        for (int it = 1; it <= n_iter && !st; ++it) {
+#pragma omp barrier
+            st = status.load() != 0 || intr.stopped();
+#pragma omp barrier
+            if (st) break;
+            const bool last = it == n_iter;
+            if (!last) std::fill(col, col + K, 0.0);
+            for (int64_t i = lo; i < hi; ++i) {
+                if (intr.poll(i - lo)) break;
+                const T* e = E + i * K;
+                const double rs = kern.scal_dot(e, v.data(), K);
+                if (!(rs > kScalLo && rs < kScalHi)) {
+                    status.store(2);
+                    break;
+                }
+                umax[tid] = std::max(umax[tid], a / rs);
+                if (last)
+                    kern.scal_write(e, a * scale / rs, v.data(), K, out + i * K);
+                else
+                    kern.scal_axpy(e, a / rs, K, col);
+            }
+            if (last) break;
+#pragma omp barrier
+            column_step(false);
+        }
+    }
+    if (intr.stopped()) return -1;
+    if (status.load()) return status.load();
+    // The mass the underflowed entries could have carried, N K u_max e v_max, must stay
+    // below 1e-7 (1e-15 in float64) of the smallest marginal entry; otherwise the kernel
+    // has lost what the log-domain passes keep (a cluster fed only by entries far below
+    // their rows' best).
+    const bool f32 = std::is_same_v<T, float>;
+    const double lost = static_cast<double>(N) * static_cast<double>(K) *
+                        *std::max_element(umax.begin(), umax.end()) *
+                        *std::max_element(vmax.begin(), vmax.end()) *
+                        (f32 ? 1.7e-38 : 3.4e-308);
+    return lost <= (f32 ? 1e-7 : 1e-15) * std::min(a, b_min) ? 0 : 2;
+}
+
+template <class T>
+void near_ties(const T* X, int64_t N, int64_t K, double alpha, const double* g,
+               const int64_t* rows, int64_t n, double tau, int64_t* count, int n_threads) {
+    const int nt = resolve_threads(n_threads, std::max<int64_t>(n, 1), K);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        FlushDenormals ftz;
+        int64_t lo, hi;
+        row_range(n, nt, thread_id(), lo, hi);
+        for (int64_t k = lo; k < hi; ++k)
+            count[k] = kernels<T>().row_ties(X + rows[k] * K, g, K, alpha, tau);
+    }
+    (void)N;
+}
+
 template <class T>
 bool plan(const T* X, int64_t N, int64_t K, double alpha, const double* f, const double* g,
           const PlanOut<T>& p, int n_threads, const Interrupted& interrupted) {
@@ -506,7 +656,11 @@ double column_update(const double* g, const double* logb, const double* col,
     template bool plan<T>(const T*, int64_t, int64_t, double, const double*, const double*, \
                           const PlanOut<T>&, int, const Interrupted&);                     \
     template bool column_lse<T>(const T*, int64_t, int64_t, double, const double*, double*, \
-                                CheckOut*, double, int, const Interrupted&);
+                                CheckOut*, double, int, const Interrupted&);                \
+    template int scaling_codes<T>(const T*, int64_t, int64_t, double, bool, const double*,  \
+                                  int, double, T*, int, const Interrupted&);                \
+    template void near_ties<T>(const T*, int64_t, int64_t, double, const double*,           \
+                               const int64_t*, int64_t, double, int64_t*, int);
 SK_INSTANTIATE(float)
 SK_INSTANTIATE(double)
 

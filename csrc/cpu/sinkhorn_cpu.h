@@ -59,6 +59,29 @@ bool column_lse(const T* X, int64_t N, int64_t K, double alpha, const double* f,
                 CheckOut* check, double forbidden, int n_threads,
                 const Interrupted& interrupted);
 
+// The plan times `scale` of a balanced problem with uniform rows (a = 1/N) and columns `b`
+// (null: uniform), after `n_iter` iterations (a column then a row normalisation each)
+// starting from the kernel, written to `out` (N x K): the codes of a fixed-iteration solve,
+// by scaling passes on the kernel stored once in `out` (E_iy = exp(alpha (X_iy - max_y
+// X_iy)), -inf a forbidden pair) or on X itself when `probs` (X holds the kernel: a
+// probability matrix, 0 a forbidden pair).  One read of X, then one of E per iteration.
+// Returns 0 when done; 1 for an invalid entry, a row with every pair forbidden or |alpha X|
+// above a sixteenth of T's largest value (what the log-domain kernels' validation refuses);
+// 2 when a scaling or sum left [1e-280, 1e280], or when the entries of E that underflowed
+// could have carried more than 1e-7 (float64: 1e-15) of the smallest marginal entry (the
+// log-domain passes are then needed); -1 when interrupted.  With a nonzero return `out`
+// holds no result.
+template <class T>
+int scaling_codes(const T* X, int64_t N, int64_t K, double alpha, bool probs, const double* b,
+                  int n_iter, double scale, T* out, int n_threads,
+                  const Interrupted& interrupted);
+
+// For each listed row, the number of entries whose score alpha X_iy + g_y is within tau (and
+// a rounding margin of 1e-12 relative) of the row's best score: a count above 1 is a tie.
+template <class T>
+void near_ties(const T* X, int64_t N, int64_t K, double alpha, const double* g,
+               const int64_t* rows, int64_t n, double tau, int64_t* count, int n_threads);
+
 // One read of X for validation only.
 template <class T>
 CheckOut check_matrix(const T* X, int64_t N, int64_t K, double forbidden, int n_threads);

@@ -395,4 +395,134 @@ void lse_sum_row(const T* x, int64_t K, double alpha, double f_i, const double* 
     }
 }
 
+// ----------------------------------------------------------------------------------------
+// Scaling passes (a fixed-iteration solve whose only output is the plan: codes()).  The
+// kernel is stored once as E_iy = exp(alpha (x_iy - max_y x_iy)) in [0, 1] (or is the input
+// itself, for probabilities), and the passes scale it: u = a / (E v), c = E^T u, in float64.
+
+// The validation facts of one row (a NaN or wrong infinity, an allowed entry), its maximum
+// and (mn) the smallest of its allowed entries; for probabilities (PROBS) an entry is invalid unless 0 <= p < inf and allowed
+// when p > 0, for scores invalid when NaN or +inf and allowed when > -inf.
+template <class T, bool PROBS>
+T scal_row_facts(const T* x, int64_t K, bool& bad, bool& allowed, T& mn) {
+    using E = typename Traits<T>::E;
+    constexpr int B = Traits<T>::B;
+    const T inf = std::numeric_limits<T>::infinity();
+    using MT = decltype(splat<E>(T(0)) > T(0));
+    MT badv = splat<MT>(0), okv = splat<MT>(0);
+    E mx = splat<E>(-inf), mnv = splat<E>(inf);
+    auto facts = [&](E v) {
+        if constexpr (PROBS) {
+            badv = badv | ~((v < inf) & ~(v < T(0)));
+            okv = okv | (v > T(0));
+        } else {
+            badv = badv | ~(v < inf);
+            okv = okv | (v > -inf);
+        }
+        mx = vmax(mx, v);
+        mnv = vmin(mnv, select(v > -inf, v, splat<E>(inf)));
+    };
+    const int64_t Kb = K - K % B;
+    for (int64_t y = 0; y < Kb; y += B) facts(load<E>(x + y));
+    if (Kb < K) {
+        T xt[NF];
+        for (int l = 0; l < NF; ++l) xt[l] = l < K - Kb ? x[Kb + l] : (PROBS ? T(0) : -inf);
+        facts(load<E>(xt));
+    }
+    bad = any(badv);
+    allowed = any(okv);
+    mn = -hmax(-mnv);
+    return hmax(mx);
+}
+
+// e_y = exp(alpha (x_y - mx)) (0 on a forbidden pair).  The difference and the product are
+// rounded in T: an entry's error is about |alpha (x_y - mx)| ulps of e_y, at most 0.4 ulps
+// of the row's largest entry.
+template <class T>
+void scal_exp_row(const T* x, int64_t K, double alpha, T mx, T* e) {
+    using E = typename Traits<T>::E;
+    constexpr int B = Traits<T>::B;
+    const T a = static_cast<T>(alpha);
+    const int64_t Kb = K - K % B;
+    for (int64_t y = 0; y < Kb; y += B) store(e + y, vexp((load<E>(x + y) - mx) * a));
+    for (int64_t y = Kb; y < K; ++y) e[y] = static_cast<T>(std::exp(static_cast<double>((x[y] - mx) * a)));
+}
+
+// sum_y e_y v_y in float64.
+template <class T>
+double scal_dot(const T* e, const double* v, int64_t K) {
+    vd s0 = splat<vd>(0.0), s1 = s0;
+    const int64_t K2 = K - K % (2 * ND);
+    auto ld = [&](int64_t y) {
+        if constexpr (std::is_same_v<T, float>)
+            return to_double(load<vfh>(e + y));
+        else
+            return load<vd>(e + y);
+    };
+    for (int64_t y = 0; y < K2; y += 2 * ND) {
+        s0 = s0 + ld(y) * load<vd>(v + y);
+        s1 = s1 + ld(y + ND) * load<vd>(v + y + ND);
+    }
+    double s = hsum(s0 + s1);
+    for (int64_t y = K2; y < K; ++y) s += static_cast<double>(e[y]) * v[y];
+    return s;
+}
+
+// col += u e, in float64.
+template <class T>
+void scal_axpy(const T* e, double u, int64_t K, double* col) {
+    const int64_t Kb = K - K % ND;
+    for (int64_t y = 0; y < Kb; y += ND) {
+        vd ev;
+        if constexpr (std::is_same_v<T, float>)
+            ev = to_double(load<vfh>(e + y));
+        else
+            ev = load<vd>(e + y);
+        store(col + y, load<vd>(col + y) + ev * u);
+    }
+    for (int64_t y = Kb; y < K; ++y) col[y] += static_cast<double>(e[y]) * u;
+}
+
+// out_y = (u e_y) v_y, rounded once to T (out may be e).
+template <class T>
+void scal_write(const T* e, double u, const double* v, int64_t K, T* out) {
+    const int64_t Kb = K - K % ND;
+    for (int64_t y = 0; y < Kb; y += ND) {
+        if constexpr (std::is_same_v<T, float>)
+            store(out + y, to_float(to_double(load<vfh>(e + y)) * u * load<vd>(v + y)));
+        else
+            store(out + y, load<vd>(e + y) * u * load<vd>(v + y));
+    }
+    for (int64_t y = Kb; y < K; ++y) out[y] = static_cast<T>(static_cast<double>(e[y]) * u * v[y]);
+}
+
+// The number of entries of a row whose score alpha x_y + g_y (in float64, as the passes form
+// it) is within tau (plus a rounding margin) of the row's best: more than 1 is a tie.
+template <class T>
+int64_t row_ties(const T* x, const double* g, int64_t K, double alpha, double tau) {
+    using Tr = Traits<T>;
+    constexpr int B = Tr::B;
+    const int64_t Kb = K - K % B;
+    vd lo, hi;
+    vd mx = splat<vd>(kNegInf), mxh = mx;
+    for (int64_t y = 0; y < Kb; y += B) {
+        Tr::diff(x + y, g + y, alpha, 0.0, lo, hi);
+        mx = vmax(mx, lo);
+        mxh = vmax(mxh, hi);
+    }
+    double best = std::max(hmax(mx), hmax(mxh));
+    for (int64_t y = Kb; y < K; ++y) best = std::max(best, static_cast<double>(x[y]) * alpha + g[y]);
+    const double cut = best - tau - 1e-12 * (1.0 + std::abs(best));
+    vl n = splat<vl>(int64_t(0));
+    for (int64_t y = 0; y < Kb; y += B) {
+        Tr::diff(x + y, g + y, alpha, 0.0, lo, hi);
+        n = n - bits<vl>(lo >= cut);  // a true lane is -1
+        if constexpr (B == NF) n = n - bits<vl>(hi >= cut);
+    }
+    int64_t count = 0;
+    for (int l = 0; l < ND; ++l) count += n[l];
+    for (int64_t y = Kb; y < K; ++y) count += static_cast<double>(x[y]) * alpha + g[y] >= cut;
+    return count;
+}
+
 #undef SK_V

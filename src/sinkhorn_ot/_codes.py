@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from . import _batched, _problem
+from . import _batched, _core, _problem
 from . import _validation as V
 from ._arrays import to_host
 
@@ -143,6 +143,57 @@ def _write_codes(backend, X, alpha, f, g, rows, scale, out_dtype):
     return Q
 
 
+# With `rows`, the scaling passes hold the whole kernel while they run (the log-domain
+# passes need no N x K buffer): only up to this size.
+_SCALING_BUFFER_BYTES = 1 << 28
+
+
+def _scaling(scores, alpha: float, probabilities: bool, b, n_iter: int, n_threads, rows):
+    """The codes of a fixed-iteration solve of a whole NumPy or CPU PyTorch float32/float64
+    matrix by the core's scaling passes (the kernel exponentiated once with a per-row shift,
+    then one read of it per iteration, in float64), or None where they do not apply or give
+    up (an invalid entry, an empty row or column, a scaling beyond float64's safe range): the
+    log-domain path then runs and raises what it finds.  Probabilities qualify at eps = 1
+    only (the kernel is then the matrix itself).  With ``rows`` every row's codes are
+    computed (in an N x K buffer) and those rows returned."""
+    if probabilities and alpha != 1.0:
+        return None
+    torch_in = _is_torch(scores)
+    if torch_in:
+        import torch
+
+        if scores.device.type != "cpu" or scores.dtype not in (torch.float32, torch.float64):
+            return None
+        try:
+            arr = scores.detach().numpy()
+        except RuntimeError:  # a tensor NumPy cannot view (e.g. a lazy negation)
+            return None
+    elif isinstance(scores, np.ndarray):
+        arr = scores
+    else:
+        return None
+    if arr.ndim != 2 or arr.dtype not in (np.float32, np.float64) or arr.size == 0:
+        return None
+    if rows is not None and arr.nbytes > _SCALING_BUFFER_BYTES:
+        return None
+    arr = np.ascontiguousarray(arr)
+    bw = None
+    if b is not None:
+        try:
+            mb = V.marginal(b, arr.shape[1], "b", np)
+            V.balanced_totals(1.0, mb.total)
+        except (TypeError, ValueError):
+            return None
+        bw = mb[0]
+    out = np.empty(arr.shape, arr.dtype)
+    if _core.scaling_codes(arr, alpha, bool(probabilities), bw, n_iter, float(arr.shape[0]),
+                           out, 0 if n_threads is None else n_threads):
+        return None
+    if rows is not None:
+        out = out[_row_index(rows, arr.shape[0], np)]
+    return torch.from_numpy(out) if torch_in else out
+
+
 def codes(scores, *, eps, n_iter=3, probabilities=False, rows=None, comm="auto", b=None,
           tol=None, max_iter=1000, n_threads=None):
     r"""Soft assignment codes of a batch: the entropic transport plan with equipartitioned
@@ -167,9 +218,13 @@ def codes(scores, *, eps, n_iter=3, probabilities=False, rows=None, comm="auto",
         \min_{Q \ge 0,\; Q 1 = 1/B,\; Q^T 1 = b} -\langle Q, s\rangle
             + \varepsilon\, \mathrm{KL}(Q \,\|\, \tfrac{1}{B} 1 b^T)
 
-    is solved to that tolerance instead (with the accelerated loop) and ``q = B Q``.  The
-    matrix is never exponentiated as a whole: every pass works in the log domain, so small
-    ``eps`` gives finite codes where ``exp(s / eps)`` overflows.
+    is solved to that tolerance instead (with the accelerated loop) and ``q = B Q``.  No
+    ``eps`` overflows: on the CPU a fixed-iteration solve in one process (with ``rows``, of
+    a matrix of at most 256 MB) exponentiates the matrix once with a per-row shift
+    (``exp(s / eps - max_y s / eps)``, in ``[0, 1]``) and scales that kernel in float64, one
+    read of it per iteration, as the original loops do without their overflow; where a
+    scaling would leave float64's range, and everywhere else, every pass works in the log
+    domain.
 
     Parameters
     ----------
@@ -263,6 +318,11 @@ def codes(scores, *, eps, n_iter=3, probabilities=False, rows=None, comm="auto",
     if not isinstance(probabilities, (bool, np.bool_)):
         raise TypeError(f"probabilities must be True or False, got {probabilities!r}")
     n_iter = V.positive_int(n_iter, "n_iter")
+    if tol is None and comm is None:
+        n_threads = _problem.options(max_iter=max_iter, n_threads=n_threads).n_threads
+        Q = _scaling(scores, 1.0 / eps, bool(probabilities), b, n_iter, n_threads, rows)
+        if Q is not None:
+            return Q
     out_dtype = _family_dtype(scores)
     X_in = _as_input(scores, bool(probabilities))
     alpha = 1.0 / eps

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from . import _core
 from . import _validation as V
 from ._arrays import array_module, to_host, to_native
 
@@ -227,6 +228,9 @@ def _spread_ties(xp, X, lam, f, g, labels, log_a, tau):
         share = lam * X[rows, labels].astype(xp.float64) + g[labels] + f - log_a
     limit = -math.log1p(math.exp(-(tau + 1e-6)))  # generous: the rounding term below
     cand = np.asarray(to_host(xp.nonzero(share <= limit)[0]))
+    if cand.size >= 2 and xp is np and X.dtype in (np.float32, np.float64) and \
+            X.flags.c_contiguous:  # the core reads the candidates once for their ties
+        cand = cand[_core.near_ties(X, lam, g, cand.astype(np.int64), tau) > 1]
     if cand.size < 2:
         return labels
     S = lam * np.asarray(to_host(X[xp.asarray(cand)]), dtype=np.float64)
