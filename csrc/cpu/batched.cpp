@@ -12,9 +12,14 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include <type_traits>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define BK_X86 1
+#define SK_X86 1
+#endif
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(SK_NO_VECTOR_EXT)
+#define SK_VECTOR_EXT 1
 #endif
 
 #include "../common/sinkhorn_math.h"
@@ -38,17 +43,26 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 #define BK_INLINE inline __attribute__((always_inline))
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // _mm512 intrinsics' undefined bases
 namespace v4 {
 #define BK_W 64
+#define SK_W 64
+#include "simd.h"
 #include "batched_kernels.h"
+#undef SK_W
 #undef BK_W
 }  // namespace v4
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 namespace v3 {
 #define BK_W 32
+#define SK_W 32
+#include "simd.h"
 #include "batched_kernels.h"
+#undef SK_W
 #undef BK_W
 }  // namespace v3
 #pragma GCC pop_options
@@ -57,7 +71,10 @@ namespace v3 {
 #endif
 namespace base {
 #define BK_W 16
+#define SK_W 16
+#include "simd.h"
 #include "batched_kernels.h"
+#undef SK_W
 #undef BK_W
 }  // namespace base
 

@@ -5,7 +5,8 @@
 //
 // Everything is float64: the rows of a small problem live in L1, so the pass is bound by
 // its exponentials, not by memory, and float64 keeps the measured plan the plan of the
-// float64 potentials without a precision budget.
+// float64 potentials without a precision budget.  The vector exponential is the single
+// solve's (simd.h, included before this file); bexp below is its scalar twin for tails.
 
 // exp(x) in float64 for x <= ~0: Cody-Waite reduction by ln 2 and a degree-12 Taylor
 // polynomial on |r| <= ln2 / 2 (relative error below 2e-16).  Exactly 0 below -708 (a
@@ -92,7 +93,7 @@ BK_INLINE double row_exp(const T* x, const double* g, int64_t K, double alpha, d
     if (!(m > ninf)) return m;
     bvd sv = bvd{};
     for (int64_t y = 0; y < Kb; y += BL) {
-        const bvd v = bexp_t<bvd, bvu>(bload(e + y) - m);
+        const bvd v = vexp(bload(e + y) - m);
         bstore(e + y, v);
         sv += v;
     }
@@ -240,7 +241,7 @@ BK_INLINE void col_sumexp(const T* x, int64_t K, double alpha, const double* mx,
     const int64_t Kb = K - K % BL;
     for (int64_t y = 0; y < Kb; y += BL) {
         const bvd d = bload(x + y) * alpha - bload(mx + y);
-        const bvd e = bexp_t<bvd, bvu>(d);
+        const bvd e = vexp(d);
         bstore(z + y, bload(z + y) + (d == d ? e : bvd{}));  // -inf - -inf: NaN, nothing
     }
     for (int64_t y = Kb; y < K; ++y) {
@@ -257,7 +258,7 @@ BK_INLINE double row_cost(const T* x, const double* c, int64_t K, double alpha) 
     bvd sv = bvd{};
     for (int64_t y = 0; y < Kb; y += BL) {
         const bvd xv = bload(x + y);
-        const bvd q = bexp_t<bvd, bvu>(xv * alpha + bload(c + y));
+        const bvd q = vexp(xv * alpha + bload(c + y));
         sv += q > 0 ? q * xv : bvd{};
     }
     double s = bsum(sv);

@@ -91,13 +91,23 @@ def _readonly(*arrays):
 # ---------------------------------------------------------------------------------------
 # Marginals and warm starts with an optional batch axis
 
+def _host64(v):
+    """A marginal or potential of any family (NumPy, a list, a CPU tensor) as a float64
+    NumPy array (a copy)."""
+    from ._arrays import constant
+
+    v = constant(v)
+    if hasattr(v, "__dlpack__") and not isinstance(v, np.ndarray):
+        v = np.from_dlpack(v)
+    return np.array(v, dtype=np.float64)
+
+
 def _batch_marginal(v, B: int, n: int, name: str):
     """``(w, logw, shared)``: w (n,) when shared by the batch, else (B, n), float64."""
     if v is None:
         w = np.full(n, 1.0 / n)
         return w, np.log(w), True
-    w = np.array(v, dtype=np.float64) if not hasattr(v, "__dlpack__") or isinstance(
-        v, np.ndarray) else np.array(np.from_dlpack(v), dtype=np.float64)
+    w = _host64(v)
     if w.ndim == 1:
         wv, _ = V.marginal(w, n, name, np)
         with np.errstate(divide="ignore"):
@@ -133,9 +143,7 @@ def _batch_init(init, B: int, m: int, wb):
     """Warm starts (B, m) or None: a batched result, its g, or one g (m,) for every problem."""
     if init is None:
         return None
-    g = getattr(init, "g", init)
-    g = np.array(np.from_dlpack(g) if hasattr(g, "__dlpack__") and not isinstance(
-        g, np.ndarray) else g, dtype=np.float64)
+    g = _host64(getattr(init, "g", init))
     if g.shape == (m,):
         g = np.broadcast_to(g, (B, m)).copy()
     if g.shape != (B, m):
@@ -547,8 +555,7 @@ def sinkhorn_unbalanced(C, a, b, *, reg, reg_m, tol, max_iter, n_iter, init, n_t
 
 def _targets(b, m: int, n_total: float):
     """The k column marginals of b (m, k) as (w (k, m), log w (k, m))."""
-    w = np.array(np.from_dlpack(b) if hasattr(b, "__dlpack__") and not isinstance(
-        b, np.ndarray) else b, dtype=np.float64)
+    w = _host64(b)
     if w.ndim != 2 or w.shape[0] != m or w.shape[1] == 0:
         raise ValueError(f"b must have shape ({m},) or ({m}, k) to match C, got {w.shape}")
     wk = np.ascontiguousarray(w.T)
@@ -580,8 +587,7 @@ def multi_target(C, a, b, *, reg, tol, max_iter, n_iter, init, acceleration, eps
     native = to_native(C, "C")
     n, m = _shape(native.array)
     # the matrix and a are checked once, with the first target, as a single solve checks them
-    b0 = np.asarray(np.from_dlpack(b) if hasattr(b, "__dlpack__") and not isinstance(
-        b, np.ndarray) else b, dtype=np.float64)
+    b0 = _host64(b)
     if b0.shape[0] != m or b0.shape[1] == 0:
         raise ValueError(f"b must have shape ({m},) or ({m}, k) to match C, got {b0.shape}")
     p = _problem.prepare(C, "C", alpha=-1.0 / reg, a=a, b=b0[:, 0], rho_a=1.0, rho_b=1.0,
