@@ -39,7 +39,8 @@ auto dispatch(const py::array& X, const char* name, F&& f) {
 py::tuple batched_solve(const py::array& X, int64_t B, double alpha, const F64& loga,
                         const F64& logb, py::object g0, const F64& tol, double forbidden,
                         int64_t max_iter, int64_t n_iter, int memory, double rel_slack,
-                        int64_t stall_window, bool want_labels, int n_threads) {
+                        int64_t stall_window, int eps_stages, bool want_labels,
+                        int n_threads) {
     return dispatch(X, "batched_solve", [&](auto tag) {
         using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
         require(X.ndim() == 3 || X.ndim() == 2, "batched_solve: X must be 2-d or 3-d");
@@ -77,6 +78,7 @@ py::tuple batched_solve(const py::array& X, int64_t B, double alpha, const F64& 
         a.memory = memory;
         a.rel_slack = rel_slack;
         a.stall_window = stall_window;
+        a.eps_stages = eps_stages;
         F64 f({B, N}), g({B, K}), err(B), cost(B), max_abs(B);
         I64 it(B), labels;
         U8 stalled(B), flags(B);
@@ -136,7 +138,8 @@ void register_batched(py::module_& m) {
     m.def("batched_solve", &batched_solve, py::arg("X"), py::arg("B"), py::arg("alpha"),
           py::arg("loga"), py::arg("logb"), py::arg("g0"), py::arg("tol"), py::arg("forbidden"),
           py::arg("max_iter"), py::arg("n_iter"), py::arg("memory"), py::arg("rel_slack"),
-          py::arg("stall_window"), py::arg("want_labels"), py::arg("n_threads"),
+          py::arg("stall_window"), py::arg("eps_stages"), py::arg("want_labels"),
+          py::arg("n_threads"),
           "B balanced problems, one per thread: (f, g, n_iter, err, cost, labels, stalled, "
           "flags, max_abs).");
     m.def("multi_pass", &multi_pass, py::arg("X"), py::arg("alpha"), py::arg("G"),

@@ -57,9 +57,8 @@ def test_batch_matches_single_solves(reg, acceleration):
         col = P[p].sum(0)
         np.testing.assert_allclose(np.abs(col - b[p]).sum(), r.err[p], atol=1e-13)
         np.testing.assert_allclose(P[p].sum(1), a[p], rtol=1e-12)
-        # no slower than the single solve by more than a little (the kernel runs the same
-        # Anderson mixing without epsilon scaling)
-        assert r.n_iter[p] <= max(2 * s.n_iter, s.n_iter + 10)
+        # the same accelerations (epsilon scaling, Anderson mixing): about as many passes
+        assert abs(int(r.n_iter[p]) - s.n_iter) <= max(0.25 * s.n_iter, 3)
         fr, gr, Pr, _, _ = reference_solve(-C[p] / reg, a[p], b[p])
         assert np.abs(P[p] - Pr).sum() <= 10 * tol
 
@@ -130,7 +129,7 @@ def test_shared_and_per_problem_marginals_agree_exactly():
 def test_each_problem_stops_at_its_tolerance():
     C, _, _ = _problems(3, 16, 16, seed=5)
     C = C * np.array([0.01, 1.0, 4.0])[:, None, None]  # easy to hard
-    r = so.sinkhorn(C, reg=0.05, tol=1e-8, acceleration=None)
+    r = so.sinkhorn(C, reg=0.05, tol=1e-8, acceleration=None, eps_scaling=False)
     assert (r.err <= 1e-8).all()
     assert r.n_iter[0] < r.n_iter[1] < r.n_iter[2]
     for p in range(3):  # plain passes from the same start: the single solve's count

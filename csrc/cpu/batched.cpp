@@ -435,29 +435,17 @@ struct OneResult {
     bool stalled = false;
 };
 
-// One problem's loop: _solver.sinkhorn_loop on one thread.
+// The passes of one stage at `alpha` (_solver.sinkhorn_loop) from w.g: at most `iters`
+// passes (exactly that many when `fixed`), until err <= tol; Anderson mixing when `accel`,
+// its iterates bounded by _solver.potential_bound (s_max = |alpha| max |X|), given up after
+// `stall_window` passes (0: never) that cut the best err by less than 5%.  The best pass's
+// m, s and g are left in w.m_best, w.s_best, w.g_best.
 template <class T>
-OneResult solve_one(const Kernels<T>& kern, const T* X, int64_t N, int64_t K,
-                    const BatchedArgs& A, const double* loga, const double* logb,
-                    const double* g0, double tol, double s_max, double* f_out, double* g_out,
+OneResult run_stage(const Kernels<T>& kern, const T* X, int64_t N, int64_t K, double alpha,
+                    const BatchedArgs& A, const double* loga, const double* logb, double tol,
+                    int64_t iters, bool fixed, bool accel, double s_max, int64_t stall_window,
                     Work& w, Interrupt& intr) {
-    w.size(N, K);
-    for (int64_t y = 0; y < K; ++y) {
-        w.live[y] = logb[y] > kNegInf;
-        w.eb[y] = std::exp(logb[y]);
-    }
-    for (int64_t i = 0; i < N; ++i) w.ea[i] = std::exp(loga[i]);
     double* g = w.g.data();
-    if (g0) {
-        std::copy(g0, g0 + K, g);
-        for (int64_t y = 0; y < K; ++y)
-            if (!w.live[y]) g[y] = kNegInf;
-    } else {
-        column_start(kern, X, N, K, A.alpha, logb, g, w.g_next.data());
-    }
-    const bool fixed = A.n_iter > 0;
-    const int64_t iters = fixed ? A.n_iter : A.max_iter;
-    const bool accel = A.memory > 0 && !fixed;
     const double log_n = std::log(static_cast<double>(std::max<int64_t>(N, 1)));
     double bound = std::numeric_limits<double>::infinity();
     if (accel) {  // _solver.potential_bound
@@ -474,7 +462,7 @@ OneResult solve_one(const Kernels<T>& kern, const T* X, int64_t N, int64_t K,
     for (it = 1; it <= iters; ++it) {
         if (intr.poll()) break;
         bool f_ready;
-        pass(kern, X, N, K, A.alpha, g, loga, w, f_ready);
+        pass(kern, X, N, K, alpha, g, loga, w, f_ready);
         const double* f_work = w.f.data();
         double err = 0;
         for (int64_t y = 0; y < K; ++y) {
@@ -511,9 +499,9 @@ OneResult solve_one(const Kernels<T>& kern, const T* X, int64_t N, int64_t K,
             best_it = it;
         }
         if ((!fixed && err <= tol && best_it == it) || !std::isfinite(err)) break;
-        if (accel && A.stall_window > 0) {
+        if (stall_window > 0) {
             history.push_back(best_err);
-            const size_t W = static_cast<size_t>(A.stall_window);
+            const size_t W = static_cast<size_t>(stall_window);
             if (history.size() > W && best_err > 0.95 * history[history.size() - 1 - W]) {
                 res.stalled = true;
                 break;
@@ -527,6 +515,75 @@ OneResult solve_one(const Kernels<T>& kern, const T* X, int64_t N, int64_t K,
     }
     res.n_iter = std::min(it, iters);
     res.err = best_err;
+    return res;
+}
+
+// One problem: _solver.solve on one thread.  Epsilon scaling (tolerance mode without a warm
+// start): stages at alpha / 4^k (k = eps_stages .. 1, a stage skipped once |alpha_k| max|X|
+// < 4) solved to max(tol, 1e-2 mass), each warm-starting the next with g scaled by the ratio
+// of the alphas; then the requested alpha to tol.  max_iter bounds every stage's passes
+// together; n_iter counts them all.
+template <class T>
+OneResult solve_one(const Kernels<T>& kern, const T* X, int64_t N, int64_t K,
+                    const BatchedArgs& A, const double* loga, const double* logb,
+                    const double* g0, double tol, double max_abs, double* f_out,
+                    double* g_out, Work& w, Interrupt& intr) {
+    w.size(N, K);
+    double mass = 0;
+    for (int64_t y = 0; y < K; ++y) {
+        w.live[y] = logb[y] > kNegInf;
+        w.eb[y] = std::exp(logb[y]);
+    }
+    for (int64_t i = 0; i < N; ++i) {
+        w.ea[i] = std::exp(loga[i]);
+        mass += w.ea[i];
+    }
+    const bool fixed = A.n_iter > 0;
+    const bool accel = A.memory > 0 && !fixed;
+    double* g = w.g.data();
+    std::vector<double> stages;
+    if (!fixed && !g0)
+        for (int k = A.eps_stages; k >= 1; --k) {
+            const double a_k = A.alpha / std::pow(4.0, k);
+            if (std::abs(a_k) * max_abs >= 4.0) stages.push_back(a_k);
+        }
+    int64_t passes = 0;
+    double a_g = 0;  // the alpha of w.g_best (0: no stage ran)
+    OneResult res;
+    for (double a_k : stages) {
+        if (A.max_iter - passes <= 1) break;
+        if (a_g == 0) {
+            column_start(kern, X, N, K, a_k, logb, g, w.g_next.data());
+        } else {
+            for (int64_t y = 0; y < K; ++y) g[y] = w.g_best[y] * (a_k / a_g);
+        }
+        const OneResult st = run_stage(kern, X, N, K, a_k, A, loga, logb,
+                                       std::max(tol, 1e-2 * mass), A.max_iter - passes - 1,
+                                       false, accel, std::abs(a_k) * max_abs, 0, w, intr);
+        passes += st.n_iter;
+        a_g = a_k;
+        if (!std::isfinite(st.err)) {
+            res = st;
+            break;
+        }
+    }
+    if (std::isfinite(res.err)) {
+        if (a_g != 0) {
+            for (int64_t y = 0; y < K; ++y) g[y] = w.g_best[y] * (A.alpha / a_g);
+        } else if (g0) {
+            std::copy(g0, g0 + K, g);
+            for (int64_t y = 0; y < K; ++y)
+                if (!w.live[y]) g[y] = kNegInf;
+        } else {
+            column_start(kern, X, N, K, A.alpha, logb, g, w.g_next.data());
+        }
+        const bool accelerated = !fixed && (passes > 0 || accel);
+        res = run_stage(kern, X, N, K, A.alpha, A, loga, logb, tol,
+                        fixed ? A.n_iter : A.max_iter - passes, fixed, accel,
+                        std::abs(A.alpha) * max_abs, accelerated ? A.stall_window : 0, w,
+                        intr);
+    }
+    res.n_iter += passes;
     kern.row_potentials(loga, w.m_best.data(), w.s_best.data(), N, f_out);
     std::copy(w.g_best.begin(), w.g_best.end(), g_out);
     return res;
@@ -590,8 +647,7 @@ bool batched_solve(const T* X, const BatchedArgs& A, BatchedOut& out, int n_thre
             }
             OneResult r = solve_one(kern, Xp, N, K, A, A.loga + p * A.a_stride,
                                     A.logb + p * A.b_stride, A.g0 ? A.g0 + p * K : nullptr,
-                                    A.tol[p], std::abs(A.alpha) * mx, out.f + p * N,
-                                    out.g + p * K, w, intr);
+                                    A.tol[p], mx, out.f + p * N, out.g + p * K, w, intr);
             out.n_iter[p] = r.n_iter;
             out.err[p] = r.err;
             out.stalled[p] = r.stalled ? 1 : 0;

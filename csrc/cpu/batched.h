@@ -10,7 +10,8 @@ namespace sinkhorn_ot::cpu {
 // B balanced problems X[p] (N x K, row-major, `x_stride` entries apart; 0: one matrix shared
 // by all), each solved by the log-domain loop of _solver.sinkhorn_loop on one thread:
 // from g0[p] (or the column normalisation of exp(S)) until err <= tol[p], or exactly
-// `n_iter` passes when n_iter > 0.  A row (column) of zero mass has loga (logb) = -inf and
+// `n_iter` passes when n_iter > 0, with the epsilon scaling of _solver.solve in tolerance mode
+// without a warm start.  A row (column) of zero mass has loga (logb) = -inf and
 // gets f (g) = -inf.  `memory` > 0: Anderson mixing of g as _solver.Anderson (tolerance mode
 // only), given up after `stall_window` passes that cut the best err by less than 5%
 // (stalled[p] = 1: the caller solves that problem again by other means).  Each problem's
@@ -31,6 +32,7 @@ struct BatchedArgs {
     int memory = 0;
     double rel_slack = 1e-13;      // dual decrease Anderson tolerates (relative)
     int64_t stall_window = 100;
+    int eps_stages = 0;            // epsilon-scaling stages before alpha (as _solver.solve)
 };
 
 // The returned iterate of each problem: the best pass (lowest err); err is the L1 column

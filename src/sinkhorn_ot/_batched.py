@@ -250,6 +250,11 @@ class _Batch:
                 None if self.g0 is None else self.g0[p])
 
 
+def _eps_stages(eps_scaling) -> int:
+    """The number of epsilon-scaling stages of ``Options.eps_scaling`` (_solver.eps_stages)."""
+    return 2 if eps_scaling is True else int(eps_scaling or 0)
+
+
 def _kernel(batch, *, n_iter, max_iter, acceleration, want_labels):
     """The compiled batched solve of a validated batch."""
     from . import _core
@@ -259,8 +264,8 @@ def _kernel(batch, *, n_iter, max_iter, acceleration, want_labels):
     rel_slack = 1e-13 if batch.X.dtype == np.float64 else 1e-6
     f, g, it, err, cost, labels, stalled, flags, max_abs = _core.batched_solve(
         batch.X, batch.B, batch.alpha, batch.loga, batch.logb, batch.g0, batch.tol,
-        batch.forbidden, max_iter, n_iter or 0, memory, rel_slack, _STALL_WINDOW, want_labels,
-        o.n_threads or 0)
+        batch.forbidden, max_iter, n_iter or 0, memory, rel_slack, _STALL_WINDOW,
+        _eps_stages(o.eps_scaling), want_labels, o.n_threads or 0)
     _check_values(batch, flags, max_abs)  # the validation read was the kernel's first
     if not np.isfinite(err).all():
         raise FloatingPointError(  # a bug, never a property of valid input: say so loudly
@@ -628,8 +633,8 @@ def multi_target(C, a, b, *, reg, tol, max_iter, n_iter, init, acceleration, eps
         rel_slack = 1e-13 if X.dtype == np.float64 else 1e-6
         f, g, it, err, cost, _, stalled, _, _ = _core.batched_solve(
             X, k, alpha, np.ascontiguousarray(p.a[1]), logk, g0, tols, math.inf,
-            opts.max_iter, opts.n_iter or 0, memory, rel_slack, _STALL_WINDOW, False,
-            opts.n_threads or 0)
+            opts.max_iter, opts.n_iter or 0, memory, rel_slack, _STALL_WINDOW,
+            _eps_stages(opts.eps_scaling), False, opts.n_threads or 0)
         stalled = stalled.astype(bool)
         if opts.n_iter is None:
             for t in np.nonzero(stalled & ~(err <= tols))[0]:
