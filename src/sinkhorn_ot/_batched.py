@@ -3,8 +3,8 @@ marginals (POT's multi-target ``b`` of shape (m, k)) against one matrix.
 
 The public solvers hand over here when their input has a batch axis.  On the CPU a batch of
 small balanced problems goes to the compiled batched solve (``_core.batched_solve``: one
-problem per thread, each to its own tolerance, the log-domain loop and the Anderson mixing of
-the single solve); anything else (large problems, whose single solve already spreads rows over
+problem per thread, each to its own tolerance, the log-domain loop, epsilon scaling and
+Anderson mixing of the single solve); anything else (large problems, whose single solve already spreads rows over
 the threads; KL-relaxed sides; exact or greedy labels; CUDA arrays) is solved problem by
 problem by the single-problem path.  Several targets against one large matrix share each
 read of it (``_core.multi_pass``).  Results carry the batch axis: ``f`` (B, n), ``g`` (B, m),
