@@ -7,8 +7,8 @@ rounds:
   both marginals), as one call ``sinkhorn(C, reg=..., tol=1e-6)`` with C of shape (B, 64, 64),
   against a Python loop of single calls of this library, and against a loop of POT
   ``ot.sinkhorn`` (float64; ``stopThr = tol / (2 sqrt(m))``: its L2 stop rule on the
-  column sums then implies an L1 error below tol).  Two cost families: uniform random costs (reg 0.05) and squared
-  distances between random point clouds in the unit square (reg 0.01, peakier plans).
+  column sums then implies an L1 error below tol).  Two cost families: uniform random
+  costs (reg 0.05) and squared distances between random point clouds in the unit square (reg 0.01, peakier plans).
 - **Targets**: k = 16 column marginals against one random(20_000, 1_000) float32 cost
   (``b`` of shape (m, 16): one call), against one target (``b`` of shape (m,)), to err <= 1e-6.
 

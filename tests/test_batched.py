@@ -156,12 +156,12 @@ def test_codes_batch_options():
     q = so.codes(S, eps=0.05, rows=slice(-10, None))
     assert isinstance(q, torch.Tensor) and q.shape == (3, 10, 8) and q.dtype == torch.float32
     for p in range(3):
-        np.testing.assert_allclose(q[p].numpy(), so.codes(S[p], eps=0.05, rows=slice(-10, None)).numpy(),
-                                   rtol=2e-5, atol=1e-7)
+        one = so.codes(S[p], eps=0.05, rows=slice(-10, None)).numpy()
+        np.testing.assert_allclose(q[p].numpy(), one, rtol=2e-5, atol=1e-7)
     qt = so.codes(S.double(), eps=0.05, tol=1e-9)
     for p in range(3):
-        np.testing.assert_allclose(qt[p].numpy(), so.codes(S[p].double(), eps=0.05, tol=1e-9).numpy(),
-                                   atol=1e-7)
+        one = so.codes(S[p].double(), eps=0.05, tol=1e-9).numpy()
+        np.testing.assert_allclose(qt[p].numpy(), one, atol=1e-7)
     P = np.exp(S.double().numpy())
     P[1, 2, 3] = -1.0
     with pytest.raises(ValueError, match=r"problem 1 of the batch: .*negative, NaN or infinite "

@@ -472,7 +472,8 @@ OneResult run_stage(const Kernels<T>& kern, const T* X, int64_t N, int64_t K, do
         }
         double dual = 0, scale = 0, g_max = 0;
         if (accel) {
-            if (!f_ready) kern.row_potentials(loga, w.m_work.data(), w.s_work.data(), N, w.f.data());
+            if (!f_ready)
+                kern.row_potentials(loga, w.m_work.data(), w.s_work.data(), N, w.f.data());
             for (int64_t i = 0; i < N; ++i)
                 if (w.ea[i] > 0 && f_work[i] > kNegInf) {
                     dual += w.ea[i] * f_work[i];

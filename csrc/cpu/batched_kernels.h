@@ -320,9 +320,9 @@ BK_INLINE void row_potentials(const double* loga, const double* m, const double*
                               double* f) {
 #pragma omp simd
     for (int64_t i = 0; i < N; ++i) {
+        const double ninf = -std::numeric_limits<double>::infinity();
         const double v = loga[i] - m[i] - blog(s[i] > 0 ? s[i] : 1.0);
-        f[i] = m[i] > -std::numeric_limits<double>::infinity() ? v
-                                                               : -std::numeric_limits<double>::infinity();
+        f[i] = m[i] > ninf ? v : ninf;
     }
 }
 

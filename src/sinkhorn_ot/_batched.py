@@ -4,9 +4,9 @@ marginals (POT's multi-target ``b`` of shape (m, k)) against one matrix.
 The public solvers hand over here when their input has a batch axis.  On the CPU a batch of
 small balanced problems goes to the compiled batched solve (``_core.batched_solve``: one
 problem per thread, each to its own tolerance, the log-domain loop, epsilon scaling and
-Anderson mixing of the single solve); anything else (large problems, whose single solve already spreads rows over
-the threads; KL-relaxed sides; exact or greedy labels; CUDA arrays) is solved problem by
-problem by the single-problem path.  Several targets against one large matrix share each
+Anderson mixing of the single solve); anything else (large problems, whose single solve
+already spreads rows over the threads; KL-relaxed sides; exact or greedy labels; CUDA
+arrays) is solved problem by problem by the single-problem path.  Several targets against one large matrix share each
 read of it (``_core.multi_pass``).  Results carry the batch axis: ``f`` (B, n), ``g`` (B, m),
 ``n_iter``, ``err``, ``converged`` and ``cost`` of shape (B,), ``plan()`` (B, n, m).
 """
@@ -53,9 +53,6 @@ def _prefix(p: int, exc: Exception, what: str = "problem"):
 
 class _Collect:
     """Collects the single solves' non-convergence warnings into one for the batch."""
-
-    def __init__(self):
-        self.bad = []
 
     def __enter__(self):
         self._cm = warnings.catch_warnings(record=True)
