@@ -10,6 +10,9 @@ from __future__ import annotations
 import math
 import platform
 import shutil
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import numpy as np
@@ -387,3 +390,26 @@ def test_cuda_batch_loops_the_single_solves():
             np.testing.assert_array_equal(r.f[p].get(), s.f.get())
         q = so.codes(cp.asarray(C), eps=0.1)
         assert isinstance(q, cp.ndarray) and q.shape == (3, 40, 30)
+
+
+def test_ctrl_c_stops_a_batched_solve():
+    """The batched kernel polls for Ctrl-C between passes (in a subprocess, so that the
+    signal cannot reach pytest)."""
+    script = textwrap.dedent("""
+        import os, signal, threading, time
+        import numpy as np
+        import sinkhorn_ot
+        C = np.random.default_rng(0).random((64, 64, 64))
+        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        t0 = time.perf_counter()
+        try:  # an unreachable tolerance: only the interrupt ends this solve
+            sinkhorn_ot.sinkhorn(C, reg=0.01, tol=1e-300, max_iter=10**7,
+                                 acceleration=None, eps_scaling=False)
+        except KeyboardInterrupt:
+            print("interrupted after %.2f s" % (time.perf_counter() - t0))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "interrupted after" in out.stdout, out.stdout
+    assert float(out.stdout.split("after")[1].split()[0]) < 0.5 + 1.0, out.stdout
