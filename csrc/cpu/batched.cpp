@@ -94,6 +94,7 @@ struct Kernels {
                       double*, double*, double*, double*);
     void (*row_potentials)(const double*, const double*, const double*, int64_t, double*);
     uint8_t (*scan_entries)(const T*, int64_t, double, double&);
+    double (*dot)(const double*, const double*, int64_t);
 };
 
 #define BK_ENTRIES(ns)                                                                      \
@@ -142,6 +143,7 @@ struct Kernels {
     uint8_t scan_entries(const T* x, int64_t n, double forbidden, double& mx) {             \
         return ns::scan_entries<T>(x, n, forbidden, mx);                                    \
     }                                                                                       \
+    inline double dot(const double* u, const double* v, int64_t n) { return ns::dot(u, v, n); } \
     }
 
 #ifdef BK_MULTI_ISA
@@ -163,7 +165,7 @@ BK_ENTRIES(base)
             &ns##_entry::multi_axpys, &ns##_entry::times_x<T>, &ns##_entry::col_max<T>,    \
             &ns##_entry::col_sumexp<T>, &ns##_entry::row_cost<T>,                          \
             &ns##_entry::pass_rows<T>, &ns##_entry::row_potentials,                        \
-            &ns##_entry::scan_entries<T>                                                   \
+            &ns##_entry::scan_entries<T>, &ns##_entry::dot                                 \
     }
 
 // The same choice of instruction set as the single solve's kernels (isa_name honours
@@ -257,10 +259,14 @@ bool solve_small(std::vector<double>& A, std::vector<double>& rhs, int m) {
 // columns of positive mass (`live`; the others stay at -inf).
 class Anderson {
   public:
-    Anderson(int64_t K, int memory, double rel_slack, double bound, const uint8_t* live)
-        : K_(K), mem_(memory), rel_slack_(rel_slack), bound_(bound), live_(live),
+    using Dot = double (*)(const double*, const double*, int64_t);
+
+    Anderson(int64_t K, int memory, double rel_slack, double bound, const uint8_t* live,
+             Dot dot)
+        : K_(K), mem_(memory), rel_slack_(rel_slack), bound_(bound), live_(live), dot_(dot),
           dg_(static_cast<size_t>(memory) * K), dr_(static_cast<size_t>(memory) * K),
-          pg_(K), pr_(K), acc_tg_(K), gc_(K), r_(K) {
+          gram_(static_cast<size_t>(memory) * memory), pg_(K), pr_(K), acc_tg_(K), gc_(K),
+          r_(K) {
         int64_t n = 0;
         for (int64_t y = 0; y < K; ++y) n += live[y] ? 1 : 0;
         n_live_ = std::max<int64_t>(n, 1);
@@ -296,6 +302,12 @@ class Anderson {
                 dg[y] = gc_[y] - pg_[y];
                 dr[y] = r_[y] - pr_[y];
             }
+            // the Gram matrix of the residual differences, one new row per step
+            for (int q = 0; q < count_; ++q) {
+                const int sq = (head_ + q) % mem_;
+                gram_[slot * mem_ + sq] = gram_[sq * mem_ + slot] =
+                    dot_(dr, &dr_[static_cast<size_t>(sq) * K_], K_);
+            }
         }
         std::copy(gc_.begin(), gc_.end(), pg_.begin());
         std::copy(r_.begin(), r_.end(), pr_.begin());
@@ -305,40 +317,31 @@ class Anderson {
             return;
         }
         const int m = count_;
-        std::vector<double> A(static_cast<size_t>(m) * m), rhs(m);
+        A_.assign(static_cast<size_t>(m) * m, 0.0);
+        rhs_.assign(m, 0.0);
         double trace = 0;
         for (int p = 0; p < m; ++p) {
-            const double* dp = col_r(p);
-            for (int q = p; q < m; ++q) {
-                const double* dq = col_r(q);
-                double v = 0;
-                for (int64_t y = 0; y < K_; ++y) v += dp[y] * dq[y];
-                A[p * m + q] = A[q * m + p] = v;
-            }
-            double v = 0;
-            for (int64_t y = 0; y < K_; ++y) v += dp[y] * r_[y];
-            rhs[p] = v;
-            trace += A[p * m + p];
+            const int sp = (head_ + p) % mem_;
+            for (int q = 0; q < m; ++q) A_[p * m + q] = gram_[sp * mem_ + (head_ + q) % mem_];
+            rhs_[p] = dot_(col_r(p), r_.data(), K_);
+            trace += A_[p * m + p];
         }
         // Tikhonov term: the differences become nearly collinear close to convergence.
-        for (int p = 0; p < m; ++p) A[p * m + p] += 1e-10 * trace + 1e-300;
-        if (!solve_small(A, rhs, m)) {
+        for (int p = 0; p < m; ++p) A_[p * m + p] += 1e-10 * trace + 1e-300;
+        if (!solve_small(A_, rhs_, m)) {
             count_ = 0;
             std::copy(acc_tg_.begin(), acc_tg_.end(), g);
             return;
         }
-        for (int64_t y = 0; y < K_; ++y) {
-            if (!live_[y]) {
-                g[y] = kNegInf;
-                continue;
-            }
-            double v = gc_[y] + r_[y];
-            for (int p = 0; p < m; ++p) v -= (col_g(p)[y] + col_r(p)[y]) * rhs[p];
-            g[y] = v;
+        for (int64_t y = 0; y < K_; ++y) g[y] = gc_[y] + r_[y];
+        for (int p = 0; p < m; ++p) {
+            const double* dgp = col_g(p);
+            const double* drp = col_r(p);
+            const double c = rhs_[p];
+            for (int64_t y = 0; y < K_; ++y) g[y] -= (dgp[y] + drp[y]) * c;
         }
         const double mo = mean(g);
-        for (int64_t y = 0; y < K_; ++y)
-            if (live_[y]) g[y] -= mo;
+        for (int64_t y = 0; y < K_; ++y) g[y] = live_[y] ? g[y] - mo : kNegInf;
     }
 
   private:
@@ -355,7 +358,8 @@ class Anderson {
     int mem_;
     double rel_slack_, bound_;
     const uint8_t* live_;
-    std::vector<double> dg_, dr_, pg_, pr_, acc_tg_, gc_, r_;
+    Dot dot_;
+    std::vector<double> dg_, dr_, gram_, pg_, pr_, acc_tg_, gc_, r_, A_, rhs_;
     int head_ = 0, count_ = 0;
     bool has_prev_ = false, has_acc_ = false;
     double acc_dual_ = 0;
@@ -453,7 +457,7 @@ OneResult run_stage(const Kernels<T>& kern, const T* X, int64_t N, int64_t K, do
                           std::log(std::max<double>(static_cast<double>(N) * K, 2.0));
         bound = 4.0 * static_cast<double>(std::min(N, K)) * (s_max + lr + 1.0);
     }
-    Anderson anderson(K, std::max(A.memory, 1), A.rel_slack, bound, w.live.data());
+    Anderson anderson(K, std::max(A.memory, 1), A.rel_slack, bound, w.live.data(), kern.dot);
     double best_err = std::numeric_limits<double>::infinity();
     int64_t best_it = 0;
     std::vector<double> history;

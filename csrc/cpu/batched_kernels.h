@@ -390,3 +390,22 @@ BK_INLINE uint8_t scan_entries(const T* x, int64_t n, double forbidden, double& 
     max_abs = mx;
     return static_cast<uint8_t>((bad ? 1 : 0) | (forb ? 2 : 0));
 }
+
+// sum_y u_y v_y (Anderson's least squares)
+BK_INLINE double dot(const double* u, const double* v, int64_t n) {
+    double s = 0;
+    int64_t nb = 0;
+#if defined(__GNUC__)
+    nb = n - n % BL;
+    bvd a0 = bvd{}, a1 = bvd{};
+    int64_t y = 0;
+    for (; y + 2 * BL <= nb; y += 2 * BL) {
+        a0 += bload(u + y) * bload(v + y);
+        a1 += bload(u + y + BL) * bload(v + y + BL);
+    }
+    for (; y < nb; y += BL) a0 += bload(u + y) * bload(v + y);
+    s = bsum(a0 + a1);
+#endif
+    for (int64_t y2 = nb; y2 < n; ++y2) s += u[y2] * v[y2];
+    return s;
+}
