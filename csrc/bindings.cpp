@@ -67,7 +67,8 @@ cpu::PlanOut<T> plan_out(py::object out, py::object rows, int64_t row0, double s
 
 py::tuple fused_pass(const py::array& X, double alpha, const F64& g, const F64& loga,
                      double rho_a, F64& f, py::object labels, int n_threads, py::object plan,
-                     int64_t plan_row0, py::object plan_rows, double plan_scale, double fast) {
+                     int64_t plan_row0, py::object plan_rows, double plan_scale, double fast,
+                     py::object lse, py::object lse_prev, py::object g_prev) {
     return dispatch(X, "fused_pass", [&](auto tag) {
         using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
         const int64_t N = X.shape(0), K = X.shape(1);
@@ -86,12 +87,28 @@ py::tuple fused_pass(const py::array& X, double alpha, const F64& g, const F64& 
         cpu::PlanOut<T> p;
         if (!plan.is_none())
             p = plan_out<T>(plan, plan_rows, plan_row0, plan_scale, N, K, keep_out, keep_rows);
+        cpu::RowShifts sh;
+        F64 lse_a, lse_p, g_p;
+        if (!lse.is_none()) {
+            lse_a = lse.cast<F64>();
+            require(lse_a.size() == N && lse_a.writeable(), "fused_pass: lse size mismatch");
+            sh.lse = lse_a.mutable_data();
+            if (!lse_prev.is_none() && !g_prev.is_none()) {
+                lse_p = lse_prev.cast<F64>();
+                g_p = g_prev.cast<F64>();
+                require(lse_p.size() == N && g_p.size() == K,
+                        "fused_pass: lse_prev or g_prev size mismatch");
+                sh.lse_prev = lse_p.data();
+                sh.g_prev = g_p.data();
+            }
+        }
         bool done;
         {
             py::gil_scoped_release nogil;
             done = cpu::fused_pass<T>(static_cast<const T*>(X.data()), N, K, alpha, g.data(),
                                       loga.data(), rho_a, out, plan.is_none() ? nullptr : &p,
-                                      fast, n_threads, interrupted);
+                                      fast, lse.is_none() ? nullptr : &sh, n_threads,
+                                      interrupted);
         }
         if (!done) throw py::error_already_set();
         return py::make_tuple(col, colmax, out.cost, out.slack);
@@ -234,9 +251,12 @@ PYBIND11_MODULE(_core, m) {
           py::arg("loga"), py::arg("rho_a"), py::arg("f").noconvert(), py::arg("labels"),
           py::arg("n_threads"), py::arg("plan") = py::none(), py::arg("plan_row0") = 0,
           py::arg("plan_rows") = py::none(), py::arg("plan_scale") = 1.0,
-          py::arg("fast") = 0.0,
-          "One fused pass: writes f (labels, plan rows), returns (col, colmax, sum Q*X, "
-          "slack), slack the bound on the relative error of the plan entries measured.");
+          py::arg("fast") = 0.0, py::arg("lse") = py::none(),
+          py::arg("lse_prev") = py::none(), py::arg("g_prev") = py::none(),
+          "One fused pass: writes f (labels, plan rows, and into lse the row log-sum-exps, "
+          "which with g the next pass takes as lse_prev and g_prev for its row shifts), "
+          "returns (col, colmax, sum Q*X, slack), slack the bound on the relative error of "
+          "the plan entries measured.");
     m.def("plan", &plan, py::arg("X"), py::arg("alpha"), py::arg("f"), py::arg("g"),
           py::arg("out"), py::arg("scale") = 1.0, py::arg("rows") = py::none(),
           py::arg("row0") = 0, py::arg("n_threads") = 0,

@@ -139,6 +139,33 @@ def test_validation_folded_into_the_column_lse(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("step", [1e-3, 0.5, 40.0])
+def test_pass_with_the_previous_row_shifts(dtype, step):
+    """A pass shifted by the previous pass's row log-sum-exps (a small change of g), or at
+    the exact maxima (a change too wide for that bound, or a column that closes), gives the
+    pass of the float64 reference."""
+    X, lam = _problem(120, 300, dtype, seed=3, forbid=0.2)
+    N, K = X.shape
+    rng = np.random.default_rng(4)
+    loga = np.full(N, -np.log(N))
+    g0 = rng.standard_normal(K)
+    lse0 = np.empty(N)
+    _core.fused_pass(X, lam, g0, loga, 1.0, np.empty(N), None, 1, lse=lse0)
+    t0 = lam * X.astype(np.float64) + g0
+    np.testing.assert_allclose(lse0, np.log(np.exp(t0 - t0.max(1, keepdims=True)).sum(1))
+                               + t0.max(1), rtol=1e-6 if dtype == np.float32 else 1e-13)
+    for g1 in (g0 + step * rng.standard_normal(K), np.where(np.arange(K) == 5, -np.inf, g0)):
+        f = np.empty(N)
+        lse1 = np.empty(N)
+        col, _, cost, _ = _core.fused_pass(X, lam, g1, loga, 1.0, f, None, 1, lse=lse1,
+                                           lse_prev=lse0, g_prev=g0)
+        rf, rcol, rcost, _, _ = _ref_pass(X, lam, g1, loga)
+        tol = 2e-5 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(f, rf, rtol=tol, atol=tol)
+        np.testing.assert_allclose(col, rcol, rtol=tol, atol=tol / K)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_near_ties_against_numpy(dtype, rng):
     X = np.round(rng.standard_normal((500, 77)), 1).astype(dtype)  # many exact ties
     X[7, :] = -np.inf

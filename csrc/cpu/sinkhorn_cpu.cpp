@@ -30,6 +30,7 @@ namespace {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 constexpr double kNoMax = std::numeric_limits<double>::max();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // What a kernel row returns.  RowResult::qs = r_i (sum_y e_iy (t_iy - m_i) + m_i s_i) =
 // sum_y Q_iy (S_iy + g_y): the row's share of the cost before the column term (fused_pass).
@@ -83,7 +84,7 @@ template <class T>
 struct Kernels {
     RowResult (*row_nolab)(const T*, const double*, const float*, int64_t, double, double,
                            double, T*, float*, double*, double&, int64_t*, T*, double, double,
-                           double);
+                           double, double, double&);
     decltype(row_nolab) row_lab;
     void (*flush_cols)(float*, double*, int64_t);
     void (*plan_row)(const T*, const double*, int64_t, double, T*);
@@ -219,6 +220,19 @@ Scratch<T>& scratch() {
     return s;
 }
 
+// Asks for a row of X in the cache ahead of its use, a cache line at a time.
+template <class T>
+void prefetch_row(const T* x, int64_t K) {
+    const char* p = reinterpret_cast<const char*>(x);
+    const int64_t bytes = K * static_cast<int64_t>(sizeof(T));
+#if defined(__GNUC__) || defined(__clang__)
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
 // Where a pass writes plan row i, or null.
 template <class T>
 T* plan_row_ptr(const PlanOut<T>* p, int64_t i, int64_t K, int64_t& cursor) {
@@ -296,8 +310,31 @@ int max_threads() {
 template <class T>
 bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
                 const double* loga, double rho_a, PassOut& out, const PlanOut<T>* plan,
-                double fast, int n_threads, const Interrupted& interrupted) {
+                double fast, const RowShifts* shifts, int n_threads,
+                const Interrupted& interrupted) {
     const int nt = resolve_threads(n_threads, N, K);
+    // The previous pass's row log-sum-exps bound this pass's row maxima from above (rows
+    // move by at most the largest change of g) and from below within log K + the range of
+    // the change: within 30, the bound serves as the shift (exp(-30) keeps float32's
+    // precision), saving the maximum's sweep.
+    const double* lse_prev = nullptr;
+    double dg_max = kNegInf;
+    if (shifts && shifts->lse_prev && shifts->g_prev) {
+        double dg_min = std::numeric_limits<double>::infinity();
+        bool ok = true;
+        for (int64_t y = 0; y < K && ok; ++y) {
+            const double gp = shifts->g_prev[y];
+            if (g[y] == kNegInf || gp == kNegInf) {  // a column that opened or closed: none
+                ok = g[y] == gp;
+                continue;
+            }
+            dg_max = std::max(dg_max, g[y] - gp);
+            dg_min = std::min(dg_min, g[y] - gp);
+        }
+        if (ok && dg_max > kNegInf && dg_max - dg_min + std::log(double(K)) <= 30.0)
+            lse_prev = shifts->lse_prev;
+    }
+    double* lse_out = shifts ? shifts->lse : nullptr;
     std::vector<float> gf;  // float32 g for the float32 row shift and float32 rows
     double g_absmax = 0;
     if constexpr (std::is_same_v<T, float>) {
@@ -329,10 +366,17 @@ bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
         for (int64_t i = lo; i < hi; ++i) {
             if (intr.poll(i - lo)) break;
             T* prow = plan_row_ptr(plan, i, K, cursor);
+            // Without the maximum's sweep the exponentials' sweep is the row's first read:
+            // fetch the next row meanwhile, or that sweep waits on memory.
+            if (lse_prev && i + 1 < hi) prefetch_row(X + (i + 1) * K, K);
+            double lse_i;
+            const double hint =
+                lse_prev ? (lse_prev[i] > kNegInf ? lse_prev[i] + dg_max : kNegInf) : kNaN;
             RowResult r = row(X + i * K, g, gf.data(), K, alpha, loga[i], rho_a, s.e.data(),
                               s.colf.data(), s.col.data(), out.f[i],
                               out.labels ? out.labels + i : nullptr, prow, pscale, fast,
-                              g_absmax);
+                              g_absmax, hint, lse_i);
+            if (lse_out) lse_out[i] = lse_i;
             qs_t += r.qs;
             slack_t = std::max(slack_t, r.slack);
             if (std::is_same_v<T, float> && (i - lo) % kFlushRows == kFlushRows - 1)
@@ -652,7 +696,7 @@ double column_update(const double* g, const double* logb, const double* col,
     template CheckOut check_matrix<T>(const T*, int64_t, int64_t, double, int);            \
     template bool fused_pass<T>(const T*, int64_t, int64_t, double, const double*,          \
                                 const double*, double, PassOut&, const PlanOut<T>*, double, \
-                                int, const Interrupted&);                                       \
+                                const RowShifts*, int, const Interrupted&);                                       \
     template bool plan<T>(const T*, int64_t, int64_t, double, const double*, const double*, \
                           const PlanOut<T>&, int, const Interrupted&);                     \
     template bool column_lse<T>(const T*, int64_t, int64_t, double, const double*, double*, \

@@ -29,14 +29,27 @@ struct PassOut {
     double slack = 0;   // bound on the relative error of the plan entries measured, written
 };
 
+// The row shifts of consecutive passes over the same X and alpha: `lse` (written, N) gets
+// each row's log sum_y exp(alpha X_iy + g_y); given the previous pass's (`lse_prev`, at
+// `g_prev`), a pass shifts row i's exponentials by lse_prev_i + max_y (g_y - g_prev_y), an
+// upper bound of the row's maximum, instead of finding the maximum in a sweep of its own,
+// where that bound exceeds the maximum by at most log K + the range of g - g_prev <= 30.
+struct RowShifts {
+    const double* lse_prev = nullptr;
+    const double* g_prev = nullptr;
+    double* lse = nullptr;
+};
+
 // One fused pass.  `fast` (float32 input, without labels): rows whose entries can be formed in
 // float32 with a relative plan error within `fast` are (out.slack: the largest such bound);
-// 0 keeps every row in float64.  Returns false if `interrupted` (called from the calling
-// thread only, about every 0.2 s) reported an interruption; the outputs are then incomplete.
+// 0 keeps every row in float64.  `shifts` may be null.  Returns false if `interrupted`
+// (called from the calling thread only, about every 0.2 s) reported an interruption; the
+// outputs are then incomplete.
 template <class T>
 bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
                 const double* loga, double rho_a, PassOut& out, const PlanOut<T>* plan,
-                double fast, int n_threads, const Interrupted& interrupted);
+                double fast, const RowShifts* shifts, int n_threads,
+                const Interrupted& interrupted);
 
 // The plan exp(alpha X_iy + f_i + g_y) * scale of the rows of `plan`, in X's precision.
 template <class T>

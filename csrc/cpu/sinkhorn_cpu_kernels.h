@@ -208,42 +208,59 @@ RowResult row_body(const T* __restrict x, const double* __restrict g,
                         double rho_a, T* __restrict e, float* __restrict colf,
                         double* __restrict col, double& f_i, int64_t* label,
                         T* __restrict plan_row, double plan_scale, double fast,
-                        double g_absmax) {
+                        double g_absmax, double m_hint, double& lse_i) {
     RowResult res;
-    double m = row_shift(x, gf, g, K, alpha);
-    if (!(m > kNegInf)) {  // every pair forbidden (a row of zero mass): no plan row
+    auto empty = [&] {  // every pair forbidden (a row of zero mass): no plan row
         f_i = kNegInf;
+        lse_i = kNegInf;
         if (label) *label = 0;
         if (plan_row) std::fill(plan_row, plan_row + K, T(0));
         return res;
-    }
-    // The float32 shift is within a few ulps of |t| of the true maximum; beyond 1e6 that is
-    // more than exp's range can absorb, so take the exact float64 maximum.
-    if (std::is_same_v<T, float> && !(std::abs(m) < 1e6)) {
-        m = kNegInf;
-        for (int64_t y = 0; y < K; ++y) m = std::max(m, static_cast<double>(x[y]) * alpha + g[y]);
-    }
+    };
     RowSums rs;
-    if constexpr (std::is_same_v<T, float> && !LAB) {
-        m = static_cast<float>(m);  // any shift works: one float32 can hold it exactly
-        // |error of t - m| over the entries that carry mass (t - m > -90, so |alpha x| <=
-        // |m| + |g| + 90): the roundings of alpha, g, g - m and alpha x + (g - m).
-        // Plus the float32 column accumulation of such rows (8 terms per sum: see
-        // kFlushRows in sinkhorn_cpu.cpp).
-        const double bound = 0x1p-24 * (2 * std::abs(m) + 3 * g_absmax + 180 + 8);
-        if (bound <= fast) {
-            res.slack = bound;
-            sweep<T, false, true>(x, g, gf, K, alpha, m, e, rs);
-        } else {
-            sweep<T, false, false>(x, g, gf, K, alpha, m, e, rs);
+    auto run = [&](double& m) {
+        // The float32 shift is within a few ulps of |t| of the true maximum; beyond 1e6 that
+        // is more than exp's range can absorb, so take the exact float64 maximum.
+        if (std::is_same_v<T, float> && !(std::abs(m) < 1e6)) {
+            m = kNegInf;
+            for (int64_t y = 0; y < K; ++y)
+                m = std::max(m, static_cast<double>(x[y]) * alpha + g[y]);
         }
-    } else {
-        (void)fast;
-        (void)g_absmax;
-        sweep<T, LAB, false>(x, g, gf, K, alpha, m, e, rs);
+        res.slack = 0;
+        if constexpr (std::is_same_v<T, float> && !LAB) {
+            m = static_cast<float>(m);  // any shift works: one float32 can hold it exactly
+            // |error of t - m| over the entries that carry mass (t - m > -90, so |alpha x| <=
+            // |m| + |g| + 90): the roundings of alpha, g, g - m and alpha x + (g - m).
+            // Plus the float32 column accumulation of such rows (8 terms per sum: see
+            // kFlushRows in sinkhorn_cpu.cpp).
+            const double bound = 0x1p-24 * (2 * std::abs(m) + 3 * g_absmax + 180 + 8);
+            if (bound <= fast) {
+                res.slack = bound;
+                sweep<T, false, true>(x, g, gf, K, alpha, m, e, rs);
+            } else {
+                sweep<T, false, false>(x, g, gf, K, alpha, m, e, rs);
+            }
+        } else {
+            (void)fast;
+            (void)g_absmax;
+            sweep<T, LAB, false>(x, g, gf, K, alpha, m, e, rs);
+        }
+    };
+    // m_hint (NaN: none) bounds the row's maximum from above, by at most 30 (see RowShifts):
+    // the largest exponential is then at least exp(-30), far above the clamp; a row whose
+    // sum is smaller all the same is redone at its exact maximum.
+    double m = std::isnan(m_hint) ? row_shift(x, gf, g, K, alpha) : m_hint;
+    if (!(m > kNegInf)) return empty();
+    run(m);
+    if (!std::isnan(m_hint) && !(rs.s > 1e-20)) {
+        m = row_shift(x, gf, g, K, alpha);
+        if (!(m > kNegInf)) return empty();
+        rs = RowSums();
+        run(m);
     }
     if (label) *label = rs.arg;
     const double log_s = std::log(rs.s);
+    lse_i = m + log_s;
     f_i = row_potential(loga_i, m, log_s, rho_a);
     const double logr = log_row_factor(loga_i, m, log_s, rho_a);
     const double r = std::exp(logr);

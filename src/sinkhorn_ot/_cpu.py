@@ -18,6 +18,9 @@ class CPUBackend:
     def __init__(self, n_threads=None):
         self.n_threads = 0 if n_threads is None else int(n_threads)
         self.slack = 0.0
+        # (X, alpha, g, row log-sum-exps) of the last pass: the next pass over the same X
+        # and alpha shifts its rows by them (see RowShifts in csrc/cpu/sinkhorn_cpu.h)
+        self._rows = None
 
     def check(self, X, forbidden: float, alpha=None) -> dict:
         """The validation facts of X; with ``alpha``, from the same read, also the column
@@ -43,8 +46,14 @@ class CPUBackend:
                 kw["plan_row0"] = rows.start or 0
             elif rows is not None:
                 kw["plan_rows"] = np.ascontiguousarray(rows, dtype=np.int64)
+        lse = np.empty(X.shape[0])
+        prev = self._rows
+        if prev is not None and prev[0] is X and prev[1] == alpha:
+            kw.update(lse_prev=prev[3], g_prev=prev[2])
         col, colmax, qx, self.slack = _core.fused_pass(
-            X, alpha, g, loga, rho_a, f_out, labels_out, self.n_threads, fast=fast, **kw)
+            X, alpha, g, loga, rho_a, f_out, labels_out, self.n_threads, fast=fast, lse=lse,
+            **kw)
+        self._rows = (X, alpha, np.array(g, dtype=np.float64), lse)
         return col, colmax, qx
 
     def column_update(self, g, logb, col, colmax, log_n_rows, rho_b):
