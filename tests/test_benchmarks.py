@@ -80,3 +80,11 @@ def test_bench_codes(tmp_path):
     agree = [float(v) for v in re.findall(r"labels ([0-9.]+)% equal", out)]
     assert len(agree) >= 3 and min(agree) >= 99.0, agree
     assert "<!-- BEGIN bench_codes -->" in res.read_text()
+
+
+def test_bench_grad(tmp_path):
+    pytest.importorskip("torch")
+    res = tmp_path / "RESULTS.md"
+    out = run("bench_grad.py", "--sizes", "500x20", "--results", str(res))
+    assert "sinkhorn_cost forward + backward (C)" in out and "POT ot.sinkhorn2" in out
+    assert "<!-- BEGIN bench_grad -->" in res.read_text()

@@ -43,3 +43,10 @@ def test_swav_drop_in_contract():
                                rtol=0, atol=1e-12)
     torch.testing.assert_close(q, mod.swav_distributed_sinkhorn(out.clone()),
                                rtol=0, atol=1e-12)
+
+
+def test_fit_point_cloud_descends(capsys):
+    mod = _load("fit_point_cloud")
+    losses = mod.main(["--n", "120", "--steps", "6"])
+    assert "divergence" in capsys.readouterr().out
+    assert losses[-1] < 1e-2 * losses[0]

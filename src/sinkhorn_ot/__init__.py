@@ -11,3 +11,12 @@ __all__ = ["sinkhorn", "balanced_assign", "codes", "OTResult", "Assignment",
            "sinkhorn_unbalanced", "UnbalancedResult", "emd", "EMDResult", "EMD_MAX_ENTRIES",
            "ASSIGNMENT_MAX_N", "round_to_marginals", "target_sizes"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # sinkhorn_ot.torch (the differentiable costs) imports PyTorch: loaded on first use only
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _batched, _core, _problem
 from . import _validation as V
-from ._arrays import to_host
+from ._arrays import is_cupy, to_host
 
 __all__ = ["codes"]
 
@@ -168,7 +168,7 @@ def _scaling(scores, alpha: float, probabilities: bool, b, n_iter: int, n_thread
             arr = scores.detach().numpy()
         except RuntimeError:  # a tensor NumPy cannot view (e.g. a lazy negation)
             return None
-    elif isinstance(scores, np.ndarray):
+    elif isinstance(scores, np.ndarray) and not is_cupy(scores):
         arr = scores
     else:
         return None

@@ -196,10 +196,11 @@ def prepare(M, name: str, *, alpha: float, a, b, rho_a: float, rho_b: float, opt
                    chk.get("lse"), rows=rows, name=name)
 
 
-def run(p: Problem, plan=None) -> Solution:
+def run(p: Problem, plan=None, symmetric: bool = False) -> Solution:
     """Solve a prepared problem; raise its errors and warnings here, once.  ``plan``:
     ``(out, rows, scale)``, plan rows the last pass of a fixed ``n_iter`` solve writes
-    (``Solution.plan``; only on one process and with every column kept)."""
+    (``Solution.plan``; only on one process and with every column kept).  ``symmetric``:
+    a self-transport problem (see ``_solver.sinkhorn_loop``)."""
     o = p.opts
     N = p.X.shape[0]
     if not p.reducer.local or p.keep is not None or p.rows is not None:
@@ -208,7 +209,7 @@ def run(p: Problem, plan=None) -> Solution:
                 rho_a=p.rho_a, rho_b=p.rho_b, g0=p.g0, L0=p.L0, tol=p.tol,
                 max_iter=o.max_iter, n_iter=o.n_iter, want_labels=p.want_labels,
                 comm=p.reducer, acceleration=o.acceleration, eps_scaling=o.eps_scaling,
-                max_abs=p.max_abs, plan=plan)
+                max_abs=p.max_abs, plan=plan, symmetric=symmetric)
     if not math.isfinite(sol.err):
         raise FloatingPointError(  # a bug, never a property of valid input: say so loudly
             "sinkhorn_ot: the column error became non-finite; please report this input")

@@ -44,7 +44,8 @@ class OTResult:
         ``err <= tol``.
     cost : float
         Transport cost ``<Q, C>`` (``C = -logP`` for :func:`balanced_assign`), forbidden
-        pairs excluded.
+        pairs excluded.  Results are constants, not differentiable: for a loss to
+        backpropagate through, see :func:`sinkhorn_ot.torch.sinkhorn_cost`.
     """
 
     f: Any

@@ -158,7 +158,7 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
                   rho_b: float = 1.0, g0=None, L0=None, tol: float, max_iter: int,
                   n_iter=None, want_labels: bool = False, comm=None,
                   acceleration: str | None = "anderson", plan=None, s_max: float = math.inf, stall_window: int | None = None,
-                  translate: bool = True) -> Solution:
+                  translate: bool = True, symmetric: bool = False) -> Solution:
     """Run Sinkhorn passes until ``err <= tol`` (or exactly ``n_iter`` passes).
 
     Without ``g0`` the first half-iteration is a column normalisation of ``exp(S)``
@@ -178,7 +178,12 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     caller already has it (the validation read computes it).  ``plan``: ``(out, rows,
     scale)``, written by the last pass of a fixed ``n_iter`` solve (the plan of the
     returned potentials; see ``CPUBackend.fused_pass``).  With a fixed ``n_iter`` the labels
-    come from the last pass only: it is the one returned.
+    come from the last pass only: it is the one returned.  ``symmetric``: a symmetric ``X``
+    with equal marginals and relaxations (a self-transport problem), whose potentials
+    agree at the optimum: the next ``g`` is the average of ``g`` and the pass's ``f``
+    (Feydy et al. 2019), which removes the oscillation that slows the alternating updates
+    on such problems (31 passes to 1e-12 instead of more than 20,000 on a 20-point cloud at
+    reg 0.05); no acceleration or translation step then.
     """
     xp = backend.xp
     N = X.shape[0]
@@ -194,14 +199,15 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     fixed = n_iter is not None
     iters = n_iter if fixed else max_iter
     accel = None
-    if acceleration == "anderson" and not fixed and rho_a == 1.0 and rho_b == 1.0:
+    if acceleration == "anderson" and not fixed and rho_a == 1.0 and rho_b == 1.0 and \
+            not symmetric:
         accel = Anderson(xp, rel_slack=1e-13 if X.dtype == xp.float64 else 1e-6,
                          bound=potential_bound(xp, loga, logb, s_max, n_rows, comm))
         a = xp.exp(loga)
         a_pos = a > 0
         b = xp.exp(logb)
     ti = None
-    if translate and not fixed and (rho_a != 1.0 or rho_b != 1.0):
+    if translate and not fixed and (rho_a != 1.0 or rho_b != 1.0) and not symmetric:
         ti = _translation(xp, loga, logb, rho_a, rho_b, comm)
     # Two buffers for f and the labels: the best solution seen so far is kept without copies.
     # A backend whose passes pay for the argmax (labels_per_pass False: the GPU) computes the
@@ -254,6 +260,9 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
             if len(history) > stall_window and best[1] > 0.95 * history[-1 - stall_window]:
                 stalled = True
                 break
+        if symmetric:
+            g = 0.5 * (g + (f_best if best[3] == it else f_work))
+            continue
         if accel is None:
             g = g_next if ti is None else ti(f_best if best[3] == it else f_work, g_next)
             continue
@@ -392,7 +401,7 @@ def eps_stages(eps_scaling, alpha: float, max_abs: float) -> list:
 def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: float = 1.0,
           g0=None, L0=None, tol: float, max_iter: int, n_iter=None,
           want_labels: bool = False, comm=None, acceleration="anderson", eps_scaling=True,
-          max_abs: float = 1.0, plan=None):
+          max_abs: float = 1.0, plan=None, symmetric: bool = False):
     """Solve to ``tol`` with the chosen accelerations, or run exactly ``n_iter`` plain passes.
 
     Epsilon scaling (Schmitzer 2019) applies to balanced problems solved to a tolerance
@@ -402,12 +411,14 @@ def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: fl
     bounds the passes of every stage together (the last stage keeps at least one), and
     ``n_iter`` of the result counts them all.  ``L0`` (the column log-sum-exp of ``alpha
     X``, when the validation read computed it) and ``plan`` are handed to the loop (see
-    :func:`sinkhorn_loop`).
+    :func:`sinkhorn_loop`), and so is ``symmetric`` (no acceleration then).
     """
     comm = comm if comm is not None else Local()
     fixed = n_iter is not None
     balanced = rho_a == 1.0 and rho_b == 1.0
     kw = dict(rho_a=rho_a, rho_b=rho_b, want_labels=want_labels)
+    if symmetric:
+        kw["symmetric"], acceleration = True, None
     stages = eps_stages(eps_scaling, alpha, max_abs) if (
         not fixed and balanced and g0 is None) else []
     passes = 0
@@ -463,7 +474,8 @@ def _final(backend, X, alpha, loga, logb, *, comm, acceleration, n_iter, s_max,
     """The solve at the requested ``alpha``: the generic loop, or the backend's own for plain
     passes (on the GPU a device-side loop)."""
     fixed = n_iter is not None
-    if not comm.local or (acceleration is not None and not fixed) or stall_window:
+    if not comm.local or (acceleration is not None and not fixed) or stall_window or \
+            kw.get("symmetric"):
         return sinkhorn_loop(backend, X, alpha, loga, logb, n_iter=n_iter, comm=comm,
                              acceleration=acceleration, s_max=s_max,
                              stall_window=stall_window, plan=plan, **kw)
