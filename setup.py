@@ -80,10 +80,12 @@ setup(
     ext_modules=[
         Pybind11Extension(
             "sinkhorn_ot._core",
-            ["csrc/bindings.cpp", "csrc/cpu/sinkhorn_cpu.cpp"],
+            ["csrc/bindings.cpp", "csrc/batched_bindings.cpp", "csrc/cpu/sinkhorn_cpu.cpp",
+             "csrc/cpu/batched.cpp"],
             include_dirs=["csrc"],
             depends=["csrc/common/sinkhorn_math.h", "csrc/cpu/sinkhorn_cpu.h",
-                     "csrc/cpu/sinkhorn_cpu_kernels.h", "csrc/cpu/simd.h"],
+                     "csrc/cpu/sinkhorn_cpu_kernels.h", "csrc/cpu/simd.h",
+                     "csrc/cpu/batched.h", "csrc/cpu/batched_kernels.h"],
             cxx_std=17,
             extra_compile_args=opt,
         )

@@ -243,6 +243,8 @@ I64 near_ties(const py::array& X, double alpha, const F64& g, const I64& rows, d
 
 }  // namespace
 
+void register_batched(py::module_& m);  // csrc/batched_bindings.cpp
+
 PYBIND11_MODULE(_core, m) {
     m.doc() = "Compiled CPU core of sinkhorn_ot (private; use the functions in sinkhorn_ot).";
     m.def("fused_pass", &fused_pass, py::arg("X"), py::arg("alpha"), py::arg("g"),
@@ -278,6 +280,7 @@ PYBIND11_MODULE(_core, m) {
           "Per listed row: entries whose score alpha X + g is within tau of the row's best.");
     m.def("max_threads", &cpu::max_threads, "Threads OpenMP would use by default.");
     m.def("isa", &cpu::isa_name, "Instruction set of the kernels in use.");
+    register_batched(m);
 #ifdef _OPENMP
     m.attr("openmp") = true;
 #else

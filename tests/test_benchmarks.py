@@ -36,6 +36,13 @@ def test_bench_cpu(tmp_path):
     assert res.read_text().count("<!-- BEGIN bench_cpu -->") == 1
 
 
+def test_bench_batched(tmp_path):
+    res = tmp_path / "RESULTS.md"
+    out = run("bench_batched.py", "--results", str(res))
+    assert "loop of POT ot.sinkhorn" in out and "4 targets" in out
+    assert "<!-- BEGIN bench_batched -->" in res.read_text()
+
+
 @pytest.mark.slow
 def test_peers(tmp_path):
     res = tmp_path / "RESULTS.md"

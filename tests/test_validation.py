@@ -76,8 +76,8 @@ def test_row_allowed_only_in_massless_columns_is_infeasible():
 
 
 # -------------------------------------------------------------------- shapes
-@pytest.mark.parametrize("shape", [(5,), (2, 3, 4), ()], ids=["1d", "3d", "0d"])
-def test_wrong_ndim(shape):
+@pytest.mark.parametrize("shape", [(5,), (2, 3, 4, 5), ()], ids=["1d", "4d", "0d"])
+def test_wrong_ndim(shape):  # (3-d is a batch of problems: tests/test_batched.py)
     X = np.zeros(shape)
     with pytest.raises(ValueError, match=r"2-d"):
         so.balanced_assign(X, 25.0)
@@ -100,8 +100,8 @@ def test_empty_arrays(shape):
 def test_marginal_shape_mismatch(which, bad):
     a, b = np.full(6, 1 / 6), np.full(4, 1 / 4)
     kw = {"a": a, "b": b}
-    if which == "b" and bad.shape == (6, 1):
-        bad = np.full((4, 1), 1 / 4)
+    if which == "b" and bad.shape == (6, 1):  # (b of shape (4, k) is k targets)
+        bad = np.full((5, 1), 1 / 5)
     kw[which] = bad
     with pytest.raises(ValueError, match=rf"\b{which}\b.*shape"):
         so.sinkhorn(C, kw["a"], kw["b"], reg=0.1)

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from . import _hard, _problem
+from . import _batched, _hard, _problem
 from . import _validation as V
 from ._arrays import to_host
 from ._lp import check_size
@@ -31,14 +31,20 @@ def sinkhorn(C, a=None, b=None, *, reg, tol=None, max_iter=1000, n_iter=None, in
 
     Parameters
     ----------
-    C : array of float, shape (n, m)
+    C : array of float, shape (n, m) or (B, n, m)
         Cost matrix: NumPy (CPU core), CuPy (CUDA kernels), or any ``__dlpack__`` array such
         as a PyTorch tensor (taken without a copy).  ``+inf`` marks a forbidden pair.
-        A non-contiguous array is copied once.
-    a : array of float, shape (n,), optional
-        Row marginal, uniform ``1/n`` by default.  Nonnegative, same total as ``b``.
-    b : array of float, shape (m,), optional
-        Column marginal, uniform ``1/m`` by default.
+        A non-contiguous array is copied once.  A leading axis is a batch of ``B``
+        independent problems, each solved to its own tolerance (see :doc:`batched`; ragged
+        problems are padded with rows and columns of zero mass).
+    a : array of float, shape (n,) or (B, n), optional
+        Row marginal, uniform ``1/n`` by default.  Nonnegative, same total as ``b``.  For a
+        batch: one per problem, or one shared by all.
+    b : array of float, shape (m,), (B, m) or (m, k), optional
+        Column marginal, uniform ``1/m`` by default; for a batch one per problem or one
+        shared.  With a 2-d ``C``, shape ``(m, k)`` is POT's multi-target form: ``k``
+        problems against the same ``C`` and ``a``, sharing each read of ``C`` (the result
+        is a batch of ``k``; ``cost`` is POT's ``ot.sinkhorn(a, b, C, reg)``).
     reg : float
         Entropic regularisation (``> 0``).
     tol : float, optional
@@ -76,7 +82,9 @@ def sinkhorn(C, a=None, b=None, *, reg, tol=None, max_iter=1000, n_iter=None, in
     -------
     OTResult
         Potentials ``f``, ``g``, ``n_iter``, ``err``, ``converged``, ``cost = <Q, C>``, and
-        ``plan()``.
+        ``plan()``.  For a batch (or several targets) every field has the batch axis in
+        front: ``f`` (B, n), ``g`` (B, m), ``n_iter``, ``err``, ``converged``, ``cost`` (B,)
+        arrays, ``plan()`` (B, n, m).
 
     Examples
     --------
@@ -86,12 +94,20 @@ def sinkhorn(C, a=None, b=None, *, reg, tol=None, max_iter=1000, n_iter=None, in
     >>> np.round(res.plan(), 4)
     array([[0.5, 0. ],
            [0. , 0.5]])
+    >>> batch = sinkhorn_ot.sinkhorn(np.stack([C, 1 - C]), reg=0.1)   # two problems
+    >>> batch.f.shape, bool(batch.converged.all())
+    ((2, 2), True)
 
     References
     ----------
     M. Cuturi, "Sinkhorn distances: lightspeed computation of optimal transport", NeurIPS
     2013.
     """
+    if _batched.is_batch(C) or _batched.is_multi_target(C, b):
+        solve = _batched.sinkhorn if _batched.is_batch(C) else _batched.multi_target
+        return solve(C, a, b, reg=reg, tol=tol, max_iter=max_iter, n_iter=n_iter, init=init,
+                     acceleration=acceleration, eps_scaling=eps_scaling,
+                     n_threads=n_threads, comm=comm)
     red = _problem.reducer(comm)
     reg = red.agreed(V.positive_scalar, reg, "reg")
     opts = red.agreed(lambda: _problem.options(
@@ -121,10 +137,12 @@ def balanced_assign(logP, lam=25.0, *, b=None, size_penalty=None, hard="argmax",
 
     Parameters
     ----------
-    logP : array of float, shape (N, K)
+    logP : array of float, shape (N, K) or (B, N, K)
         Log-probabilities (or logits) of N samples over K clusters, a network's
         ``log_softmax`` output.  NumPy, CuPy, or a ``__dlpack__`` tensor (PyTorch CPU or
         CUDA, no copy); results come back in the same family.  ``-inf`` forbids a pair.
+        A leading axis is a batch of ``B`` problems (:doc:`batched`); ``b`` is then
+        ``(K,)`` or ``(B, K)`` and every result field gains the batch axis.
     lam : float, default 25.0
         Inverse entropic regularisation (SeLa uses 25); larger is closer to hard labels.
     b : array of float, shape (K,), optional
@@ -185,6 +203,11 @@ def balanced_assign(logP, lam=25.0, *, b=None, size_penalty=None, hard="argmax",
     Y. M. Asano, C. Rupprecht, A. Vedaldi, "Self-labelling via simultaneous clustering and
     representation learning", ICLR 2020.
     """
+    if _batched.is_batch(logP):
+        return _batched.balanced_assign(
+            logP, lam, b=b, size_penalty=size_penalty, hard=hard, tol=tol, max_iter=max_iter,
+            n_iter=n_iter, init=init, acceleration=acceleration, eps_scaling=eps_scaling,
+            n_threads=n_threads, comm=comm)
     red = _problem.reducer(comm)
     lam = red.agreed(V.positive_scalar, lam, "lam")
     opts = red.agreed(lambda: _problem.options(

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from . import _core, _problem
+from . import _batched, _core, _problem
 from . import _validation as V
 from ._arrays import is_cupy, to_host
 
@@ -235,7 +235,10 @@ def codes(scores, *, eps, n_iter=3, probabilities=False, rows=None, comm="auto",
         bfloat16 (arithmetic in float32 at least).  A tensor that requires grad is taken as
         a constant: the codes are targets, no gradient flows through them.  A per-row shift
         of ``scores`` does not change the codes solved to ``tol``; after ``n_iter``
-        iterations it changes them slightly, as it does in SwAV's loop.
+        iterations it changes them slightly, as it does in SwAV's loop.  A leading axis
+        (shape ``(P, B, K)``) is a batch of ``P`` independent score matrices (e.g.
+        positionwise losses), solved in one call (:doc:`batched`); the codes are then
+        ``(P, B, K)`` and ``b`` may be ``(P, K)``.
     eps : float
         Temperature (``> 0``): the kernel is ``exp(scores / eps)``.  SwAV, solo-learn and
         lightly call it ``epsilon``, DINOv2 ``teacher_temp``; SeLa's ``lamb`` is ``1 / eps``.
@@ -306,6 +309,12 @@ def codes(scores, *, eps, n_iter=3, probabilities=False, rows=None, comm="auto",
     "Self-labelling via simultaneous clustering and representation learning", ICLR 2020.
     """
     comm = _auto_comm(comm)
+    if _batched.is_batch(scores):
+        if comm is not None:
+            raise ValueError("a batch of score matrices (B, N, K) cannot be split across "
+                             "processes: pass comm=None")
+        return _batched.codes(scores, eps=eps, n_iter=n_iter, probabilities=probabilities,
+                              rows=rows, b=b, tol=tol, max_iter=max_iter, n_threads=n_threads)
     eps = V.positive_scalar(eps, "eps")
     if not isinstance(probabilities, (bool, np.bool_)):
         raise TypeError(f"probabilities must be True or False, got {probabilities!r}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 __all__ = ["OTResult", "Assignment", "UnbalancedResult", "EMDResult"]
 
 
@@ -20,7 +22,10 @@ class OTResult:
     The plan is ``Q[i, y] = exp(S[i, y] + f[i] + g[y])`` with ``S = -C / reg`` (or
     ``S = lam * logP`` for :func:`balanced_assign`); it is never formed unless :meth:`plan`
     is called.  Arrays are of the input's family (NumPy, CuPy, or the ``__dlpack__``
-    producer such as PyTorch) and device.
+    producer such as PyTorch) and device.  The result of a batch of ``B`` problems (a
+    matrix of shape ``(B, n, m)``, or ``B`` targets) has the batch axis in front of every
+    field: ``f`` (B, n), ``g`` (B, m), ``n_iter``, ``err``, ``converged`` and ``cost``
+    NumPy arrays of shape (B,), ``plan()`` (B, n, m).
 
     Attributes
     ----------
@@ -53,6 +58,12 @@ class OTResult:
 
     def __repr__(self) -> str:
         # A summary, not the potentials: printing a result must not dump n + m numbers.
+        shape = getattr(self.f, "shape", None)
+        if shape is not None and len(shape) == 2:  # a batch: its size and worst problem
+            n_iter, err, conv = (np.asarray(v) for v in (self.n_iter, self.err, self.converged))
+            return (f"{type(self).__name__}(batch={shape[0]}, shape=({shape[1]}, "
+                    f"{self.g.shape[1]}), max n_iter={int(n_iter.max())}, max err="
+                    f"{float(err.max()):.3g}, converged={int(conv.sum())}/{conv.size})")
         return (f"{type(self).__name__}(shape=({_length(self.f)}, {_length(self.g)}), "
                 f"n_iter={self.n_iter}, err={self.err:.3g}, converged={bool(self.converged)})")
 

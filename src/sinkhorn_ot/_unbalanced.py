@@ -6,7 +6,7 @@ import numbers
 
 import numpy as np
 
-from . import _problem
+from . import _batched, _problem
 from . import _validation as V
 from ._results import UnbalancedResult
 
@@ -73,9 +73,11 @@ def sinkhorn_unbalanced(C, a=None, b=None, *, reg, reg_m, tol=None, max_iter=100
 
     Parameters
     ----------
-    C : array of float, shape (n, m)
+    C : array of float, shape (n, m) or (B, n, m)
         Cost matrix (NumPy, CuPy or a ``__dlpack__`` array, as in :func:`sinkhorn`);
-        ``+inf`` marks a forbidden pair.
+        ``+inf`` marks a forbidden pair.  A leading axis is a batch of ``B`` problems,
+        solved one by one by this function (``a``, ``b``: ``(n,)``/``(m,)`` shared or
+        ``(B, n)``/``(B, m)``); every result field gains the batch axis (:doc:`batched`).
     a : array of float, shape (n,), optional
         Row reference measure, uniform ``1/n`` by default.  Totals of ``a`` and ``b`` may
         differ.
@@ -123,6 +125,10 @@ def sinkhorn_unbalanced(C, a=None, b=None, *, reg, reg_m, tol=None, max_iter=100
     S. Sejourne, J. Feydy, F.-X. Vialard, A. Trouve, G. Peyre, "Sinkhorn divergences for
     unbalanced optimal transport", arXiv:1910.12958, 2019.
     """
+    if _batched.is_batch(C):
+        return _batched.sinkhorn_unbalanced(C, a, b, reg=reg, reg_m=reg_m, tol=tol,
+                                            max_iter=max_iter, n_iter=n_iter, init=init,
+                                            n_threads=n_threads)
     reg = V.positive_scalar(reg, "reg")
     reg_m_a, reg_m_b = reg_m_pair(reg_m)
     opts = _problem.options(tol=tol, max_iter=max_iter, n_iter=n_iter, n_threads=n_threads,

@@ -50,7 +50,8 @@ def matrix(native: Native, name: str, xp, allow_empty_rows: bool = False):
         raise TypeError(f"{name} must be a real floating array, got {what} dtype "
                         f"{native.dtype}".replace("  ", " "))
     if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-d, got {arr.ndim}-d with shape {arr.shape}")
+        raise ValueError(f"{name} must be 2-d (3-d: a batch of problems), got {arr.ndim}-d "
+                         f"with shape {arr.shape}")
     if (arr.shape[0] == 0 and not allow_empty_rows) or arr.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape})")
     if native.device == "cpu" and native.dtype == "float16":

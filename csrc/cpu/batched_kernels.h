@@ -1,0 +1,411 @@
+// Row kernels of the batched and multi-target solves (batched.cpp), compiled once per
+// instruction set: batched.cpp includes this file inside a namespace per ISA with the
+// matching `#pragma GCC target`, so the plain loops below are auto-vectorised at that
+// width.  No include guard: every definition here is per-ISA.
+//
+// Everything is float64: the rows of a small problem live in L1, so the pass is bound by
+// its exponentials, not by memory, and float64 keeps the measured plan the plan of the
+// float64 potentials without a precision budget.  The vector exponential is the single
+// solve's (simd.h, included before this file); bexp below is its scalar twin for tails.
+
+// exp(x) in float64 for x <= ~0: Cody-Waite reduction by ln 2 and a degree-12 Taylor
+// polynomial on |r| <= ln2 / 2 (relative error below 2e-16).  Exactly 0 below -708 (a
+// forbidden pair, or a term under float64's normal range).  Written with scalar arithmetic
+// and bit casts only, so `omp simd` loops vectorise it.
+template <class V, class U>
+BK_INLINE V bexp_t(V x) {
+    const V zero = V();
+    const V lo = zero - 708.0, magic = zero + 6755399441055744.0;  // 1.5 * 2^52
+    const V xc = x < lo ? lo : x;
+    const V kt = xc * 1.4426950408889634 + magic;  // adding magic rounds to an integer
+    const V kd = kt - magic;
+    const V r = (xc - kd * 0.693147180559890330187) - kd * 5.4979230187083711552e-14;
+    V p = zero + 2.08767569878681e-09;  // 1 / 12!
+    p = p * r + 2.505210838544172e-08;
+    p = p * r + 2.755731922398589e-07;
+    p = p * r + 2.755731922398589e-06;
+    p = p * r + 2.48015873015873e-05;
+    p = p * r + 1.984126984126984e-04;
+    p = p * r + 1.388888888888889e-03;
+    p = p * r + 8.333333333333333e-03;
+    p = p * r + 4.166666666666666e-02;
+    p = p * r + 1.666666666666667e-01;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    // kd as an integer: the low bits of kt (no float-to-int conversion)
+    const U ki = BK_BITS(U, kt) - 0x4338000000000000ULL;
+    const V out = BK_BITS(V, BK_BITS(U, p) + (ki << 52));
+    return x < lo ? zero : out;
+}
+BK_INLINE double bexp(double x) { return bexp_t<double, uint64_t>(x); }
+
+// One row of the balanced pass at g: t_y = alpha x_y + g_y, m = max t, e_y = exp(t_y - m)
+// into `e`, s = sum e.  Returns m (-inf when the row has no allowed entry).
+#if defined(__GNUC__)
+typedef double bvd __attribute__((vector_size(BK_W)));
+typedef uint64_t bvu __attribute__((vector_size(BK_W)));
+typedef int64_t bvm __attribute__((vector_size(BK_W)));
+typedef float bvh __attribute__((vector_size(BK_W / 2)));
+constexpr int64_t BL = BK_W / 8;
+BK_INLINE bvd bload(const double* p) {
+    bvd v;
+    __builtin_memcpy(&v, p, sizeof(v));
+    return v;
+}
+BK_INLINE bvd bload(const float* p) {
+    bvh v;
+    __builtin_memcpy(&v, p, sizeof(v));
+    return __builtin_convertvector(v, bvd);
+}
+BK_INLINE void bstore(double* p, bvd v) { __builtin_memcpy(p, &v, sizeof(v)); }
+BK_INLINE double bsum(bvd v) {
+    double s = 0;
+    for (int64_t l = 0; l < BL; ++l) s += v[l];
+    return s;
+}
+BK_INLINE double bmax(bvd v) {
+    double s = v[0];
+    for (int64_t l = 1; l < BL; ++l) s = v[l] > s ? v[l] : s;
+    return s;
+}
+
+// One row of the balanced pass at g: t_y = alpha x_y + g_y, m = max t, e_y = exp(t_y - m)
+// into `e`, s = sum e.  Returns m (-inf when the row has no allowed entry).
+template <class T>
+BK_INLINE double row_exp(const T* x, const double* g, int64_t K, double alpha, double* e,
+                         double& s) {
+    const double ninf = -std::numeric_limits<double>::infinity();
+    const int64_t Kb = K - K % BL;
+    bvd mv = bvd{} + ninf;
+    for (int64_t y = 0; y < Kb; y += BL) {
+        const bvd t = bload(x + y) * alpha + bload(g + y);
+        bstore(e + y, t);
+        mv = t > mv ? t : mv;
+    }
+    double m = bmax(mv);
+    for (int64_t y = Kb; y < K; ++y) {
+        const double t = alpha * static_cast<double>(x[y]) + g[y];
+        e[y] = t;
+        m = t > m ? t : m;
+    }
+    s = 0;
+    if (!(m > ninf)) return m;
+    bvd sv = bvd{};
+    for (int64_t y = 0; y < Kb; y += BL) {
+        const bvd v = vexp(bload(e + y) - m);
+        bstore(e + y, v);
+        sv += v;
+    }
+    s = bsum(sv);
+    for (int64_t y = Kb; y < K; ++y) {
+        const double v = bexp(e[y] - m);
+        e[y] = v;
+        s += v;
+    }
+    return m;
+}
+#else
+template <class T>
+BK_INLINE double row_exp(const T* x, const double* g, int64_t K, double alpha, double* e,
+                         double& s) {
+    double m = -std::numeric_limits<double>::infinity();
+    for (int64_t y = 0; y < K; ++y) {
+        const double t = alpha * static_cast<double>(x[y]) + g[y];
+        e[y] = t;
+        m = t > m ? t : m;
+    }
+    s = 0;
+    if (!(m > -std::numeric_limits<double>::infinity())) return m;
+    for (int64_t y = 0; y < K; ++y) {
+        const double v = bexp(e[y] - m);
+        e[y] = v;
+        s += v;
+    }
+    return m;
+}
+#endif
+
+// col_y += r e_y
+BK_INLINE void axpy(double* col, const double* e, double r, int64_t K) {
+#pragma omp simd
+    for (int64_t y = 0; y < K; ++y) col[y] += r * e[y];
+}
+
+// The multi-target kernels work on blocks of kRows rows and kTargets targets, padded with
+// zeros: E (kRows x Kp), Wt and the accumulators (kp x Kp), Kp a multiple of the vector
+// width and kp of kTargets, so every loop below has constant bounds and its accumulators
+// stay in registers.
+constexpr int64_t kRows = 4, kTargets = 4;
+#if defined(__GNUC__)
+// S_rt = sum_y E_ry Wt_ty for the kRows rows of E and targets t0 .. t0 + kTargets - 1
+BK_INLINE void multi_dots(const double* E, const double* Wt, int64_t Kp, int64_t t0,
+                          double* S, int64_t kp) {
+    bvd acc[kRows][kTargets] = {};
+    const double* w0 = Wt + t0 * Kp;
+    for (int64_t y = 0; y < Kp; y += BL) {
+        bvd w[kTargets], e[kRows];
+        for (int64_t t = 0; t < kTargets; ++t) w[t] = bload(w0 + t * Kp + y);
+        for (int64_t r = 0; r < kRows; ++r) e[r] = bload(E + r * Kp + y);
+        for (int64_t r = 0; r < kRows; ++r)
+            for (int64_t t = 0; t < kTargets; ++t) acc[r][t] += e[r] * w[t];
+    }
+    for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t t = 0; t < kTargets; ++t) S[r * kp + t0 + t] = bsum(acc[r][t]);
+}
+
+// acc_ty += sum_r Rr_rt E_ry for every target (Rr: kRows x kp)
+BK_INLINE void multi_axpys(const double* E, const double* Rr, int64_t Kp, int64_t kp,
+                           double* acc) {
+    for (int64_t y = 0; y < Kp; y += BL) {
+        bvd e[kRows];
+        for (int64_t r = 0; r < kRows; ++r) e[r] = bload(E + r * Kp + y);
+        for (int64_t t = 0; t < kp; ++t) {
+            bvd a = bload(acc + t * Kp + y);
+            for (int64_t r = 0; r < kRows; ++r) a += Rr[r * kp + t] * e[r];
+            bstore(acc + t * Kp + y, a);
+        }
+    }
+}
+#else
+BK_INLINE void multi_dots(const double* E, const double* Wt, int64_t Kp, int64_t t0,
+                          double* S, int64_t kp) {
+    for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t t = t0; t < t0 + kTargets; ++t) {
+            double s = 0;
+            for (int64_t y = 0; y < Kp; ++y) s += E[r * Kp + y] * Wt[t * Kp + y];
+            S[r * kp + t] = s;
+        }
+}
+BK_INLINE void multi_axpys(const double* E, const double* Rr, int64_t Kp, int64_t kp,
+                           double* acc) {
+    for (int64_t t = 0; t < kp; ++t)
+        for (int64_t r = 0; r < kRows; ++r) {
+            const double c = Rr[r * kp + t];
+            for (int64_t y = 0; y < Kp; ++y) acc[t * Kp + y] += c * E[r * Kp + y];
+        }
+}
+#endif
+
+// The multi-target row block: for the R (<= kRows) rows of X, e_ry = exp(alpha x_ry +
+// gbar_y - m_r) into E (kRows x Kp; rows R.. zero), then S_rt = sum_y e_ry W_ty for every
+// target (S: kRows x kp): one exponential per entry serves every target.
+template <class T>
+BK_INLINE void multi_rows(const T* X, int64_t R, int64_t K, int64_t Kp, int64_t kp,
+                          double alpha, const double* gbar, const double* Wt, double* E,
+                          double* m_out, double* S) {
+    for (int64_t r = 0; r < kRows; ++r) {
+        double s;
+        if (r < R) {
+            m_out[r] = row_exp(X + r * K, gbar, K, alpha, E + r * Kp, s);
+            if (!(m_out[r] > -std::numeric_limits<double>::infinity()))
+                for (int64_t y = 0; y < K; ++y) E[r * Kp + y] = 0;
+        } else {
+            for (int64_t y = 0; y < Kp; ++y) E[r * Kp + y] = 0;
+        }
+    }
+    for (int64_t t0 = 0; t0 < kp; t0 += kTargets) multi_dots(E, Wt, Kp, t0, S, kp);
+}
+
+// E_ry x_ry where E_ry > 0 (a forbidden pair's x is infinite), for the cost
+template <class T>
+BK_INLINE void times_x(const double* E, const T* X, int64_t R, int64_t K, int64_t Kp,
+                       double* Ex) {
+    for (int64_t r = 0; r < kRows; ++r) {
+        double* o = Ex + r * Kp;
+        const double* e = E + r * Kp;
+        if (r >= R) {
+            for (int64_t y = 0; y < Kp; ++y) o[y] = 0;
+            continue;
+        }
+        const T* x = X + r * K;
+#pragma omp simd
+        for (int64_t y = 0; y < K; ++y) o[y] = e[y] > 0 ? e[y] * static_cast<double>(x[y]) : 0.0;
+        for (int64_t y = K; y < Kp; ++y) o[y] = 0;
+    }
+}
+
+// mx_y = max(mx_y, alpha x_y): the column maxima of S, a row at a time
+template <class T>
+BK_INLINE void col_max(const T* x, int64_t K, double alpha, double* mx) {
+    for (int64_t y = 0; y < K; ++y) {
+        const double t = alpha * static_cast<double>(x[y]);
+        mx[y] = t > mx[y] ? t : mx[y];
+    }
+}
+
+#if defined(__GNUC__)
+// z_y += exp(alpha x_y - mx_y) (mx_y = -inf: the column has no allowed entry, z stays 0)
+template <class T>
+BK_INLINE void col_sumexp(const T* x, int64_t K, double alpha, const double* mx, double* z) {
+    const int64_t Kb = K - K % BL;
+    for (int64_t y = 0; y < Kb; y += BL) {
+        const bvd d = bload(x + y) * alpha - bload(mx + y);
+        const bvd e = vexp(d);
+        bstore(z + y, bload(z + y) + (d == d ? e : bvd{}));  // -inf - -inf: NaN, nothing
+    }
+    for (int64_t y = Kb; y < K; ++y) {
+        const double d = alpha * static_cast<double>(x[y]) - mx[y];
+        z[y] += d == d ? bexp(d) : 0.0;
+    }
+}
+
+// sum_y exp(alpha x_y + c_y) x_y over the allowed pairs (c_y = f_i + g_y; the plan entries
+// are at most the row mass, so the exponent stays below ~0)
+template <class T>
+BK_INLINE double row_cost(const T* x, const double* c, int64_t K, double alpha) {
+    const int64_t Kb = K - K % BL;
+    bvd sv = bvd{};
+    for (int64_t y = 0; y < Kb; y += BL) {
+        const bvd xv = bload(x + y);
+        const bvd q = vexp(xv * alpha + bload(c + y));
+        sv += q > 0 ? q * xv : bvd{};
+    }
+    double s = bsum(sv);
+    for (int64_t y = Kb; y < K; ++y) {
+        const double xv = static_cast<double>(x[y]);
+        const double q = bexp(alpha * xv + c[y]);
+        s += q > 0 ? q * xv : 0.0;
+    }
+    return s;
+}
+#else
+template <class T>
+BK_INLINE void col_sumexp(const T* x, int64_t K, double alpha, const double* mx, double* z) {
+    for (int64_t y = 0; y < K; ++y) {
+        const double d = alpha * static_cast<double>(x[y]) - mx[y];
+        z[y] += d == d ? bexp(d) : 0.0;
+    }
+}
+template <class T>
+BK_INLINE double row_cost(const T* x, const double* c, int64_t K, double alpha) {
+    double s = 0;
+    for (int64_t y = 0; y < K; ++y) {
+        const double xv = static_cast<double>(x[y]);
+        const double q = bexp(alpha * xv + c[y]);
+        s += q > 0 ? q * xv : 0.0;
+    }
+    return s;
+}
+#endif
+
+// log(x) in float64 for positive normal x: x = 2^e u with u in [sqrt(1/2), sqrt(2)), log u =
+// 2 atanh(s), s = (u - 1) / (u + 1), |s| <= 0.172, by its series to s^23 (relative error
+// below 1e-16).  Bit casts and arithmetic only, so `omp simd` loops vectorise it.
+BK_INLINE double blog(double x) {
+    const uint64_t b = BK_BITS(uint64_t, x);
+    // shift the exponent so that u lands in [sqrt(1/2), sqrt(2)): 0x3fe6a09e... = sqrt(1/2)
+    const uint64_t off = b - 0x3fe6a09e667f3bcdULL;
+    const int64_t e = static_cast<int64_t>(off) >> 52;
+    const double u = BK_BITS(double, b - (static_cast<uint64_t>(e) << 52));
+    const double s = (u - 1.0) / (u + 1.0), s2 = s * s;
+    double p = 1.0 / 23;
+    p = p * s2 + 1.0 / 21;
+    p = p * s2 + 1.0 / 19;
+    p = p * s2 + 1.0 / 17;
+    p = p * s2 + 1.0 / 15;
+    p = p * s2 + 1.0 / 13;
+    p = p * s2 + 1.0 / 11;
+    p = p * s2 + 1.0 / 9;
+    p = p * s2 + 1.0 / 7;
+    p = p * s2 + 1.0 / 5;
+    p = p * s2 + 1.0 / 3;
+    p = p * s2 + 1.0;
+    const double ed = static_cast<double>(e);
+    return ed * 0.693147180559890330187 + (2.0 * s * p + ed * 5.4979230187083711552e-14);
+}
+
+// f_i = loga_i - m_i - log s_i (f = -inf where the row carried no plan: m_i = -inf)
+BK_INLINE void row_potentials(const double* loga, const double* m, const double* s, int64_t N,
+                              double* f) {
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) {
+        const double ninf = -std::numeric_limits<double>::infinity();
+        const double v = loga[i] - m[i] - blog(s[i] > 0 ? s[i] : 1.0);
+        f[i] = m[i] > ninf ? v : ninf;
+    }
+}
+
+// One balanced pass at g over the rows of X (N x K): m_i, s_i of every row (m_i = -inf for
+// a row of zero mass or with no allowed entry) and the column sums col of the plan, whose
+// row i is e_i a_i / s_i.
+template <class T>
+BK_INLINE void pass_rows(const T* X, int64_t N, int64_t K, double alpha, const double* g,
+                         const double* a, double* m, double* s, double* col, double* e) {
+    for (int64_t y = 0; y < K; ++y) col[y] = 0;
+    for (int64_t i = 0; i < N; ++i) {
+        if (!(a[i] > 0)) {
+            m[i] = -std::numeric_limits<double>::infinity();
+            s[i] = 1;
+            continue;
+        }
+        double si;
+        const double mi = row_exp(X + i * K, g, K, alpha, e, si);
+        m[i] = mi;
+        s[i] = si;
+        if (!(mi > -std::numeric_limits<double>::infinity())) continue;
+        axpy(col, e, a[i] / si, K);
+    }
+}
+
+// The validation facts of one problem's n entries (the single solve's check_matrix):
+// returns bit 0 when an entry is NaN or the wrong infinity, bit 1 when one is `forbidden`;
+// max_abs = the largest |finite entry|.
+template <class T>
+BK_INLINE uint8_t scan_entries(const T* x, int64_t n, double forbidden, double& max_abs) {
+    const double inf = std::numeric_limits<double>::infinity();
+    double mx = 0;
+    bool bad = false, forb = false;
+#if defined(__GNUC__)
+    const int64_t nb = n - n % BL;
+    bvd mv = bvd{};
+    bvu badv = bvu{}, forbv = bvu{};
+    for (int64_t y = 0; y < nb; y += BL) {
+        const bvd v = bload(x + y);
+        const bvd av = v < 0 ? -v : v;
+        const bvm fin = av < inf;  // false for +-inf and NaN
+        const bvm isf = v == forbidden;
+        mv = (fin & (av > mv)) ? av : mv;
+        badv |= (bvu)(~fin & ~isf);
+        forbv |= (bvu)isf;
+    }
+    mx = bmax(mv);
+    for (int64_t l = 0; l < BL; ++l) {
+        bad |= badv[l] != 0;
+        forb |= forbv[l] != 0;
+    }
+#else
+    const int64_t nb = 0;
+#endif
+    for (int64_t y = nb; y < n; ++y) {
+        const double v = static_cast<double>(x[y]), av = v < 0 ? -v : v;
+        if (av < inf) {
+            mx = av > mx ? av : mx;
+        } else if (v == forbidden) {
+            forb = true;
+        } else {
+            bad = true;
+        }
+    }
+    max_abs = mx;
+    return static_cast<uint8_t>((bad ? 1 : 0) | (forb ? 2 : 0));
+}
+
+// sum_y u_y v_y (Anderson's least squares)
+BK_INLINE double dot(const double* u, const double* v, int64_t n) {
+    double s = 0;
+    int64_t nb = 0;
+#if defined(__GNUC__)
+    nb = n - n % BL;
+    bvd a0 = bvd{}, a1 = bvd{};
+    int64_t y = 0;
+    for (; y + 2 * BL <= nb; y += 2 * BL) {
+        a0 += bload(u + y) * bload(v + y);
+        a1 += bload(u + y + BL) * bload(v + y + BL);
+    }
+    for (; y < nb; y += BL) a0 += bload(u + y) * bload(v + y);
+    s = bsum(a0 + a1);
+#endif
+    for (int64_t y2 = nb; y2 < n; ++y2) s += u[y2] * v[y2];
+    return s;
+}
