@@ -82,6 +82,14 @@ def test_bench_codes(tmp_path):
     assert "<!-- BEGIN bench_codes -->" in res.read_text()
 
 
+def test_bench_emd(tmp_path):
+    res = tmp_path / "RESULTS.md"
+    out = run("bench_emd.py", "--rounds", "1", "--results", str(res))
+    for family in ("2-D euclidean, random marginals", "integer costs", "uniform"):
+        assert family in out, family
+    assert "<!-- BEGIN bench_emd -->" in res.read_text()
+
+
 def test_bench_grad(tmp_path):
     pytest.importorskip("torch")
     res = tmp_path / "RESULTS.md"

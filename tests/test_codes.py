@@ -229,6 +229,10 @@ def test_rows_forms():
     np.testing.assert_array_equal(sinkhorn_ot.codes(S, eps=0.05, rows=torch.tensor([2, 9])),
                                   full[[2, 9]])
     assert sinkhorn_ot.codes(S, eps=0.05, rows=[]).shape == (0, 25)
+    # solved to a tolerance the codes are written after the solve: a strided slice too
+    tight = sinkhorn_ot.codes(S, eps=0.05, tol=1e-9)
+    np.testing.assert_array_equal(sinkhorn_ot.codes(S, eps=0.05, tol=1e-9,
+                                                    rows=slice(1, None, 3)), tight[1::3])
     assert sinkhorn_ot.codes(S, eps=0.05, rows=slice(-64, None)).shape == (64, 25)
 
 

@@ -13,6 +13,10 @@ reference it checks against:
 - ``reference.reference_solve``: the float64 NumPy reference solve, for the potentials.
 - the same call on a C-contiguous copy: layouts (Fortran order, views, negative strides)
   change nothing.
+- ``clients.swav`` (tests/clients.py, SwAV's ``distributed_sinkhorn`` re-implemented in
+  torch float64) for :func:`codes`, and codes' own definition (rows sum to 1, columns to
+  ``B * b`` when solved to a tolerance, zero exactly on zero probabilities, ``rows=`` the
+  same rows of the full codes).
 
 Inputs are built feasible: the allowed pattern and the marginals come from a strictly
 positive plan on it (so finite potentials exist), then columns/rows of zero mass are added.
@@ -276,12 +280,193 @@ def test_emd_matches_pot(prob):
             A = np.vstack([np.kron(np.eye(n), np.ones(m)), np.kron(np.ones(n), np.eye(m))])
             lp = linprog(M.ravel(), A_eq=A, b_eq=np.concatenate([a, b]), method="highs")
             ref, rtol = float(lp.fun), 1e-7
-    np.testing.assert_allclose(res.cost, ref, rtol=rtol, atol=1e-13)
     P = res.plan()
     assert np.abs(P.sum(1) - a).sum() + np.abs(P.sum(0) - b).sum() <= 1e-12
     assert P.toarray()[~allowed].sum() == 0
     R = np.where(allowed, X, np.inf) - res.f[:, None] - res.g[None, :]
     cmax = np.abs(X[allowed]).max() + 1.0
+    # weak duality: no plan costs less than the dual objective less the duals' infeasibility
+    live_a, live_b = a > 0, b > 0
+    lower = (res.f[live_a] @ a[live_a] + res.g[live_b] @ b[live_b]
+             - max(0.0, -float(R[np.ix_(live_a, live_b)].min())) * a.sum())
+    assert ref >= lower - 1e-12 * cmax, (ref, lower)  # POT's plan cannot beat the bound
+    assert res.cost - lower <= 1e-12 * cmax, (res.cost, lower)  # ours meets it
+    if res.cost < ref - rtol * abs(ref) - 1e-13:
+        # below POT's cost: legitimate only because the bound proves POT's plan suboptimal
+        # (ot.emd stops on reduced costs relative to the huge forbidden-pair cost)
+        assert ref - lower > rtol * abs(ref), (res.cost, ref, lower)
+    else:
+        np.testing.assert_allclose(res.cost, ref, rtol=rtol, atol=1e-13)
     assert R.min() >= -1e-10 * cmax
     Pc = P.tocoo()
     np.testing.assert_allclose(R[Pc.row, Pc.col], 0.0, atol=1e-10 * cmax)
+
+
+@st.composite
+def degenerate(draw, n_max=40, m_max=40):
+    """(C, a, b) of a highly degenerate transport LP: costs with few distinct integer values
+    (many ties, many optimal vertices), small integer marginals of equal totals, or the
+    assignment problem (a = b = 1): every basis has many zero flows."""
+    n = draw(st.integers(1, n_max))
+    m = n if draw(st.booleans()) else draw(st.integers(1, m_max))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    C = rng.integers(0, draw(st.sampled_from([1, 2, 4])) + 1, (n, m)).astype(np.float64)
+    if n == m and draw(st.booleans()):
+        a, b = np.ones(n), np.ones(m)
+    else:
+        a = rng.integers(1, 4, n).astype(np.float64)
+        b = rng.integers(1, 4, m).astype(np.float64)
+        d = a.sum() - b.sum()
+        (b if d > 0 else a)[0] += abs(d)
+    return C, a, b
+
+
+@settings(max_examples=N_EX)
+@given(prob=degenerate(), rule=st.sampled_from(["default", "bland", "cunningham"]),
+       start=st.sampled_from(["northwest", "emd"]), perturb=st.sampled_from([False, True]))
+def test_simplex_terminates_on_degenerate_problems(prob, rule, start, perturb):
+    """Anti-cycling: the transport simplex ends (within its pivot limit: cycling would run
+    into it and raise) on degenerate LPs under each pivot rule: Bland's throughout, block
+    pricing with Cunningham's leaving rule and no Bland fallback, and the default (Bland's
+    after n + m degenerate pivots in a row), from the degenerate northwest corner or emd's
+    own start, on the marginals as given (degenerate pivots) or perturbed (none).
+    Reference: POT's ot.emd cost (integral data: exact to round-off); the plan is integral,
+    exact on its marginals, and the duals certify it."""
+    ot = pytest.importorskip("ot")
+    from sinkhorn_ot import _simplex
+
+    C, a, b = prob
+    n, m = C.shape
+    limit = {"default": None, "bland": 0, "cunningham": 10**9}[rule]
+    first = _simplex._northwest(a, b) if start == "northwest" else ()
+    rows, cols, x, f, g = _simplex.finish(C, a, b, first, stall_limit=limit,
+                                          perturb=perturb)
+    P = np.zeros((n, m))
+    np.add.at(P, (rows, cols), x)
+    np.testing.assert_array_equal(P.sum(1), a)
+    np.testing.assert_array_equal(P.sum(0), b)
+    np.testing.assert_array_equal(P, np.round(P))
+    ref = float(np.sum(ot.emd(a, b, C, numItermax=10**7) * C)) if min(n, m) > 1 else \
+        float(np.sum(P * C))  # one row or column: the plan is forced
+    np.testing.assert_allclose(float(np.sum(P * C)), ref, rtol=1e-12, atol=1e-12)
+    R = C - f[:, None] - g[None, :]
+    assert R.min() >= -1e-12 * (C.max() + 1.0)
+    np.testing.assert_allclose(R[rows, cols], 0.0, atol=1e-12 * (C.max() + 1.0))
+
+
+# --- 5. codes ------------------------------------------------------------------------------
+
+@st.composite
+def scores(draw, b_max=300, k_max=64):
+    """Cosine-like scores in [-1, 1] (B x K, B = 1 and K = 1 included), as float64."""
+    B = draw(st.integers(1, b_max))
+    K = draw(st.integers(1, k_max))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    z = rng.standard_normal((B, 8))
+    c = rng.standard_normal((K, 8))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    return z @ c.T
+
+
+@settings(max_examples=N_EX)
+@given(S=scores(), eps=st.floats(0.02, 2.0), n_iter=st.integers(1, 6),
+       layout=st.sampled_from(["C", "F", "view", "neg"]))
+def test_codes_match_swav_loop(S, eps, n_iter, layout):
+    """codes(S, eps, n_iter) against clients.swav (SwAV's loop in torch float64; exp(1/eps)
+    stays finite here): equal to 1e-12; rows sum to 1; any layout gives the same codes."""
+    torch = pytest.importorskip("torch")
+    import clients
+
+    q = sinkhorn_ot.codes(_layouts(S, layout), eps=eps, n_iter=n_iter)
+    ref = clients.swav(torch.from_numpy(S.copy()), eps, n_iter).numpy()
+    assert q.dtype == np.float64 and q.shape == S.shape
+    np.testing.assert_allclose(q, ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(q.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(q, sinkhorn_ot.codes(S, eps=eps, n_iter=n_iter))
+
+
+@settings(max_examples=N_EX)
+@given(S=scores(), log_eps=st.floats(-3.0, 0.5),
+       dtype=st.sampled_from([np.float64, np.float32, np.float16]), tol=st.booleans())
+def test_codes_keep_dtype_and_stay_finite(S, log_eps, dtype, tol):
+    """The dtype of the scores comes back, codes are finite and in [0, 1] at any eps
+    (1e-3: exp(S / eps) overflows every float), rows sum to 1 to the dtype's rounding; with
+    ``tol`` the columns sum to B / K within it.  Reference: the definition."""
+    B, K = S.shape
+    eps = 10.0 ** log_eps
+    X = S.astype(dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = sinkhorn_ot.codes(X, eps=eps, tol=1e-6 if tol else None, max_iter=5000)
+    assert q.dtype == dtype and q.shape == (B, K)
+    q64 = q.astype(np.float64)
+    assert np.isfinite(q64).all() and q64.min() >= 0 and q64.max() <= 1 + 1e-3
+    rtol = {np.float64: 1e-12, np.float32: 1e-5, np.float16: 5e-3}[dtype]
+    np.testing.assert_allclose(q64.sum(axis=1), 1.0, rtol=0, atol=rtol * K)
+    converged = not any("did not converge" in str(w.message) for w in caught)
+    if tol and dtype == np.float64 and converged:
+        # tol bounds the L1 column violation of the plan (mass 1): B times it for the codes
+        assert np.abs(q64.sum(axis=0) - B / K).sum() <= 1e-6 * B * (1 + 1e-6)
+
+
+@settings(max_examples=N_EX)
+@given(S=scores(200, 40), zero=st.floats(0.0, 0.6), eps=st.floats(0.1, 2.0),
+       seed=st.integers(0, 2**32 - 1))
+def test_codes_of_probabilities_with_zeros(S, zero, eps, seed):
+    """probabilities=True: codes of P equal the codes of log P, are exactly zero where P
+    is, ignore a scale of P and, solved to a tolerance, a per-row scale.  Zeros at random
+    off a staircase that keeps the problem feasible."""
+    B, K = S.shape
+    rng = np.random.default_rng(seed)
+    P = np.exp(S / 0.3)
+    # zeros anywhere but on the northwest-corner staircase of (1/B, 1/K): row i's share
+    # [i/B, (i+1)/B) of the mass overlaps column j's [j/K, (j+1)/K), so a plan exists
+    i, j = np.arange(B)[:, None], np.arange(K)[None, :]
+    stair = (i * K < (j + 1) * B) & (j * B < (i + 1) * K)
+    P[(rng.random((B, K)) < zero) & ~stair] = 0.0
+    w = _quiet()
+    try:
+        q = sinkhorn_ot.codes(P, eps=eps, probabilities=True)
+        with np.errstate(divide="ignore"):
+            ql = sinkhorn_ot.codes(np.log(P), eps=eps)
+        qs = sinkhorn_ot.codes(7.0 * P, eps=eps, probabilities=True)
+        row_scale = np.linspace(0.5, 3.0, B)[:, None]
+        qt = sinkhorn_ot.codes(P, eps=eps, probabilities=True, tol=1e-10, max_iter=20000)
+        qr = sinkhorn_ot.codes(P * row_scale, eps=eps, probabilities=True, tol=1e-10,
+                               max_iter=20000)
+    finally:
+        w.__exit__(None, None, None)
+    np.testing.assert_array_equal(q[P == 0], 0.0)
+    np.testing.assert_allclose(q, ql, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(qs, q, rtol=0, atol=1e-12)  # a total scale: absorbed
+    # a per-row scale: absorbed by the solution (to its tolerance), not by n_iter passes
+    np.testing.assert_allclose(qr, qt, rtol=0, atol=1e-8 * B)
+    np.testing.assert_allclose(q.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+
+
+@settings(max_examples=N_EX)
+@given(data=st.data(), S=scores(200, 30), n_iter=st.integers(1, 4), tol=st.booleans())
+def test_codes_rows_are_the_rows_of_the_full_codes(data, S, n_iter, tol):
+    """rows= (index arrays with negatives and repeats, slices of any step, boolean masks)
+    returns exactly those rows of the full codes (the solve runs over every row)."""
+    B, _ = S.shape
+    kind = data.draw(st.sampled_from(["index", "slice", "mask"]))
+    if kind == "index":
+        rows = np.array(data.draw(st.lists(st.integers(-B, B - 1), max_size=2 * B)),
+                        dtype=np.int64)
+        pick = np.where(rows < 0, rows + B, rows)
+    elif kind == "slice":
+        lo = data.draw(st.one_of(st.none(), st.integers(-B, B)))
+        hi = data.draw(st.one_of(st.none(), st.integers(-B, B)))
+        step = data.draw(st.sampled_from([None, 1, 2, 3, -1, -2]))
+        rows = slice(lo, hi, step)
+        pick = np.arange(B)[rows]
+    else:
+        rows = np.array(data.draw(st.lists(st.booleans(), min_size=B, max_size=B)))
+        pick = np.nonzero(rows)[0]
+    kw = dict(eps=0.1, n_iter=n_iter, tol=1e-8 if tol else None)
+    full = sinkhorn_ot.codes(S, **kw)
+    part = sinkhorn_ot.codes(S, rows=rows, **kw)
+    assert part.shape == (pick.size, S.shape[1])
+    np.testing.assert_array_equal(part, full[pick])

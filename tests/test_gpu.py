@@ -550,6 +550,50 @@ def _host(x):
     return cp.asnumpy(x) if isinstance(x, cp.ndarray) else np.asarray(x)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_tie_counts_kernel_against_the_host(dtype):
+    """tie_count_kernel: per row, the columns within tau (and 1e-12 rounding) of the row's
+    best score, against the same count formed on the host in float64."""
+    rng = np.random.default_rng(5)
+    N, K = rows(300, 37), 45
+    logp = np.round(random_logp(N, K, seed=5), 1)   # rounded: many exact ties
+    logp[3] = -1.0                                    # a constant row: every column ties
+    logp[4, ::3] = -np.inf                            # forbidden pairs never tie
+    Xd, Xh = device_input(logp, dtype)
+    g = rng.standard_normal(K) * 1e-3 * (rng.random(K) < 0.5)
+    for tau in (0.0, 1e-3, 0.3):
+        got = cp.asnumpy(CUDABackend(dtype).tie_counts(Xd, 25.0, cp.asarray(g), tau))
+        S = 25.0 * Xh.astype(np.float64) + g
+        best = S.max(axis=1)
+        want = (S >= (best - tau - 1e-12 * (1 + np.abs(best)))[:, None]).sum(axis=1)
+        np.testing.assert_array_equal(got, want)
+    assert got[3] >= 1 and (got >= 2).any()
+
+
+@pytest.mark.parametrize("n_iter", [3, None])
+def test_tied_labels_follow_the_plan_as_on_the_cpu(n_iter):
+    """A constant logP (every row a tie), duplicated rows and tied pairs: the device spreads
+    them as the CPU does (_hard.tie_break).  After a fixed n_iter (exact ties) the labels are
+    the CPU's; solved to a tolerance, ties are within the plan's accuracy and the order of
+    clusters of equal mass to rounding may differ: the sizes are the CPU's."""
+    rng = np.random.default_rng(6)
+    K = 7
+    const = np.zeros((rows(70, 28), K))
+    dup = np.repeat(random_logp(3, K, seed=6), rows(30, 10), axis=0)
+    pair = random_logp(rows(60, 21), K, seed=7)
+    pair[:, 1] = pair[:, 0]                           # clusters 0 and 1 tie on every row
+    for logp in (const, dup, pair):
+        logp = logp[rng.permutation(logp.shape[0])]
+        kw = dict(n_iter=n_iter) if n_iter else dict(tol=1e-8, max_iter=5000)
+        ref = sinkhorn_ot.balanced_assign(logp, 25.0, **kw)
+        gpu = sinkhorn_ot.balanced_assign(cp.asarray(logp), 25.0, **kw)
+        lab = cp.asnumpy(gpu.labels)
+        np.testing.assert_array_equal(cp.asnumpy(gpu.sizes), ref.sizes)
+        if n_iter:
+            np.testing.assert_array_equal(lab, ref.labels)
+        assert (cp.asnumpy(gpu.sizes) > 0).all()  # the first argmax would leave them empty
+
+
 def test_priors_unbalanced_hard_labels_and_rounding_on_the_device():
     N, K = rows(600, 120), 12
     logp = random_logp(N, K, seed=21).astype(np.float32)

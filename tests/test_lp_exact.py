@@ -126,3 +126,27 @@ def test_true_infeasibility_still_raises():
     C = np.array([[0.0, np.inf, np.inf], [0.0, np.inf, np.inf], [0.0, 1.0, 1.0]])
     with pytest.raises(ValueError, match="infeasible"):
         sinkhorn_ot.emd(C, a=[1 / 3] * 3, b=[0.1, 0.45, 0.45])
+
+
+def test_perturbation_fallback_keeps_the_answer_exact(monkeypatch):
+    """With a perturbation far too large, the perturbed optimum's tree is not feasible for
+    the marginals as given: the pivots run again on them, and the answer is unchanged."""
+    from sinkhorn_ot import _simplex
+
+    rng = np.random.default_rng(11)
+    for seed in range(6):
+        C, a, b = _problem(900 + seed)
+        plain = sinkhorn_ot.emd(C, a, b)
+        monkeypatch.setattr(_simplex, "PERTURBATION", 0.5)
+        res = sinkhorn_ot.emd(C, a, b)
+        monkeypatch.undo()
+        np.testing.assert_allclose(res.cost, plain.cost, rtol=1e-12, atol=1e-15)
+        _check(res, C, a, b)
+    n, m = rng.integers(5, 30, 2)
+    C, a, b = rng.random((n, m)), rng.random(n), rng.random(m)
+    a, b = a / a.sum(), b / b.sum()
+    for perturb in (False, True):
+        rows, cols, x, f, g = _simplex.finish(C, a, b, _simplex._northwest(a, b),
+                                              perturb=perturb)
+        np.testing.assert_allclose(float(x @ C[rows, cols]), float(np.sum(ot.emd(a, b, C) * C)),
+                                   rtol=1e-12)

@@ -1121,6 +1121,43 @@ labels_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha_d,
 }
 
 // ---------------------------------------------------------------------------------------------
+// Ties of the labels, for the host's tie-break (sinkhorn_ot._hard.tie_break): the number of
+// columns of row i whose score alpha X_iy + g_y, formed in float64 as the host forms it, is
+// within tau + 1e-12 (1 + |best|) of the row's best.  Rows with two or more tie; the host
+// reads how many there are (one read) and, only when some do, those rows.  One warp a row,
+// every lane of a warp on the same row (the shuffles are warp-uniform).
+template <class T>
+__global__ void tie_count_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha,
+                                 const double* __restrict__ g, double tau,
+                                 int* __restrict__ count) {
+    typedef typename In<T>::C C;
+    const int lane = threadIdx.x & 31;
+    const i64 w0 = (static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+    const i64 nw = (static_cast<i64>(gridDim.x) * blockDim.x) >> 5;
+    for (i64 i = w0; i < N; i += nw) {
+        const T* row = X + i * K;
+        double m = Num<double>::ninf();
+        for (i64 y = lane; y < K; y += 32) {
+            C x;
+            In<T>::load1(row + y, &x);
+            m = fmax(m, alpha * static_cast<double>(x) + g[y]);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, off));
+        const double lim = m - tau - 1e-12 * (1.0 + fabs(m));
+        int c = 0;
+        for (i64 y = lane; y < K; y += 32) {
+            C x;
+            In<T>::load1(row + y, &x);
+            c += alpha * static_cast<double>(x) + g[y] >= lim;
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) c += __shfl_xor_sync(0xffffffffu, c, off);
+        if (lane == 0) count[i] = c;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The plan exp(alpha X + f_i + g_y), computed in float64, stored as O (float or double).
 template <class T, class O>
 __global__ void plan_kernel(const T* __restrict__ X, i64 N, i64 K, double alpha,

@@ -252,14 +252,13 @@ def balanced_assign(logP, lam=25.0, *, b=None, size_penalty=None, hard="argmax",
 def _argmax_ties(p, sol, lam):
     """The argmax labels with ties spread as the plan spreads them (see _hard.tie_break)."""
     xp, X = p.xp, p.X
-    if xp is not np:
-        # On a device the search would cost host reads the loop's budget does not have (a
-        # fixed n_iter reads none after its passes): the kernels' argmax should break ties
-        # as _hard.tie_break does.
-        return sol.labels
     n_rows = X.shape[0] if p.reducer.local else p.reducer.n_rows_total
     wb = p.b[0]
-    b_min = float(xp.where(wb > 0, wb, xp.inf).min()) / float(wb.sum())
-    tau = _hard.tie_tolerance(sol.err, p.opts.n_iter is None, b_min)
+    tau = 0.0  # after a fixed n_iter: ties to rounding (and no host read for b on a device)
+    if p.opts.n_iter is None:
+        lo, tot = to_host(xp.stack([xp.where(wb > 0, wb, xp.inf).min(), wb.sum()]))  # one read
+        tau = _hard.tie_tolerance(sol.err, True, float(lo) / float(tot))
+    # on a device, the rows that tie come from a kernel (the host reads them only if any)
+    counts = None if xp is np else p.backend.tie_counts(X, lam, sol.g, tau)
     return _hard.tie_break(xp, X, lam, sol.f, sol.g, sol.labels, -math.log(n_rows), tau,
-                           n_rows * wb / wb.sum())
+                           n_rows * wb / wb.sum(), counts, p.native.dtype == "bfloat16")

@@ -136,7 +136,7 @@ def _write_codes(backend, X, alpha, f, g, rows, scale, out_dtype):
     ``f_i``), so a pass that writes the plan can write the codes directly."""
     xp = backend.xp
     whole = isinstance(rows, slice) and rows == slice(None)
-    Xr, fr = (X, f) if whole else (X[rows], f[rows])
+    Xr, fr = (X, f) if whole else (xp.ascontiguousarray(X[rows]), f[rows])  # a step slice
     Q = backend.plan(Xr, alpha, fr + math.log(scale), g)
     if out_dtype != "bfloat16" and Q.dtype != xp.dtype(out_dtype):
         Q = Q.astype(out_dtype)
@@ -234,10 +234,11 @@ def codes(scores, *, eps, n_iter=3, probabilities=False, rows=None, comm="auto",
         ``__dlpack__`` tensor such as PyTorch (CPU or CUDA); float64, float32, float16 or
         bfloat16 (arithmetic in float32 at least).  A tensor that requires grad is taken as
         a constant: the codes are targets, no gradient flows through them.  A per-row shift
-        of ``scores`` does not change the codes.  A leading axis (shape ``(P, B, K)``) is
-        a batch of ``P`` independent score matrices (e.g. positionwise losses), solved in
-        one call (:doc:`batched`); the codes are then ``(P, B, K)`` and ``b`` may be
-        ``(P, K)``.
+        of ``scores`` does not change the codes solved to ``tol``; after ``n_iter``
+        iterations it changes them slightly, as it does in SwAV's loop.  A leading axis
+        (shape ``(P, B, K)``) is a batch of ``P`` independent score matrices (e.g.
+        positionwise losses), solved in one call (:doc:`batched`); the codes are then
+        ``(P, B, K)`` and ``b`` may be ``(P, K)``.
     eps : float
         Temperature (``> 0``): the kernel is ``exp(scores / eps)``.  SwAV, solo-learn and
         lightly call it ``epsilon``, DINOv2 ``teacher_temp``; SeLa's ``lamb`` is ``1 / eps``.

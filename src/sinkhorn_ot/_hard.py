@@ -200,7 +200,8 @@ def _cost(X, labels):
 
 
 
-def tie_break(xp, X, lam, f, g, labels, log_a, tau: float, b_mass):
+def tie_break(xp, X, lam, f, g, labels, log_a, tau: float, b_mass, counts=None,
+              bf16=False):
     """Labels that follow the plan where rows tie: ``labels`` (the first maximiser of the plan
     score ``lam * X[i, y] + g[y]``, from the last pass) with every group of rows that tie on
     the same clusters spread over those clusters round-robin, the clusters holding the most
@@ -215,26 +216,53 @@ def tie_break(xp, X, lam, f, g, labels, log_a, tau: float, b_mass):
     argmax) are spread over the clusters by the largest-remainder rounding of their count
     times their plan row.  Finding them hashes every row (one product with a random
     vector), on that path only.
+
+    On a device, ``counts`` (the backend's ``tie_counts``: per row, the clusters within
+    ``tau`` of its best) marks the rows that tie, and the two facts that decide whether
+    anything is to be done (how many rows tie, whether a needed cluster is empty) come to
+    the host in one read; only the rows that tie are then read, and spread on the host as
+    on the CPU.  ``bf16``: ``X`` holds bfloat16 bits (uint16), as on a device.
     Returns labels in ``xp``'s family (``labels`` itself is not modified).
     """
-    labels = _spread_ties(xp, X, lam, f, g, labels, log_a, tau)
-    return _spread_duplicates(xp, X, lam, g, labels, b_mass)
+    N, K = X.shape
+    if counts is not None:
+        near = counts >= 2
+    else:
+        rows = xp.arange(N)
+        with np.errstate(invalid="ignore", over="ignore"):
+            share = lam * X[rows, labels].astype(xp.float64) + g[labels] + f - log_a
+        limit = -math.log1p(math.exp(-(tau + 1e-6)))  # generous: the rounding term below
+        near = share <= limit
+    need = (xp.bincount(labels, minlength=K) == 0) & (b_mass >= 1.0)
+    facts = xp.concatenate([xp.stack([near.sum(), need.sum()]).astype(xp.float64),
+                            g.astype(xp.float64)])
+    facts = np.asarray(to_host(facts))  # one read: the counts, and g for the host's scores
+    n_near, empty, gh = int(facts[0]), bool(facts[1] > 0), facts[2:]
+    if n_near >= 2:
+        spread = _spread_ties(xp, X, lam, gh, labels, near, tau, bf16)
+        if spread is not labels:
+            return _spread_duplicates(xp, X, lam, gh, spread, b_mass, bf16=bf16)
+    return _spread_duplicates(xp, X, lam, gh, labels, b_mass, empty=empty, bf16=bf16)
 
 
-def _spread_ties(xp, X, lam, f, g, labels, log_a, tau):
-    N = X.shape[0]
-    rows = xp.arange(N)
-    with np.errstate(invalid="ignore", over="ignore"):
-        share = lam * X[rows, labels].astype(xp.float64) + g[labels] + f - log_a
-    limit = -math.log1p(math.exp(-(tau + 1e-6)))  # generous: the rounding term below
-    cand = np.asarray(to_host(xp.nonzero(share <= limit)[0]))
+def _host_values(rows, bf16):
+    """Host float64 values of rows of X (bfloat16 bits decoded)."""
+    h = np.asarray(to_host(rows))
+    if bf16:
+        h = (h.astype(np.uint32) << 16).view(np.float32)
+    return h.astype(np.float64)
+
+
+def _spread_ties(xp, X, lam, gh, labels, near, tau, bf16=False):
+    """(see tie_break; ``gh``: g on the host)"""
+    cand = np.asarray(to_host(xp.nonzero(near)[0]))
     if cand.size >= 2 and xp is np and X.dtype in (np.float32, np.float64) and \
             X.flags.c_contiguous:  # the core reads the candidates once for their ties
-        cand = cand[_core.near_ties(X, lam, g, cand.astype(np.int64), tau) > 1]
+        cand = cand[_core.near_ties(X, lam, gh, cand.astype(np.int64), tau) > 1]
     if cand.size < 2:
         return labels
-    S = lam * np.asarray(to_host(X[xp.asarray(cand)]), dtype=np.float64)
-    S += np.asarray(to_host(g))[None, :]
+    S = lam * _host_values(X[xp.asarray(cand)], bf16)
+    S += gh[None, :]
     best = S.max(axis=1)
     tied = S >= (best - tau - 1e-12 * (1.0 + np.abs(best)))[:, None]  # + rounding of S + g
     multi = tied.sum(axis=1) > 1
@@ -263,12 +291,15 @@ def tie_tolerance(err: float, tolerance_mode: bool, b_min: float) -> float:
     return min(1e-3, 2.0 * err / b_min)
 
 
-def _spread_duplicates(xp, X, lam, g, labels, b_mass):
+def _spread_duplicates(xp, X, lam, gh, labels, b_mass, empty=None, bf16=False):
+    """(see tie_break; ``gh``: g on the host; ``empty``: whether a needed cluster is empty,
+    when already known)"""
     N, K = X.shape
-    sizes = xp.bincount(labels, minlength=K)
-    if not bool(((sizes == 0) & (b_mass >= 1.0)).any()):
+    if empty is None:
+        empty = bool(((xp.bincount(labels, minlength=K) == 0) & (b_mass >= 1.0)).any())
+    if not empty:
         return labels
-    Xh = np.asarray(to_host(X))
+    Xh = _host_values(X, bf16)
     allowed = np.isfinite(Xh)
     r = np.random.default_rng(0).standard_normal((2, K))
     h = np.where(allowed, Xh, 0.0).astype(np.float64) @ r[0] + (~allowed) @ r[1]
@@ -277,7 +308,6 @@ def _spread_duplicates(xp, X, lam, g, labels, b_mass):
     starts = np.nonzero(np.r_[True, hs[1:] != hs[:-1]])[0]
     ends = np.r_[starts[1:], N]
     out = None
-    gh = np.asarray(to_host(g))
     for lo, hi in zip(starts, ends):
         if hi - lo < 2:
             continue
@@ -286,7 +316,7 @@ def _spread_duplicates(xp, X, lam, g, labels, b_mass):
         if members.size < 2:
             continue
         with np.errstate(invalid="ignore", over="ignore"):
-            s = lam * Xh[members[0]].astype(np.float64) + gh
+            s = lam * Xh[members[0]] + gh
         p = np.exp(s - s.max())
         p /= p.sum()
         counts = target_sizes(members.size, p)

@@ -1,8 +1,9 @@
 """Exact (unregularised) optimal transport by linear programming: :func:`emd`.
 
-A host (SciPy) solver for small problems and references: HiGHS through
-:func:`scipy.optimize.linprog` on a sparse constraint matrix, or
-:func:`scipy.optimize.linear_sum_assignment` for assignment problems.
+A host solver for small problems and references: a transport simplex (sinkhorn_ot._simplex)
+started from :func:`scipy.optimize.linear_sum_assignment` for assignment problems, else from
+the vertex HiGHS (:func:`scipy.optimize.linprog`) finds on the few pairs a coarse entropic
+plan favours.
 """
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from ._results import EMDResult
 
 __all__ = ["emd", "EMD_MAX_ENTRIES", "ASSIGNMENT_MAX_N"]
 
-#: Largest ``n * m`` :func:`emd` accepts for the sparse LP.  HiGHS keeps a few hundred
-#: bytes per variable and its run time grows faster than linearly (about 2 s at 500 x 500
-#: on one core), so 2 million variables already take minutes.
+#: Largest ``n * m`` :func:`emd` accepts.  The simplex keeps a few dense float64 ``n x m``
+#: arrays and its pivots grow in number and in cost with ``n + m``, so its run time grows
+#: faster than ``n * m``.
 EMD_MAX_ENTRIES = 2_000_000
 #: Largest ``n`` for the assignment path (a dense float64 ``n x n`` cost, O(n^3) time).
 ASSIGNMENT_MAX_N = 5_000
+#: Entropic regularisation of the start of the exact finish, relative to the cost range.
+START_REG = 0.003
 
 
 def _host_matrix(C, name):
@@ -57,14 +60,15 @@ def emd(C, a=None, b=None, *, max_entries=None) -> EMDResult:
         \min_{P \ge 0,\; P 1 = a,\; P^T 1 = b} \langle P, C\rangle
 
     and its dual :math:`\max_{f_i + g_j \le C_{ij}} \langle a, f\rangle + \langle b,
-    g\rangle`.  With ``n == m`` and uniform marginals it is an assignment problem, solved
-    by :func:`scipy.optimize.linear_sum_assignment`; otherwise by HiGHS
-    (:func:`scipy.optimize.linprog`) on the sparse ``(n + m) x nnz`` constraint matrix, one
-    variable per allowed pair.  Either answer only starts an exact finish: its support is
-    made a spanning-tree basis and the transport simplex pivots until every reduced cost is
-    nonnegative, so the plan meets ``a`` and ``b`` to round-off, its cost is optimal to
-    round-off, and the duals certify it (no reliance on HiGHS's tolerances, nor on its
-    verdict of infeasibility).  The plan returned is a basic (vertex) solution, so it has at
+    g\rangle`.  With ``n == m`` and uniform marginals it is an assignment problem, started
+    by :func:`scipy.optimize.linear_sum_assignment`; otherwise a coarse entropic plan (a
+    few Sinkhorn passes on one thread) picks each row's and column's few most likely
+    pairs, and HiGHS (:func:`scipy.optimize.linprog`, dual simplex) solves the LP on them.
+    Either answer only starts an exact finish: its support is made a spanning-tree basis
+    and the transport simplex pivots until every reduced cost is nonnegative, so the plan
+    meets ``a`` and ``b`` to round-off, its cost is optimal to round-off, and the duals
+    certify it (no reliance on HiGHS's tolerances, nor on its verdict of
+    infeasibility).  The plan returned is a basic (vertex) solution, so it has at
     most ``n + m - 1`` nonzeros, and it is integral when ``a`` and ``b`` are.
 
     Parameters
@@ -147,12 +151,16 @@ def emd(C, a=None, b=None, *, max_entries=None) -> EMDResult:
     Cm = _big_m(Xd, finite)
     duals = None
     if not assignment:
-        start, duals = _highs_support(Cm, wa, wb)
+        score, duals = _entropic_scores(Xd, finite, wa, wb)
+        start = _greedy_start(score, wa, wb)
+        lp = _highs_start(Cm, score, start, wa, wb)
+        if lp is not None:
+            start, duals = lp
     rows, cols, x, f, g = _finish(Cm, finite, wa, wb, start, duals)
     keep = x > 0
     plan = sparse.csr_array((x[keep], (rows[keep], cols[keep])), shape=(n, m))
     cost = float(np.dot(x[keep], Xd[rows[keep], cols[keep]]))
-    return EMDResult(cost=cost, f=f, g=g, method="assignment" if assignment else "highs",
+    return EMDResult(cost=cost, f=f, g=g, method="assignment" if assignment else "simplex",
                      _plan=plan)
 
 
@@ -170,57 +178,101 @@ def _massless_empty(Xd, wa, wb, check):
     return np.nonzero(~er)[0], np.nonzero(~ec)[0]
 
 
-def _highs_support(Cm, wa, wb, k_near=16, k_add=4, rounds=20):
-    """The pairs of a HiGHS vertex, largest flow first: a starting basis for the exact finish.
+def _entropic_scores(Xd, finite, wa, wb):
+    """How much a coarse entropic plan favours each pair (its log, up to a constant: ``f_i +
+    g_j - C_ij`` in cost units; ``-inf`` on forbidden pairs) and its duals ``(f, g)``; the
+    negated cost and ``None`` where the entropic solve cannot answer.
 
-    Column generation keeps the LPs small: the first holds each row's and each column's
-    ``k_near`` cheapest pairs plus the northwest-corner tree (so it is feasible; forbidden
-    pairs cost the big-M of ``Cm``); each round adds, for every row, its pair of most
-    negative reduced cost under HiGHS's duals, until none is negative to HiGHS's tolerance.
-    Empty when HiGHS fails (its presolve can call a feasible problem infeasible): the
-    exact finish then starts on its own.
-    """
-    from scipy import optimize, sparse
+    Regularisation ``START_REG`` times the cost range and a loose tolerance: a few dozen
+    passes of the compiled core, on one thread (the simplex that follows runs on one)."""
+    import warnings
 
+    from ._api import sinkhorn
+
+    fin = Xd[finite]
+    span = float(fin.max() - fin.min()) if fin.size else 0.0
+    C = np.where(finite, Xd, np.inf)
+    if span > 0 and min(Xd.shape) > 1:
+        reg = START_REG * span
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # unconverged is good enough for a start
+                res = sinkhorn(C, wa, wb, reg=reg, tol=1e-2 * float(wa.sum()), max_iter=200,
+                               n_threads=1)
+            f = reg * np.asarray(res.f, dtype=np.float64)
+            g = reg * np.asarray(res.g, dtype=np.float64)
+            if np.isfinite(f).all() and np.isfinite(g).all():
+                return f[:, None] + g[None, :] - C, (f, g)
+        except (ValueError, ArithmeticError):  # e.g. an infeasible support: the finish says so
+            pass
+    return -C, None
+
+
+def _top(score, k):
+    """Boolean mask of each row's and each column's ``k`` largest scores."""
+    n, m = score.shape
+    sel = np.zeros((n, m), dtype=bool)
+    k_r, k_c = min(k, m), min(k, n)
+    sel[np.arange(n)[:, None], np.argpartition(-score, k_r - 1, axis=1)[:, :k_r]] = True
+    sel[np.argpartition(-score, k_c - 1, axis=0)[:k_c, :], np.arange(m)[None, :]] = True
+    return sel & np.isfinite(score)
+
+
+def _greedy_start(score, wa, wb, k_near=8):
+    """A feasible basic start: the least-cost method (each pair in turn takes all the mass
+    its row and column still have; every step exhausts a row or a column, so the pairs form a
+    forest) over each row's and each column's ``k_near`` best-scored pairs, best first; the
+    rows and columns left with mass then by the northwest corner."""
     from ._simplex import _northwest
 
+    n, m = score.shape
+    flat = np.flatnonzero(_top(score, k_near))
+    flat = flat[np.argsort(-score.ravel()[flat], kind="stable")]
+    ra, rb = wa.tolist(), wb.tolist()
+    tiny = 1e-15 * float(wa.sum())
+    start = []
+    for k in flat.tolist():
+        i, j = divmod(k, m)
+        t = min(ra[i], rb[j])
+        if t > 0:
+            ra[i] = ra[i] - t if ra[i] - t > tiny else 0.0
+            rb[j] = rb[j] - t if rb[j] - t > tiny else 0.0
+            start.append((i, j))
+    rest_r = [i for i in range(n) if ra[i] > 0]
+    rest_c = [j for j in range(m) if rb[j] > 0]
+    if rest_r and rest_c:
+        nw = _northwest(np.array([ra[i] for i in rest_r]), np.array([rb[j] for j in rest_c]))
+        start += [(rest_r[p], rest_c[q]) for p, q in nw]
+    return start
+
+
+def _highs_start(Cm, score, greedy, wa, wb, k=3):
+    """The vertex HiGHS finds on a small LP, largest flow first, and its duals: the pairs of
+    ``greedy`` (so the LP is feasible) and each row's and column's ``k`` best-scored pairs.
+    On the entropic scores that LP holds nearly all of the optimal support, so the simplex
+    finishes in a few hundred pivots.  ``None`` when HiGHS fails (its presolve, off here,
+    and its tolerances can call a feasible problem infeasible)."""
+    from scipy import optimize, sparse
+
     n, m = Cm.shape
-    k_r, k_c = min(k_near, m), min(k_near, n)
-    sel = np.zeros((n, m), dtype=bool)
-    sel[np.arange(n)[:, None], np.argpartition(Cm, k_r - 1, axis=1)[:, :k_r]] = True
-    sel[np.argpartition(Cm, k_c - 1, axis=0)[:k_c, :], np.arange(m)[None, :]] = True
-    nw = np.array(_northwest(wa, wb))
-    sel[nw[:, 0], nw[:, 1]] = True
+    sel = _top(score, k)
+    if greedy:
+        g = np.array(greedy)
+        sel[g[:, 0], g[:, 1]] = True
+    ii, jj = np.nonzero(sel)
+    nnz = ii.size
+    kk = np.arange(nnz)
+    A = sparse.csr_array((np.ones(2 * nnz), (np.concatenate([ii, n + jj]),
+                                             np.concatenate([kk, kk]))), shape=(n + m, nnz))
     scale = float(wa.sum())  # marginals of total 1 for HiGHS's tolerances
-    b_eq = np.concatenate([wa, wb]) / scale
-    tol = 1e-9 * (float(np.abs(Cm).max()) + 1.0)
-    res = None
-    for _ in range(rounds):
-        ii, jj = np.nonzero(sel)
-        nnz = ii.size
-        kk = np.arange(nnz)
-        A = sparse.csr_array((np.ones(2 * nnz), (np.concatenate([ii, n + jj]),
-                                                 np.concatenate([kk, kk]))),
-                             shape=(n + m, nnz))
-        res = optimize.linprog(Cm[ii, jj], A_eq=A, b_eq=b_eq, bounds=(0, None),
-                               method="highs")
-        if res.status != 0 or res.x is None:
-            return [], None
-        duals = np.asarray(res.eqlin.marginals, dtype=np.float64)
-        R = Cm - duals[:n, None] - duals[None, n:]
-        R[sel] = np.inf
-        k_r = min(k_add, m)
-        j_best = np.argpartition(R, k_r - 1, axis=1)[:, :k_r]
-        i_best = np.argmin(R, axis=0)
-        add_r = R[np.arange(n)[:, None], j_best] < -tol
-        add_c = R[i_best, np.arange(m)] < -tol
-        if not (add_r.any() or add_c.any()):
-            break
-        sel[np.nonzero(add_r)[0], j_best[add_r]] = True
-        sel[i_best[add_c], np.nonzero(add_c)[0]] = True
+    res = optimize.linprog(Cm[ii, jj], A_eq=A, b_eq=np.concatenate([wa, wb]) / scale,
+                           bounds=(0, None), method="highs-ds", options={"presolve": False})
+    if res.status != 0 or res.x is None:
+        return None
     x = res.x
     order = np.argsort(-x, kind="stable")
     order = order[x[order] > 0]
+    duals = np.asarray(res.eqlin.marginals, dtype=np.float64)
     return list(zip(ii[order].tolist(), jj[order].tolist())), (duals[:n], duals[n:])
 
 
@@ -235,12 +287,15 @@ def _big_m(Xd, finite):
 
 
 def _finish(Cm, finite, wa, wb, start, duals):
-    """The exact transport simplex (sinkhorn_ot._simplex) from ``start``."""
+    """The exact transport simplex (sinkhorn_ot._simplex) from ``start``; on an infeasible
+    support, the max-flow names the rows that cannot be served and the columns they allow."""
+    from ._feasibility import check_support
     from ._simplex import Infeasible, finish
 
     try:
         return finish(Cm, wa, wb, start, duals=duals, forbidden=~finite)
     except Infeasible as exc:
+        check_support(finite, wa, wb, "C")
         raise ValueError(str(exc)) from None
 
 

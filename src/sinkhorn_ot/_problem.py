@@ -205,6 +205,9 @@ def run(p: Problem, plan=None, symmetric: bool = False) -> Solution:
     N = p.X.shape[0]
     if not p.reducer.local or p.keep is not None or p.rows is not None:
         plan = None
+    from ._feasibility import diagnose, precheck
+
+    checked = precheck(p)  # a support with no plan raises before the first pass, if cheap
     sol = solve(p.reducer.loop_backend(p.backend, N), p.Xs, p.alpha, p.loga, p.logb,
                 rho_a=p.rho_a, rho_b=p.rho_b, g0=p.g0, L0=p.L0, tol=p.tol,
                 max_iter=o.max_iter, n_iter=o.n_iter, want_labels=p.want_labels,
@@ -216,13 +219,7 @@ def run(p: Problem, plan=None, symmetric: bool = False) -> Solution:
     if o.n_iter is None and not sol.converged:
         warn(f"Sinkhorn did not converge in {sol.n_iter} iterations: err = {sol.err:.3e} > "
              f"tol = {p.tol:.1e} (the best iterate is returned, converged=False)")
-    if p.reducer.local:  # an unconverged balanced solve on a support with no plan raises
-        from ._feasibility import diagnose
-
-        xp = p.xp
-        diagnose(sol, p.Xs, p.a[0] if p.rows is None else p.a[0][p.rows],
-                 p.b[0] if p.keep is None else p.b[0][p.keep], p.name, xp,
-                 p.rho_a == 1.0 and p.rho_b == 1.0, o.n_iter is not None)
+    diagnose(p, sol, checked)  # else an unconverged one on a support with no plan raises
     sol = restore_columns(sol, p.keep, p.X.shape[1], p.xp)
     return restore_rows(sol, p.rows, p.X.shape[0], p.xp)
 

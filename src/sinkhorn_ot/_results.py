@@ -147,8 +147,8 @@ class EMDResult:
     g : ndarray of float64, shape (m,)
         Column dual potential.
     method : str
-        What started the exact finish: ``"highs"`` (sparse LP,
-        :func:`scipy.optimize.linprog`) or ``"assignment"``
+        What started the exact finish (a transport simplex): ``"simplex"`` (HiGHS's vertex
+        of the LP on the pairs a coarse entropic plan favours) or ``"assignment"``
         (:func:`scipy.optimize.linear_sum_assignment`).
     """
 

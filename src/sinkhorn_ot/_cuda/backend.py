@@ -228,6 +228,18 @@ class CUDABackend:
                 launch.labels(L, X, alpha, g, out)
         return out
 
+    def tie_counts(self, X, alpha, g, tau):
+        """Per row (int32, (N,)): the columns whose score ``alpha X_iy + g_y`` (float64) is
+        within ``tau`` (and rounding) of the row's best; two or more: the row ties.  One read
+        of X, no host synchronisation."""
+        xp = self.xp
+        X = self._matrix(X)
+        with self._ctx(X):
+            out = xp.empty(X.shape[0], dtype=xp.int32)
+            launch.tie_count(self.dtype, X, alpha, self._f64(g), tau, out,
+                             LAYOUTS.sm_count(X.data.device_id))
+        return out
+
     def column_update(self, g, logb, col, colmax, log_n_rows, rho_b):
         xp = self.xp
         g, logb, col, colmax = (self._f64(a) for a in (g, logb, col, colmax))

@@ -93,6 +93,10 @@ def check_matrix_name(dtype, cpt, v) -> str:
     return f"{NS}check_matrix_kernel<{TYPE[dtype]}, {cpt}, {v}>"
 
 
+def tie_count_name(dtype) -> str:
+    return f"{NS}tie_count_kernel<{TYPE[dtype]}>"
+
+
 def plan_name(dtype) -> str:
     return f"{NS}plan_kernel<{TYPE[dtype]}, {'double' if dtype == 'float64' else 'float'}>"
 
@@ -132,7 +136,7 @@ def instances(dtype: str) -> list:
     for cpt, v in tile_configs(dtype):
         out.append(check_matrix_name(dtype, cpt, v))
         out.append(labels_name(dtype, cpt, v))
-    out += [plan_name(dtype), finish_name(dtype), column_lse_finish_name(dtype), START,
+    out += [plan_name(dtype), tie_count_name(dtype), finish_name(dtype), column_lse_finish_name(dtype), START,
             COLUMN_UPDATE, CHECK_INIT, CHECK_FINISH]
     return list(dict.fromkeys(out))
 

@@ -10,7 +10,8 @@ import re
 import numpy as np
 
 from .kernels import (CHECK_FINISH, CHECK_INIT, COLUMN_UPDATE, KERNELS, START, ceil_div,
-                      column_lse_finish_name, finish_name, null, plan_name, read_source)
+                      column_lse_finish_name, finish_name, null, plan_name, read_source,
+                      tie_count_name)
 
 _C_TYPES = {"int": "<i4", "unsigned": "<u4", "long long": "<i8", "double": "<f8"}
 
@@ -132,3 +133,12 @@ def plan(dtype, X, alpha, f, g, out, n_sm):
     grid = int(max(1, min(ceil_div(N * K, 256), n_sm * 32)))
     KERNELS.get(plan_name(dtype))((grid,), (256,), (X, np.int64(N), np.int64(K),
                                                     np.float64(alpha), f, g, out))
+
+
+def tie_count(dtype, X, alpha, g, tau, out, n_sm):
+    """Per row, the columns whose score ties with the row's best (see the kernel)."""
+    N, K = X.shape
+    grid = int(max(1, min(ceil_div(N, 8), n_sm * 32)))  # 8 warps a block, one a row
+    KERNELS.get(tie_count_name(dtype))((grid,), (256,), (X, np.int64(N), np.int64(K),
+                                                         np.float64(alpha), g,
+                                                         np.float64(tau), out))
