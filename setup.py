@@ -85,7 +85,8 @@ setup(
             include_dirs=["csrc"],
             depends=["csrc/common/sinkhorn_math.h", "csrc/cpu/sinkhorn_cpu.h",
                      "csrc/cpu/sinkhorn_cpu_kernels.h", "csrc/cpu/simd.h",
-                     "csrc/cpu/batched.h", "csrc/cpu/batched_kernels.h"],
+                     "csrc/cpu/batched.h", "csrc/cpu/batched_kernels.h",
+                     "csrc/cpu/runtime.h"],
             cxx_std=17,
             extra_compile_args=opt,
         )

@@ -184,49 +184,7 @@ const Kernels<T>& kernels() {
 }
 #undef BK_TABLE
 
-int thread_id() {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
-// Flush-to-zero and denormals-are-zero while a kernel runs on this thread (a subnormal
-// product carries no mass the solver can use and costs a microcode assist).
-class FlushDenormals {
-  public:
-#ifdef BK_X86
-    FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }
-    ~FlushDenormals() { _mm_setcsr(saved_); }
-
-  private:
-    unsigned saved_;
-#endif
-};
-
-// `interrupted` is called from the calling thread (OpenMP thread 0) only, at most every
-// 0.2 s; every thread then stops at its next pass.
-class Interrupt {
-  public:
-    explicit Interrupt(const Interrupted& cb) : cb_(cb), last_(clock::now()) {}
-    bool poll() {
-        if (stop_.load(std::memory_order_relaxed)) return true;
-        if (thread_id() != 0 || !cb_) return false;
-        auto now = clock::now();
-        if (now - last_ < std::chrono::milliseconds(200)) return false;
-        last_ = now;
-        if (cb_()) stop_.store(true);
-        return stop_.load();
-    }
-    bool stopped() const { return stop_.load(); }
-
-  private:
-    using clock = std::chrono::steady_clock;
-    const Interrupted& cb_;
-    clock::time_point last_;
-    std::atomic<bool> stop_{false};
-};
+#include "runtime.h"
 
 // Solve A x = rhs (m x m, row-major, overwritten) by Gaussian elimination with partial
 // pivoting; false when a pivot vanishes.

@@ -152,51 +152,10 @@ int resolve_threads(int n_threads, int64_t N, int64_t K) {
     return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, N)));
 }
 
-int thread_id() {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
-// Flush-to-zero and denormals-are-zero for the duration of a kernel on this thread: a product
-// that would be subnormal (a plan entry below 1e-38) costs a microcode assist of ~100 cycles
-// on x86 and carries no mass the solver can use.
-class FlushDenormals {
-  public:
-#ifdef SK_X86
-    FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }
-    ~FlushDenormals() { _mm_setcsr(saved_); }
-
-  private:
-    unsigned saved_;
-#endif
-};
+#include "runtime.h"
 
 // Rows are split into one contiguous block per thread (static, so results do not depend on
-// timing); the calling thread polls `interrupted` every 256 rows once 0.2 s have passed.
-class Interrupt {
-  public:
-    explicit Interrupt(const Interrupted& cb) : cb_(cb), last_(clock::now()) {}
-    bool poll(int64_t i) {
-        if (stop_.load(std::memory_order_relaxed)) return true;
-        if (thread_id() != 0 || (i & 255) != 0 || !cb_) return false;
-        auto now = clock::now();
-        if (now - last_ < std::chrono::milliseconds(200)) return false;
-        last_ = now;
-        if (cb_()) stop_.store(true);
-        return stop_.load();
-    }
-    bool stopped() const { return stop_.load(); }
-
-  private:
-    using clock = std::chrono::steady_clock;
-    const Interrupted& cb_;
-    clock::time_point last_;
-    std::atomic<bool> stop_{false};
-};
-
+// timing).
 void row_range(int64_t N, int nt, int tid, int64_t& lo, int64_t& hi) {
     lo = N * tid / nt;
     hi = N * (tid + 1) / nt;
