@@ -6,42 +6,13 @@
 // Everything is float64: the rows of a small problem live in L1, so the pass is bound by
 // its exponentials, not by memory, and float64 keeps the measured plan the plan of the
 // float64 potentials without a precision budget.  The vector exponential is the single
-// solve's (simd.h, included before this file); bexp below is its scalar twin for tails.
+// solve's (simd.h, included before this file).
 
-// exp(x) in float64 for x <= ~0: Cody-Waite reduction by ln 2 and a degree-12 Taylor
-// polynomial on |r| <= ln2 / 2 (relative error below 2e-16).  Exactly 0 below -708 (a
-// forbidden pair, or a term under float64's normal range).  Written with scalar arithmetic
-// and bit casts only, so `omp simd` loops vectorise it.
-template <class V, class U>
-BK_INLINE V bexp_t(V x) {
-    const V zero = V();
-    const V lo = zero - 708.0, magic = zero + 6755399441055744.0;  // 1.5 * 2^52
-    const V xc = x < lo ? lo : x;
-    const V kt = xc * 1.4426950408889634 + magic;  // adding magic rounds to an integer
-    const V kd = kt - magic;
-    const V r = (xc - kd * 0.693147180559890330187) - kd * 5.4979230187083711552e-14;
-    V p = zero + 2.08767569878681e-09;  // 1 / 12!
-    p = p * r + 2.505210838544172e-08;
-    p = p * r + 2.755731922398589e-07;
-    p = p * r + 2.755731922398589e-06;
-    p = p * r + 2.48015873015873e-05;
-    p = p * r + 1.984126984126984e-04;
-    p = p * r + 1.388888888888889e-03;
-    p = p * r + 8.333333333333333e-03;
-    p = p * r + 4.166666666666666e-02;
-    p = p * r + 1.666666666666667e-01;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    // kd as an integer: the low bits of kt (no float-to-int conversion)
-    const U ki = BK_BITS(U, kt) - 0x4338000000000000ULL;
-    const V out = BK_BITS(V, BK_BITS(U, p) + (ki << 52));
-    return x < lo ? zero : out;
-}
-BK_INLINE double bexp(double x) { return bexp_t<double, uint64_t>(x); }
+// exp for the scalar tails of the rows (and every entry without vector extensions): exactly
+// 0 below -708, as the vector exponential (a forbidden pair, or a term under float64's
+// normal range).
+BK_INLINE double bexp(double x) { return x < -708.0 ? 0.0 : std::exp(x); }
 
-// One row of the balanced pass at g: t_y = alpha x_y + g_y, m = max t, e_y = exp(t_y - m)
-// into `e`, s = sum e.  Returns m (-inf when the row has no allowed entry).
 #if defined(__GNUC__)
 typedef double bvd __attribute__((vector_size(BK_W)));
 typedef uint64_t bvu __attribute__((vector_size(BK_W)));
