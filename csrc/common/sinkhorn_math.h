@@ -36,10 +36,17 @@ SK_HD double row_potential(double loga_i, double m, double log_s, double rho_a) 
 // Next column potential from the column sums of the plan at (f, g).  LSE_i(S_iy + f_i) is
 // log(col_y) - g_y; when the column underflowed, colmax_y - g_y + log(n_rows) bounds it from
 // above, so the step taken is a partial step towards the exact one and never overshoots.
+// log_col = log(col) is read only where col > kColumnUnderflow.
+SK_HD double next_g_of_log(double g, double logb, double col, double log_col, double colmax,
+                           double log_n_rows, double rho_b) {
+    double lse = (col > kColumnUnderflow) ? log_col - g : colmax - g + log_n_rows;
+    return rho_b * (logb - lse);
+}
+
 SK_HD double next_g(double g, double logb, double col, double colmax, double log_n_rows,
                     double rho_b) {
-    double lse = (col > kColumnUnderflow) ? log(col) - g : colmax - g + log_n_rows;
-    return rho_b * (logb - lse);
+    return next_g_of_log(g, logb, col, col > kColumnUnderflow ? log(col) : 0.0, colmax,
+                         log_n_rows, rho_b);
 }
 
 // The column sums the plan must reach at the current g: b_y for a balanced side (rho_b = 1),

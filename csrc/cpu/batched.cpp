@@ -36,6 +36,23 @@ namespace {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
+// The scaling form of one small problem's matrix at one alpha (see pass): k_iy = exp(alpha
+// x_iy - mx_i), N x Kp row-major, Kp = K rounded up to 8 with zero padding.
+struct Scaled {
+    std::vector<double> k, mx, v, c, r, w;  // v, c, r, w: a pass's scratch
+    int64_t N = 0, K = 0, Kp = 0;
+    double alpha = 0;  // 0: none for this problem
+    void size(int64_t n, int64_t m) {
+        N = n;
+        K = m;
+        Kp = (m + 7) / 8 * 8;
+        k.resize(static_cast<size_t>(N) * Kp);
+        for (auto* x : {&mx, &r, &w}) x->resize(N);
+        for (auto* x : {&v, &c}) x->resize(Kp);
+        alpha = 0;
+    }
+};
+
 // The row kernels once per instruction set (as sinkhorn_cpu.cpp does for the single solve):
 // GCC builds AVX-512, AVX2+FMA and baseline copies; other compilers the baseline only.
 #if defined(BK_X86) && defined(__GNUC__) && !defined(__clang__)
@@ -95,6 +112,14 @@ struct Kernels {
     void (*row_potentials)(const double*, const double*, const double*, int64_t, double*);
     uint8_t (*scan_entries)(const T*, int64_t, double, double&);
     double (*dot)(const double*, const double*, int64_t);
+    void (*scaled_rows)(const T*, double, const double*, Scaled&);
+    void (*scaled_pass)(const Scaled&, const double*, double, const double*, double*, double*,
+                        double*, double*, double*, double*, double*);
+    void (*scaled_pow4)(double*, int64_t);
+    void (*scaled_colsums)(Scaled&, double, double*);
+    double (*scaled_cost)(const Scaled&, const T*, const double*, const double*, double,
+                          double*, double*);
+    void (*col_logs)(const double*, int64_t, double*);
 };
 
 #define BK_ENTRIES(ns)                                                                      \
@@ -144,6 +169,25 @@ struct Kernels {
         return ns::scan_entries<T>(x, n, forbidden, mx);                                    \
     }                                                                                       \
     inline double dot(const double* u, const double* v, int64_t n) { return ns::dot(u, v, n); } \
+    template <class T>                                                                      \
+    void scaled_rows(const T* X, double alpha, const double* zero, Scaled& sf) {            \
+        ns::scaled_rows<T>(X, alpha, zero, sf);                                             \
+    }                                                                                       \
+    inline void scaled_pass(const Scaled& sf, const double* g, double gmax, const double* a,\
+                            double* m, double* s, double* col, double* v, double* c,        \
+                            double* r, double* w) {                                         \
+        ns::scaled_pass(sf, g, gmax, a, m, s, col, v, c, r, w);                             \
+    }                                                                                       \
+    inline void scaled_pow4(double* k, int64_t n) { ns::scaled_pow4(k, n); }               \
+    inline void scaled_colsums(Scaled& sf, double M, double* z) {                          \
+        ns::scaled_colsums(sf, M, z);                                                       \
+    }                                                                                       \
+    template <class T>                                                                      \
+    double scaled_cost(const Scaled& sf, const T* X, const double* f, const double* g,      \
+                       double gmax, double* rho, double* v) {                               \
+        return ns::scaled_cost<T>(sf, X, f, g, gmax, rho, v);                               \
+    }                                                                                       \
+    inline void col_logs(const double* col, int64_t K, double* l) { ns::col_logs(col, K, l); } \
     }
 
 #ifdef BK_MULTI_ISA
@@ -165,7 +209,9 @@ BK_ENTRIES(base)
             &ns##_entry::multi_axpys, &ns##_entry::times_x<T>, &ns##_entry::col_max<T>,    \
             &ns##_entry::col_sumexp<T>, &ns##_entry::row_cost<T>,                          \
             &ns##_entry::pass_rows<T>, &ns##_entry::row_potentials,                        \
-            &ns##_entry::scan_entries<T>, &ns##_entry::dot                                 \
+            &ns##_entry::scan_entries<T>, &ns##_entry::dot, &ns##_entry::scaled_rows<T>,   \
+            &ns##_entry::scaled_pass, &ns##_entry::scaled_pow4, &ns##_entry::scaled_colsums, \
+            &ns##_entry::scaled_cost<T>, &ns##_entry::col_logs                             \
     }
 
 // The same choice of instruction set as the single solve's kernels (isa_name honours
@@ -336,14 +382,54 @@ double log_range(const double* v, int64_t n) {
 // Anderson's guard, an underflowed column, the returned iterate).
 struct Work {
     std::vector<double> e, col, colmax, f, m_work, s_work, m_best, s_best, g, g_next, g_best,
-        ea, eb;
+        ea, eb, zero;
     std::vector<uint8_t> live;
+    Scaled sf;
     void size(int64_t N, int64_t K) {
         for (auto* v : {&e, &col, &colmax, &g, &g_next, &g_best, &eb}) v->resize(K);
         for (auto* v : {&f, &m_work, &s_work, &m_best, &s_best, &ea}) v->resize(N);
         live.resize(K);
+        zero.assign(K, 0.0);
+        sf.alpha = 0;
     }
 };
+
+// Problems of at most this many entries keep their matrix in the scaling form (Scaled:
+// float64, 1 MiB, in the core's L2) and run scaled_pass while the live column potentials span at
+// most kScaledRange: then r_i >= v at the row's largest entry >= exp(-kScaledRange), and
+// every term scaled_pass drops (below float64's normal range, in k or in a product k v) is
+// below exp(-708 + kScaledRange) r_i, as negligible as the terms below exp(-708) times the
+// row's largest that pass_rows drops; no row factor a_i / r_i or column sum overflows.
+constexpr int64_t kScaledEntries = int64_t(1) << 17;
+constexpr double kScaledRange = 600;
+
+// The largest live g, when the live g span at most kScaledRange (else -inf).
+double scaled_shift(const double* g, const uint8_t* live, int64_t K) {
+    double lo = std::numeric_limits<double>::infinity(), hi = kNegInf;
+    for (int64_t y = 0; y < K; ++y)
+        if (live[y]) {
+            lo = std::min(lo, g[y]);
+            hi = std::max(hi, g[y]);
+        }
+    return hi > kNegInf && hi - lo <= kScaledRange ? hi : kNegInf;
+}
+
+// The scaling form of X at alpha in w.sf (computed unless it is already there).
+template <class T>
+Scaled& scaled_form(const Kernels<T>& kern, const T* X, int64_t N, int64_t K, double alpha,
+                    Work& w) {
+    Scaled& sf = w.sf;
+    if (sf.alpha == alpha) return sf;
+    if (4.0 * sf.alpha == alpha) {  // the next epsilon-scaling stage
+        kern.scaled_pow4(sf.k.data(), N * sf.Kp);
+        for (int64_t i = 0; i < N; ++i) sf.mx[i] *= 4.0;
+    } else {
+        sf.size(N, K);
+        kern.scaled_rows(X, alpha, w.zero.data(), sf);
+    }
+    sf.alpha = alpha;
+    return sf;
+}
 
 // One fused pass at g: m, s of every row, the column sums col, and colmax where a column
 // underflowed (then f of the pass is in w.f; `f_ready` says so).
@@ -351,18 +437,22 @@ template <class T>
 void pass(const Kernels<T>& kern, const T* X, int64_t N, int64_t K, double alpha,
           const double* g, const double* loga, Work& w, bool& f_ready) {
     double* col = w.col.data();
-    kern.pass_rows(X, N, K, alpha, g, w.ea.data(), w.m_work.data(), w.s_work.data(), col,
-                   w.e.data());
+    const double gmax = N * K <= kScaledEntries ? scaled_shift(g, w.live.data(), K) : kNegInf;
+    if (gmax > kNegInf) {
+        Scaled& sf = scaled_form(kern, X, N, K, alpha, w);
+        kern.scaled_pass(sf, g, gmax, w.ea.data(), w.m_work.data(), w.s_work.data(), col,
+                         sf.v.data(), sf.c.data(), sf.r.data(), sf.w.data());
+    } else {
+        kern.pass_rows(X, N, K, alpha, g, w.ea.data(), w.m_work.data(), w.s_work.data(), col,
+                       w.e.data());
+    }
     f_ready = false;
     bool underflow = false;
     for (int64_t y = 0; y < K; ++y) {
         if (g[y] == kNegInf) col[y] = 0;
         underflow |= g[y] > kNegInf && !(col[y] > kColumnUnderflow);
     }
-    if (!underflow) {
-        for (int64_t y = 0; y < K; ++y) w.colmax[y] = std::log(col[y]);
-        return;
-    }
+    if (!underflow) return;  // next_g reads colmax only where a column underflowed
     // max_i log Q_iy exactly, for the columns whose sum underflowed (see next_g)
     double* f = w.f.data();
     kern.row_potentials(loga, w.m_work.data(), w.s_work.data(), N, f);
@@ -378,17 +468,34 @@ void pass(const Kernels<T>& kern, const T* X, int64_t N, int64_t K, double alpha
     for (int64_t y = 0; y < K; ++y) cm[y] += g[y];
 }
 
-// g = logb - LSE_i(S_iy): the first half-iteration, a column normalisation of exp(S).
+// g = logb - LSE_i(S_iy): the first half-iteration, a column normalisation of exp(S).  A
+// small problem takes the sums from its scaling form, LSE_i(S_iy) = M + log sum_i k_iy
+// exp(mx_i - M) with M = max_i mx_i, when every column's largest S_iy is within
+// kScaledRange of M (then each column's largest term is at least exp(-kScaledRange), and
+// the terms lost to underflow are negligible beside it, as in pass).
 template <class T>
 void column_start(const Kernels<T>& kern, const T* X, int64_t N, int64_t K, double alpha,
-                  const double* logb, double* g, double* mx) {
+                  const double* logb, double* g, double* mx, Work& w) {
     std::fill(mx, mx + K, kNegInf);
     for (int64_t i = 0; i < N; ++i) kern.col_max(X + i * K, K, alpha, mx);
-    std::fill(g, g + K, 0.0);
-    for (int64_t i = 0; i < N; ++i) kern.col_sumexp(X + i * K, K, alpha, mx, g);
+    bool scaled = N * K <= kScaledEntries;
+    double M = kNegInf;
+    if (scaled) {
+        Scaled& sf = scaled_form(kern, X, N, K, alpha, w);
+        for (int64_t i = 0; i < N; ++i) M = std::max(M, sf.mx[i]);
+        for (int64_t y = 0; y < K; ++y)
+            scaled &= !(mx[y] > kNegInf) || mx[y] >= M - kScaledRange;
+        if (scaled) kern.scaled_colsums(sf, M, g);
+    }
+    if (!scaled) {
+        M = 0;
+        std::fill(g, g + K, 0.0);
+        for (int64_t i = 0; i < N; ++i) kern.col_sumexp(X + i * K, K, alpha, mx, g);
+    }
     for (int64_t y = 0; y < K; ++y)
-        g[y] = (logb[y] == kNegInf || !(mx[y] > kNegInf)) ? kNegInf
-                                                         : logb[y] - (mx[y] + std::log(g[y]));
+        g[y] = (logb[y] == kNegInf || !(mx[y] > kNegInf))
+                   ? kNegInf
+                   : logb[y] - ((scaled ? M : mx[y]) + std::log(g[y]));
 }
 
 struct OneResult {
@@ -427,10 +534,13 @@ OneResult run_stage(const Kernels<T>& kern, const T* X, int64_t N, int64_t K, do
         pass(kern, X, N, K, alpha, g, loga, w, f_ready);
         const double* f_work = w.f.data();
         double err = 0;
+        double* lc = w.g_next.data();  // log col, then the next g in place
+        kern.col_logs(w.col.data(), K, lc);
         for (int64_t y = 0; y < K; ++y) {
             err += std::abs(w.col[y] - w.eb[y]);
-            w.g_next[y] = w.live[y] ? next_g(g[y], logb[y], w.col[y], w.colmax[y], log_n, 1.0)
-                                    : kNegInf;
+            lc[y] = w.live[y] ? next_g_of_log(g[y], logb[y], w.col[y], lc[y], w.colmax[y],
+                                              log_n, 1.0)
+                              : kNegInf;
         }
         double dual = 0, scale = 0, g_max = 0;
         if (accel) {
@@ -516,7 +626,7 @@ OneResult solve_one(const Kernels<T>& kern, const T* X, int64_t N, int64_t K,
     for (double a_k : stages) {
         if (A.max_iter - passes <= 1) break;
         if (a_g == 0) {
-            column_start(kern, X, N, K, a_k, logb, g, w.g_next.data());
+            column_start(kern, X, N, K, a_k, logb, g, w.g_next.data(), w);
         } else {
             for (int64_t y = 0; y < K; ++y) g[y] = w.g_best[y] * (a_k / a_g);
         }
@@ -538,7 +648,7 @@ OneResult solve_one(const Kernels<T>& kern, const T* X, int64_t N, int64_t K,
             for (int64_t y = 0; y < K; ++y)
                 if (!w.live[y]) g[y] = kNegInf;
         } else {
-            column_start(kern, X, N, K, A.alpha, logb, g, w.g_next.data());
+            column_start(kern, X, N, K, A.alpha, logb, g, w.g_next.data(), w);
         }
         const bool accelerated = !fixed && (passes > 0 || accel);
         res = run_stage(kern, X, N, K, A.alpha, A, loga, logb, tol,
@@ -552,28 +662,33 @@ OneResult solve_one(const Kernels<T>& kern, const T* X, int64_t N, int64_t K,
     return res;
 }
 
-// sum Q X over the allowed pairs, and the labels argmax_y (S_iy + g_y), at (f, g).
+// sum Q X over the allowed pairs, and the labels argmax_y (S_iy + g_y), at (f, g); from the
+// scaling form of the matrix when the last stage kept one and g allows it (see pass).
 template <class T>
 double finish(const Kernels<T>& kern, const T* X, int64_t N, int64_t K, double alpha,
-              const double* f, const double* g, int64_t* labels, double* c) {
-    double cost = 0;
-    for (int64_t i = 0; i < N; ++i) {
+              const double* f, const double* g, int64_t* labels, Work& w) {
+    for (int64_t i = 0; i < N && labels; ++i) {
         const T* x = X + i * K;
-        if (labels) {
-            double best = kNegInf;
-            int64_t arg = 0;
-            for (int64_t y = 0; y < K; ++y) {
-                const double t = alpha * static_cast<double>(x[y]) + g[y];
-                if (t > best) {
-                    best = t;
-                    arg = y;
-                }
+        double best = kNegInf;
+        int64_t arg = 0;
+        for (int64_t y = 0; y < K; ++y) {
+            const double t = alpha * static_cast<double>(x[y]) + g[y];
+            if (t > best) {
+                best = t;
+                arg = y;
             }
-            labels[i] = arg;
         }
+        labels[i] = arg;
+    }
+    const double gmax = w.sf.alpha == alpha ? scaled_shift(g, w.live.data(), K) : kNegInf;
+    if (gmax > kNegInf)  // rho_i <= a_i exp(kScaledRange): no overflow
+        return kern.scaled_cost(w.sf, X, f, g, gmax, w.m_work.data(), w.e.data());
+    double cost = 0;
+    double* c = w.e.data();
+    for (int64_t i = 0; i < N; ++i) {
         if (!(f[i] > kNegInf)) continue;
         for (int64_t y = 0; y < K; ++y) c[y] = f[i] + g[y];
-        cost += kern.row_cost(x, c, K, alpha);
+        cost += kern.row_cost(X + i * K, c, K, alpha);
     }
     return cost;
 }
@@ -596,6 +711,9 @@ bool batched_solve(const T* X, const BatchedArgs& A, BatchedOut& out, int n_thre
         for (int64_t p = 0; p < B; ++p) {
             if (intr.poll()) continue;
             const T* Xp = X + p * A.x_stride;
+            // the next problem's first read comes from memory: asked for while this one computes
+            if (p + 1 < B && A.x_stride > 0 && N * K <= kScaledEntries)
+                prefetch_row(Xp + A.x_stride, N * K);
             // the validation read: a problem with an invalid entry is not solved (the
             // caller raises, naming it)
             double mx = 0;
@@ -615,7 +733,7 @@ bool batched_solve(const T* X, const BatchedArgs& A, BatchedOut& out, int n_thre
             out.err[p] = r.err;
             out.stalled[p] = r.stalled ? 1 : 0;
             out.cost[p] = finish(kern, Xp, N, K, A.alpha, out.f + p * N, out.g + p * K,
-                                 out.labels ? out.labels + p * N : nullptr, w.e.data());
+                                 out.labels ? out.labels + p * N : nullptr, w);
         }
     }
     return !intr.stopped();

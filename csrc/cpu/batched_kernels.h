@@ -380,3 +380,154 @@ BK_INLINE double dot(const double* u, const double* v, int64_t n) {
     for (int64_t y2 = nb; y2 < n; ++y2) s += u[y2] * v[y2];
     return s;
 }
+
+// The scaling form of sf's matrix at alpha (Scaled in batched.cpp): k_iy = exp(alpha x_iy -
+// mx_i), mx_i the row's largest alpha x_iy (-inf: no allowed entry, the row of k all zero),
+// into sf.k (N x Kp, zero padded); `zero` is K zeros.
+template <class T>
+BK_INLINE void scaled_rows(const T* X, double alpha, const double* zero, Scaled& sf) {
+    const int64_t K = sf.K, Kp = sf.Kp;
+    for (int64_t i = 0; i < sf.N; ++i) {
+        double s;
+        double* ki = sf.k.data() + i * Kp;
+        sf.mx[i] = row_exp(X + i * K, zero, K, alpha, ki, s);
+        const int64_t lo = sf.mx[i] > -std::numeric_limits<double>::infinity() ? K : 0;
+        for (int64_t y = lo; y < Kp; ++y) ki[y] = 0;
+    }
+}
+
+// out_i = sum_j M_ij x_j (M: rows x cols row-major, cols a multiple of 8), eight rows at a
+// time so that their sums overlap.
+BK_INLINE void gemv_dots(const double* M, int64_t rows, int64_t cols, const double* x,
+                         double* out) {
+    int64_t i = 0;
+#if defined(__GNUC__)
+    constexpr int64_t kR = 8;
+    for (; i + kR <= rows; i += kR) {
+        bvd acc[kR] = {};
+        const double* mi = M + i * cols;
+        for (int64_t j = 0; j < cols; j += BL) {
+            const bvd xv = bload(x + j);
+            for (int64_t r = 0; r < kR; ++r) acc[r] += bload(mi + r * cols + j) * xv;
+        }
+        for (int64_t r = 0; r < kR; ++r) out[i + r] = bsum(acc[r]);
+    }
+#endif
+    for (; i < rows; ++i) out[i] = dot(M + i * cols, x, cols);
+}
+
+// out_j = sum_r x_r M_rj for j < cols (M: rows x cols row-major, cols a multiple of 8): the
+// accumulators of kBlock vectors of out stay in registers while the rows stream past, two
+// sets (even and odd rows) so that the additions do not wait on each other.
+BK_INLINE void gemv_rows(const double* M, int64_t rows, int64_t cols, const double* x,
+                         double* out) {
+#if defined(__GNUC__)
+    constexpr int64_t kBlock = 4;
+    int64_t j = 0;
+    for (; j + kBlock * BL <= cols; j += kBlock * BL) {
+        bvd acc[kBlock] = {}, acc2[kBlock] = {};
+        int64_t r = 0;
+        for (; r + 2 <= rows; r += 2) {
+            const double x0 = x[r], x1 = x[r + 1];
+            const double* m0 = M + r * cols + j;
+            for (int64_t q = 0; q < kBlock; ++q) {
+                acc[q] += x0 * bload(m0 + q * BL);
+                acc2[q] += x1 * bload(m0 + cols + q * BL);
+            }
+        }
+        for (; r < rows; ++r)
+            for (int64_t q = 0; q < kBlock; ++q) acc[q] += x[r] * bload(M + r * cols + j + q * BL);
+        for (int64_t q = 0; q < kBlock; ++q) bstore(out + j + q * BL, acc[q] + acc2[q]);
+    }
+    for (; j < cols; j += BL) {
+        bvd acc = {};
+        for (int64_t r = 0; r < rows; ++r) acc += x[r] * bload(M + r * cols + j);
+        bstore(out + j, acc);
+    }
+#else
+    for (int64_t j = 0; j < cols; ++j) out[j] = 0;
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < cols; ++j) out[j] += x[r] * M[r * cols + j];
+#endif
+}
+
+// e_j = exp(x_j - shift) (0 below -708 and for x_j = -inf)
+BK_INLINE void exp_shifted(const double* x, double shift, int64_t n, double* e) {
+    int64_t nb = 0;
+#if defined(__GNUC__)
+    nb = n - n % BL;
+    for (int64_t j = 0; j < nb; j += BL) bstore(e + j, vexp(bload(x + j) - shift));
+#endif
+    for (int64_t j = nb; j < n; ++j) e[j] = bexp(x[j] - shift);
+}
+
+// pass_rows at g in the scaling form, no exponential per entry: v_y = exp(g_y - gmax),
+// r = k v, then m_i = mx_i + gmax and s_i = r_i (the same row sum exp(m_i) s_i as
+// pass_rows), col = v * (k^T w) with w_i = a_i / r_i.  Scratch: v and c (Kp), r and w (N).
+BK_INLINE void scaled_pass(const Scaled& sf, const double* g, double gmax, const double* a,
+                           double* m, double* s, double* col, double* v, double* c, double* r,
+                           double* w) {
+    const double ninf = -std::numeric_limits<double>::infinity();
+    const int64_t N = sf.N, K = sf.K, Kp = sf.Kp;
+    exp_shifted(g, gmax, K, v);
+    for (int64_t y = K; y < Kp; ++y) v[y] = 0;
+    gemv_dots(sf.k.data(), N, Kp, v, r);
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) {
+        const bool carries = a[i] > 0 && sf.mx[i] > ninf && r[i] > 0;
+        m[i] = carries ? sf.mx[i] + gmax : ninf;
+        s[i] = carries ? r[i] : a[i] > 0 ? 0.0 : 1.0;
+        w[i] = carries ? a[i] / r[i] : 0.0;
+    }
+    gemv_rows(sf.k.data(), N, Kp, w, c);
+    for (int64_t y = 0; y < K; ++y) col[y] = c[y] * v[y];
+}
+
+// z_y = sum_i k_iy exp(mx_i - M) (y < K; scratch sf.w, sf.c)
+BK_INLINE void scaled_colsums(Scaled& sf, double M, double* z) {
+    exp_shifted(sf.mx.data(), M, sf.N, sf.w.data());
+    gemv_rows(sf.k.data(), sf.N, sf.Kp, sf.w.data(), sf.c.data());
+    for (int64_t y = 0; y < sf.K; ++y) z[y] = sf.c[y];
+}
+
+// k^4 in place: the scaling form at 4 alpha from the one at alpha (exp(4 t) = exp(t)^4; a
+// square below float64's normal range flushes to zero, as exp below -708 does)
+BK_INLINE void scaled_pow4(double* k, int64_t n) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+        const double q = k[j] * k[j];
+        k[j] = q * q;
+    }
+}
+
+// sum Q X over the allowed pairs for the plan Q_iy = exp(S_iy + f_i + g_y) = rho_i k_iy v_y,
+// rho_i = exp(mx_i + f_i + gmax), v_y = exp(g_y - gmax) (scratch `rho` (N) and `v` (K))
+template <class T>
+BK_INLINE double scaled_cost(const Scaled& sf, const T* X, const double* f, const double* g,
+                             double gmax, double* rho, double* v) {
+    const int64_t N = sf.N, K = sf.K;
+    exp_shifted(g, gmax, K, v);
+    for (int64_t i = 0; i < N; ++i) rho[i] = sf.mx[i] + f[i];
+    exp_shifted(rho, -gmax, N, rho);
+    double cost = 0;
+    for (int64_t i = 0; i < N; ++i) {
+        if (!(rho[i] > 0)) continue;
+        const double* ki = sf.k.data() + i * sf.Kp;
+        const T* x = X + i * K;
+        double c = 0;
+#pragma omp simd reduction(+ : c)
+        for (int64_t y = 0; y < K; ++y) {
+            const double q = ki[y] * v[y];
+            c += q > 0 ? q * static_cast<double>(x[y]) : 0.0;
+        }
+        cost += rho[i] * c;
+    }
+    return cost;
+}
+
+// l_y = log col_y where col_y > kColumnUnderflow (next_g reads it only there), else 0
+BK_INLINE void col_logs(const double* col, int64_t K, double* l) {
+#pragma omp simd
+    for (int64_t y = 0; y < K; ++y)
+        l[y] = col[y] > kColumnUnderflow ? blog(col[y]) : 0.0;
+}
