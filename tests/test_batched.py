@@ -413,3 +413,78 @@ def test_ctrl_c_stops_a_batched_solve():
     assert out.returncode == 0, out.stderr
     assert "interrupted after" in out.stdout, out.stdout
     assert float(out.stdout.split("after")[1].split()[0]) < 0.5 + 1.0, out.stdout
+
+
+def _independent_err_and_cost(C, reg, a, b, f, g):
+    """The L1 column and row violations and <Q, C> of the plan exp(-C/reg + f + g), in float64."""
+    C = np.asarray(C, dtype=np.float64)
+    P = plan_from_potentials(-C / reg, f, g)
+    cost = float(np.sum(np.where(P > 0, P * np.where(np.isfinite(C), C, 0.0), 0.0)))
+    return np.abs(P.sum(0) - b).sum(), np.abs(P.sum(1) - a).sum(), cost
+
+
+@pytest.mark.parametrize("reg", [1.0, 0.05, 0.003])
+def test_reported_err_and_cost_are_those_of_the_returned_potentials(reg):
+    # Small problems run the scaling form of the pass while the potentials span <= 600 and the
+    # log-domain pass beyond (at reg 0.003 problem 1's column 0, 2 / reg above the others):
+    # in every regime, with forbidden pairs and massless rows and columns, the reported err
+    # and cost must be the plan's of the returned float64 potentials.
+    rng = np.random.default_rng(int(reg * 1e4))
+    B, n, m = 8, 24, 17
+    C = 3 * rng.random((B, n, m)) ** 2
+    C[1, :, 0] += 2.0                     # a column far from every row: g_0 large
+    C[2, 3, 4:] = np.inf                  # row 3 may only go to columns 0-3
+    C[3][rng.random((n, m)) < 0.2] = np.inf
+    a = rng.random((B, n)) + 0.05
+    b = rng.random((B, m)) + 0.05
+    a[4, 5:9] = 0
+    b[4, 2] = 0
+    a, b = a / a.sum(1, keepdims=True), b / b.sum(1, keepdims=True)
+    C[3][np.arange(n), rng.integers(0, m, n)] = 0.5  # keeps every row of 3 feasible
+    C[3][rng.integers(0, n, m), np.arange(m)] = 0.5
+    for dtype in (np.float64, np.float32):
+        Cd = C.astype(dtype)
+        r = so.sinkhorn(Cd, a, b, reg=reg, tol=1e-9, max_iter=3000)
+        for p in range(B):
+            col_err, row_err, cost = _independent_err_and_cost(Cd[p], reg, a[p], b[p],
+                                                               r.f[p], r.g[p])
+            np.testing.assert_allclose(r.err[p], col_err, rtol=1e-9, atol=1e-13)
+            assert row_err <= 1e-12
+            np.testing.assert_allclose(r.cost[p], cost, rtol=1e-9, atol=1e-12)
+        assert r.converged.all()
+        assert np.ptp(r.g[1]) > 600 or reg > 0.01
+        for p in (1, 3, 4) if dtype == np.float64 else ():
+            S = -Cd[p] / reg
+            _, _, Pr, _, _ = reference_solve(S, a[p], b[p], tol=1e-10)
+            assert np.abs(plan_from_potentials(S, r.f[p], r.g[p]) - Pr).sum() <= 1e-7
+
+
+def test_problems_beyond_the_scaling_form_size():
+    # 400 x 400 entries exceed the cached scaling form (2^17 entries): log-domain passes
+    C = _cloud_costs(2, 400, 400, seed=12)
+    r = so.sinkhorn(C, reg=0.02, tol=1e-8)
+    small = so.sinkhorn(C[:, :300, :300], reg=0.02, tol=1e-8)
+    for res, Cp in ((r, C), (small, C[:, :300, :300])):
+        assert res.converged.all()
+        for p in range(2):
+            n, m = Cp.shape[1:]
+            s = so.sinkhorn(Cp[p], reg=0.02, tol=1e-8)
+            assert np.abs(res.plan()[p] - s.plan()).sum() <= 1e-7
+            col_err, _, cost = _independent_err_and_cost(Cp[p], 0.02, np.full(n, 1 / n),
+                                                         np.full(m, 1 / m), res.f[p], res.g[p])
+            np.testing.assert_allclose(res.err[p], col_err, rtol=1e-9, atol=1e-14)
+            np.testing.assert_allclose(res.cost[p], cost, rtol=1e-9)
+
+
+def test_row_whose_largest_entry_is_in_a_massless_column():
+    # Row 0's cheapest column has no mass: its live entries lie 6000 below it in S, beyond
+    # float64's range if the row were shifted by its overall largest entry.
+    C = np.array([[[1.92, 0.0, 2.5], [0.3, 0.1, 1.0]]])
+    a, b = np.array([0.5, 0.5]), np.array([0.6, 0.0, 0.4])
+    for dtype in (np.float64, np.float32):
+        r = so.sinkhorn(C.astype(dtype), a, b, reg=10**-3.5, tol=1e-12)
+        P = plan_from_potentials(-C[0].astype(dtype).astype(np.float64) / 10**-3.5,
+                                 r.f[0], r.g[0])
+        assert r.converged.all()
+        np.testing.assert_allclose(P.sum(1), a, rtol=1e-12)
+        np.testing.assert_allclose(P.sum(0), b, atol=1e-12)

@@ -37,7 +37,8 @@ namespace {
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
 // The scaling form of one small problem's matrix at one alpha (see pass): k_iy = exp(alpha
-// x_iy - mx_i), N x Kp row-major, Kp = K rounded up to 8 with zero padding.
+// x_iy - mx_i) on the live columns (0 on the others), N x Kp row-major, Kp = K rounded up
+// to 8 with zero padding.
 struct Scaled {
     std::vector<double> k, mx, v, c, r, w;  // v, c, r, w: a pass's scratch
     int64_t N = 0, K = 0, Kp = 0;
@@ -170,8 +171,8 @@ struct Kernels {
     }                                                                                       \
     inline double dot(const double* u, const double* v, int64_t n) { return ns::dot(u, v, n); } \
     template <class T>                                                                      \
-    void scaled_rows(const T* X, double alpha, const double* zero, Scaled& sf) {            \
-        ns::scaled_rows<T>(X, alpha, zero, sf);                                             \
+    void scaled_rows(const T* X, double alpha, const double* gate, Scaled& sf) {            \
+        ns::scaled_rows<T>(X, alpha, gate, sf);                                             \
     }                                                                                       \
     inline void scaled_pass(const Scaled& sf, const double* g, double gmax, const double* a,\
                             double* m, double* s, double* col, double* v, double* c,        \
@@ -382,21 +383,22 @@ double log_range(const double* v, int64_t n) {
 // Anderson's guard, an underflowed column, the returned iterate).
 struct Work {
     std::vector<double> e, col, colmax, f, m_work, s_work, m_best, s_best, g, g_next, g_best,
-        ea, eb, zero;
+        ea, eb, gate;
     std::vector<uint8_t> live;
     Scaled sf;
     void size(int64_t N, int64_t K) {
         for (auto* v : {&e, &col, &colmax, &g, &g_next, &g_best, &eb}) v->resize(K);
         for (auto* v : {&f, &m_work, &s_work, &m_best, &s_best, &ea}) v->resize(N);
         live.resize(K);
-        zero.assign(K, 0.0);
+        gate.resize(K);
         sf.alpha = 0;
     }
 };
 
 // Problems of at most this many entries keep their matrix in the scaling form (Scaled:
-// float64, 1 MiB, in the core's L2) and run scaled_pass while the live column potentials span at
-// most kScaledRange: then r_i >= v at the row's largest entry >= exp(-kScaledRange), and
+// float64, 1 MiB, in the core's L2) and run scaled_pass while the live column potentials
+// span at most kScaledRange: then r_i >= v at the row's largest live entry (k = 1 there)
+// >= exp(-kScaledRange), and
 // every term scaled_pass drops (below float64's normal range, in k or in a product k v) is
 // below exp(-708 + kScaledRange) r_i, as negligible as the terms below exp(-708) times the
 // row's largest that pass_rows drops; no row factor a_i / r_i or column sum overflows.
@@ -425,7 +427,7 @@ Scaled& scaled_form(const Kernels<T>& kern, const T* X, int64_t N, int64_t K, do
         for (int64_t i = 0; i < N; ++i) sf.mx[i] *= 4.0;
     } else {
         sf.size(N, K);
-        kern.scaled_rows(X, alpha, w.zero.data(), sf);
+        kern.scaled_rows(X, alpha, w.gate.data(), sf);
     }
     sf.alpha = alpha;
     return sf;
@@ -605,6 +607,7 @@ OneResult solve_one(const Kernels<T>& kern, const T* X, int64_t N, int64_t K,
     double mass = 0;
     for (int64_t y = 0; y < K; ++y) {
         w.live[y] = logb[y] > kNegInf;
+        w.gate[y] = w.live[y] ? 0.0 : kNegInf;
         w.eb[y] = std::exp(logb[y]);
     }
     for (int64_t i = 0; i < N; ++i) {

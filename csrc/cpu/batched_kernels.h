@@ -381,16 +381,17 @@ BK_INLINE double dot(const double* u, const double* v, int64_t n) {
     return s;
 }
 
-// The scaling form of sf's matrix at alpha (Scaled in batched.cpp): k_iy = exp(alpha x_iy -
-// mx_i), mx_i the row's largest alpha x_iy (-inf: no allowed entry, the row of k all zero),
-// into sf.k (N x Kp, zero padded); `zero` is K zeros.
+// The scaling form of sf's matrix at alpha (Scaled in batched.cpp): k_iy = exp(alpha x_iy +
+// gate_y - mx_i), mx_i the row's largest alpha x_iy + gate_y (-inf: none, the row of k all
+// zero), into sf.k (N x Kp, zero padded).  gate_y = 0 on the columns of positive mass, -inf
+// on the others: a row's shift must be one of its live entries (see pass).
 template <class T>
-BK_INLINE void scaled_rows(const T* X, double alpha, const double* zero, Scaled& sf) {
+BK_INLINE void scaled_rows(const T* X, double alpha, const double* gate, Scaled& sf) {
     const int64_t K = sf.K, Kp = sf.Kp;
     for (int64_t i = 0; i < sf.N; ++i) {
         double s;
         double* ki = sf.k.data() + i * Kp;
-        sf.mx[i] = row_exp(X + i * K, zero, K, alpha, ki, s);
+        sf.mx[i] = row_exp(X + i * K, gate, K, alpha, ki, s);
         const int64_t lo = sf.mx[i] > -std::numeric_limits<double>::infinity() ? K : 0;
         for (int64_t y = lo; y < Kp; ++y) ki[y] = 0;
     }
