@@ -714,9 +714,6 @@ bool batched_solve(const T* X, const BatchedArgs& A, BatchedOut& out, int n_thre
         for (int64_t p = 0; p < B; ++p) {
             if (intr.poll()) continue;
             const T* Xp = X + p * A.x_stride;
-            // the next problem's first read comes from memory: asked for while this one computes
-            if (p + 1 < B && A.x_stride > 0 && N * K <= kScaledEntries)
-                prefetch_row(Xp + A.x_stride, N * K);
             // the validation read: a problem with an invalid entry is not solved (the
             // caller raises, naming it)
             double mx = 0;

@@ -1,5 +1,5 @@
 // What every CPU kernel driver needs around its OpenMP region: the thread's id, flush-to-zero
-// while it runs, Ctrl-C polling, and prefetches.  Included by sinkhorn_cpu.cpp and batched.cpp inside
+// while it runs, and Ctrl-C polling.  Included by sinkhorn_cpu.cpp and batched.cpp inside
 // `namespace sinkhorn_ot::cpu`, after the standard headers (and <immintrin.h> with SK_X86).
 #pragma once
 
@@ -48,16 +48,3 @@ class Interrupt {
     clock::time_point last_;
     std::atomic<bool> stop_{false};
 };
-
-// Asks for n entries of X in the cache ahead of their use, a cache line at a time.
-template <class T>
-void prefetch_row(const T* x, int64_t K) {
-    const char* p = reinterpret_cast<const char*>(x);
-    const int64_t bytes = K * static_cast<int64_t>(sizeof(T));
-#if defined(__GNUC__) || defined(__clang__)
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
-#else
-    (void)p;
-    (void)bytes;
-#endif
-}

@@ -179,6 +179,18 @@ Scratch<T>& scratch() {
     return s;
 }
 
+// Asks for a row of X in the cache ahead of its use, a cache line at a time.
+template <class T>
+void prefetch_row(const T* x, int64_t K) {
+    const char* p = reinterpret_cast<const char*>(x);
+    const int64_t bytes = K * static_cast<int64_t>(sizeof(T));
+#if defined(__GNUC__) || defined(__clang__)
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
 
 // Where a pass writes plan row i, or null.
 template <class T>
