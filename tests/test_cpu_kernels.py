@@ -106,6 +106,80 @@ def test_mixed_precision_err_is_honest(lam):
             assert abs(res.err - err) <= max(0.05 * err, 1e-7), (kw, res.err, err)
 
 
+def _extreme_float32_problem(seed, n=24, m=17):
+    """Squared costs of a few thousand reg at small reg: |S| ~ 7500 and g spanning ~800,
+    where float32 rounding of S or g alone moves exponents by ~5e-4; some pairs forbidden."""
+    rng = np.random.default_rng(seed)
+    C = 3 * rng.random((n, m)) ** 2
+    if seed % 2:
+        C[rng.random((n, m)) < 0.2] = np.inf
+        C[np.arange(n), rng.integers(0, m, n)] = 3 * rng.random(n) ** 2  # a pair per row
+        C[rng.integers(0, n, m), np.arange(m)] = 3 * rng.random(m) ** 2  # and per column
+    a, b = rng.random(n) + 0.05, rng.random(m) + 0.05
+    return C.astype(np.float32), a / a.sum(), b / b.sum()
+
+
+@pytest.mark.parametrize("reg", [0.0004, 0.001, 0.01])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mixed_precision_err_is_honest_down_to_tiny_err(reg, seed):
+    """float32 input solved to err ~1e-9: the err reported is the float64 column violation
+    of the returned potentials' plan (within HONEST_SHARE), and its rows hold to float64
+    rounding relative to err, at every stopping point (the float32 exponentials and row
+    sums of a pass count in its bound: passes they would make dishonest run in float64)."""
+    from reference import plan_from_potentials
+    C, a, b = _extreme_float32_problem(seed)
+    S = -C.astype(np.float64) / reg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kw in (dict(), dict(acceleration=None)):
+            for mi in (30, 300, 3000):
+                r = sinkhorn_ot.sinkhorn(C, a, b, reg=reg, tol=1e-9, max_iter=mi, **kw)
+                P = plan_from_potentials(S, r.f, r.g)
+                err = np.abs(P.sum(0) - b).sum()
+                rows = np.abs(P.sum(1) - a).sum()
+                assert abs(r.err - err) <= 0.05 * err + 1e-13, (kw, mi, r.err, err)
+                assert rows <= 0.05 * err + 1e-12, (kw, mi, rows, err)
+
+
+def test_mixed_precision_err_is_honest_issue13_reproduction():
+    """The reported case: reported 4.9e-9 where the returned plan's columns were off by
+    1.7e-8 and its rows by 1.8e-8 (float32 exponentials in a pass reported exact)."""
+    from reference import plan_from_potentials
+    reg, rng = 0.0004, np.random.default_rng(4)
+    C = 3 * rng.random((8, 24, 17)) ** 2
+    C[3][rng.random((24, 17)) < 0.2] = np.inf  # (problem 3's; the draw moves a and b)
+    a, b = rng.random((8, 24)) + 0.05, rng.random((8, 17)) + 0.05
+    a, b = a[0] / a[0].sum(), b[0] / b[0].sum()
+    S = -C[0].astype(np.float32).astype(np.float64) / reg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kw in (dict(), dict(acceleration=None)):
+            r = sinkhorn_ot.sinkhorn(C[0].astype(np.float32), a, b, reg=reg, tol=1e-9,
+                                     max_iter=3000, **kw)
+            P = plan_from_potentials(S, r.f, r.g)
+            err, rows = np.abs(P.sum(0) - b).sum(), np.abs(P.sum(1) - a).sum()
+            assert abs(r.err - err) <= 0.05 * err + 1e-13, (kw, r.err, err)
+            assert rows <= 0.05 * err + 1e-12, (kw, rows, err)
+
+
+def test_float32_pass_rows_float64_unless_allowed():
+    """fast=0: float32 input gets float64 rows, exponentials included (slack 0, column sums
+    and f to float64 rounding); a pass allowed an error reports a bound it keeps."""
+    X, lam = _problem(40, 700, np.float32, seed=7, forbid=0.1)
+    N, K = X.shape
+    g = 5 * np.random.default_rng(8).standard_normal(K)
+    loga = np.full(N, -np.log(N))
+    f_ref, col_ref, *_ = _ref_pass(X, lam, g, loga)
+    for fast in (0.0, 1e-6, 1e-4, 1e-2):
+        for lab in (None, np.empty(N, dtype=np.int64)):
+            f = np.empty(N)
+            col, _, _, slack = _core.fused_pass(X, lam, g, loga, 1.0, f, lab, 1, fast=fast)
+            assert slack <= fast
+            tol = max(slack, 1e-12)  # float64 rounding of t (|t| ~ 1e3) and of the sums
+            np.testing.assert_allclose(col, col_ref, rtol=tol, atol=1e-30)
+            np.testing.assert_allclose(np.exp(f - f_ref), 1.0, rtol=tol, atol=0)
+
+
 def test_mixed_precision_rows_are_used_and_bounded():
     S = np.random.default_rng(5).uniform(-1, 1, (500, 80)).astype(np.float32)
     N, K = S.shape

@@ -34,8 +34,8 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // What a kernel row returns.  RowResult::qs = r_i (sum_y e_iy (t_iy - m_i) + m_i s_i) =
 // sum_y Q_iy (S_iy + g_y): the row's share of the cost before the column term (fused_pass).
-// RowResult::slack: the bound on the relative plan error of a row done in float32 (0 for a
-// row done in float64).
+// RowResult::slack: the bound on the relative plan error of a row done in float32 (its
+// entries and its row sum; 0 for a row done in float64: see row_body).
 struct RowResult {
     double qs = 0;
     double slack = 0;
@@ -83,8 +83,8 @@ namespace base {
 template <class T>
 struct Kernels {
     RowResult (*row_nolab)(const T*, const double*, const float*, int64_t, double, double,
-                           double, T*, float*, double*, double&, int64_t*, T*, double, double,
-                           double, double, double&);
+                           double, T*, double*, float*, double*, double&, int64_t*, T*, double,
+                           double, double, double, double&);
     decltype(row_nolab) row_lab;
     void (*flush_cols)(float*, double*, int64_t);
     void (*plan_row)(const T*, const double*, int64_t, double, T*);
@@ -167,6 +167,7 @@ template <class T>
 struct Scratch {
     std::vector<T> e;         // exp(t - m) of the current row
     std::vector<float> colf;  // float32 column accumulators (float32 input)
+    std::vector<double> xd;   // the current row in float64 (float32 input, float64 rows)
     std::vector<double> col;  // the thread's column sums
 };
 
@@ -314,6 +315,7 @@ bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
         const auto row = out.labels ? kern.row_lab : kern.row_nolab;
         Scratch<T>& s = scratch<T>();
         if (static_cast<int64_t>(s.e.size()) < K) s.e.resize(K);
+        if (std::is_same_v<T, float> && static_cast<int64_t>(s.xd.size()) < K) s.xd.resize(K);
         s.col.assign(K, 0.0);
         if constexpr (std::is_same_v<T, float>) s.colf.assign(K, 0.0f);
         cols[tid] = s.col.data();
@@ -332,7 +334,7 @@ bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
             const double hint =
                 lse_prev ? (lse_prev[i] > kNegInf ? lse_prev[i] + dg_max : kNegInf) : kNaN;
             RowResult r = row(X + i * K, g, gf.data(), K, alpha, loga[i], rho_a, s.e.data(),
-                              s.colf.data(), s.col.data(), out.f[i],
+                              s.xd.data(), s.colf.data(), s.col.data(), out.f[i],
                               out.labels ? out.labels + i : nullptr, prow, pscale, fast,
                               g_absmax, hint, lse_i);
             if (lse_out) lse_out[i] = lse_i;

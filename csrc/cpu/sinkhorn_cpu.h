@@ -40,11 +40,12 @@ struct RowShifts {
     double* lse = nullptr;
 };
 
-// One fused pass.  `fast` (float32 input, without labels): rows whose entries can be formed in
-// float32 with a relative plan error within `fast` are (out.slack: the largest such bound);
-// 0 keeps every row in float64.  `shifts` may be null.  Returns false if `interrupted`
-// (called from the calling thread only, about every 0.2 s) reported an interruption; the
-// outputs are then incomplete.
+// One fused pass.  `fast` (float32 input): rows whose entries and row sum can be formed with
+// float32 arithmetic (t - m in float32 without labels, or only the exponentials and row sums)
+// within a relative plan error `fast` are (out.slack: the largest such bound); 0 keeps every
+// row in float64, exponentials included.  `shifts` may be null.  Returns false if
+// `interrupted` (called from the calling thread only, about every 0.2 s) reported an
+// interruption; the outputs are then incomplete.
 template <class T>
 bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
                 const double* loga, double rho_a, PassOut& out, const PlanOut<T>* plan,

@@ -8,9 +8,10 @@
 // ----------------------------------------------------------------------------------------
 // t - m = alpha x + (g_y - m) is formed in float64 for every input type: |alpha x| and |g|
 // reach 1e7 at lam = 1e4 while t - m must be exact to about 1e-7 for the plan the kernels
-// measure to be the plan the float64 potentials define.  Only exp(t - m), at most about 1,
-// runs in the input's precision.  Traits<T>::diff gives t - m for a block of B entries as a
-// vector of T (E), and its float64 lanes (lo, hi) for the labels.
+// measure to be the plan the float64 potentials define.  For float32 input exp(t - m), at
+// most about 1, runs in float32 only where the pass allows its error (see row_body).
+// Traits<T>::diff gives t - m for a block of B entries as a vector of T (E), and its float64
+// lanes (lo, hi) for the labels.
 template <class T> struct Traits;
 
 template <> struct Traits<float> {
@@ -199,15 +200,23 @@ SK_V void add_row(const T* e, int64_t K, double r, float* colf, double* col, boo
 
 // One row of the fused pass: f_i, optionally the label, the row's share of the column sums
 // and of the cost, and optionally the plan row (scaled).
-// One row of the fused pass.  `fast` (float32 input, no labels) is the relative plan error
-// allowed for this row; the row is done in float32 when its bound (RowResult::slack) is
-// within it, in float64 otherwise.
+//
+// float32 input has three ways to form a row, the cheapest whose bound on the row's relative
+// plan error (RowResult::slack) is within `fast` (the error the caller allows; 0: float64):
+//   fast (no labels): t - m in float32 from float32 g (sweep<float, ..., true>), float32
+//     column accumulation;
+//   mixed: t - m in float64, rounded to float32 for a float32 exponential and float32 row
+//     sums; its bound is known after the sweep (it weighs |t - m| by the row's entries);
+//   float64: the row converted to float64 (`xd`, K doubles of scratch), the float64 sweep
+//     and exponentials, float64 column sums (slack 0, as for float64 input).
+// The bound covers the plan entries (hence the column sums measured) and the row sum s the
+// row potential comes from (hence the row marginal of the returned f).
 template <class T, bool LAB>
 RowResult row_body(const T* __restrict x, const double* __restrict g,
                         const float* __restrict gf, int64_t K, double alpha, double loga_i,
-                        double rho_a, T* __restrict e, float* __restrict colf,
-                        double* __restrict col, double& f_i, int64_t* label,
-                        T* __restrict plan_row, double plan_scale, double fast,
+                        double rho_a, T* __restrict e, double* __restrict xd,
+                        float* __restrict colf, double* __restrict col, double& f_i,
+                        int64_t* label, T* __restrict plan_row, double plan_scale, double fast,
                         double g_absmax, double m_hint, double& lse_i) {
     RowResult res;
     auto empty = [&] {  // every pair forbidden (a row of zero mass): no plan row
@@ -218,6 +227,7 @@ RowResult row_body(const T* __restrict x, const double* __restrict g,
         return res;
     };
     RowSums rs;
+    enum { kFast, kMixed, kExact } mode = kExact;
     auto run = [&](double& m) {
         // The float32 shift is within a few ulps of |t| of the true maximum; beyond 1e6 that
         // is more than exp's range can absorb, so take the exact float64 maximum.
@@ -227,22 +237,51 @@ RowResult row_body(const T* __restrict x, const double* __restrict g,
                 m = std::max(m, static_cast<double>(x[y]) * alpha + g[y]);
         }
         res.slack = 0;
-        if constexpr (std::is_same_v<T, float> && !LAB) {
+        if constexpr (std::is_same_v<T, float>) {
             m = static_cast<float>(m);  // any shift works: one float32 can hold it exactly
-            // |error of t - m| over the entries that carry mass (t - m > -90, so |alpha x| <=
-            // |m| + |g| + 90): the roundings of alpha, g, g - m and alpha x + (g - m).
-            // Plus the float32 column accumulation of such rows (8 terms per sum: see
-            // kFlushRows in sinkhorn_cpu.cpp).
-            const double bound = 0x1p-24 * (2 * std::abs(m) + 3 * g_absmax + 180 + 8);
-            if (bound <= fast) {
-                res.slack = bound;
-                sweep<T, false, true>(x, g, gf, K, alpha, m, e, rs);
-            } else {
-                sweep<T, false, false>(x, g, gf, K, alpha, m, e, rs);
+            // The float32 row sums: a lane adds up to kChunk / NF exponentials in float32
+            // (relative error (n - 1) 2^-24) before they move into float64.
+            const double lane = static_cast<double>(std::min<int64_t>(K, kChunk) / NF + 1);
+            // float32 exp: 1.3 ulp (simd.h), with room for its range reduction
+            constexpr double kExpUlps = 3;
+            if constexpr (!LAB) {
+                // |error of t - m| over the entries that carry mass (t - m > -90, so |alpha
+                // x| <= |m| + |g| + 90): the roundings of alpha, g, g - m and alpha x + (g -
+                // m).  Plus the float32 column accumulation of such rows (8 terms per sum:
+                // see kFlushRows in sinkhorn_cpu.cpp), the exponential and the row sums.
+                const double bound =
+                    0x1p-24 * (2 * std::abs(m) + 3 * g_absmax + 180 + 8 + kExpUlps + lane);
+                if (bound <= fast) {
+                    res.slack = bound;
+                    mode = kFast;
+                    sweep<T, false, true>(x, g, gf, K, alpha, m, e, rs);
+                    return;
+                }
             }
+            // mixed: t - m exact to 2^-52 (|alpha x| + |g| + |m|) in float64, then rounded to
+            // float32: |t - m| 2^-24 on each entry, which the row's entries weigh into
+            // |sd| / s (sd = sum_y e_y (t_y - m); t_y - m <= 0 up to the shift's few ulps).
+            const double floor_mixed = 0x1p-24 * (kExpUlps + lane + 1);
+            if (floor_mixed <= fast) {
+                sweep<T, LAB, false>(x, g, gf, K, alpha, m, e, rs);
+                const double bound = floor_mixed + 0x1p-24 * std::abs(rs.sd) / rs.s +
+                                     0x1p-52 * (2 * std::abs(m) + 3 * g_absmax + 180);
+                if (bound <= fast) {  // false when s is 0 or NaN
+                    res.slack = bound;
+                    mode = kMixed;
+                    return;
+                }
+                rs = RowSums();
+            }
+            mode = kExact;
+            const int64_t Kb = K - K % ND;
+            for (int64_t y = 0; y < Kb; y += ND) store(xd + y, to_double(load<vfh>(x + y)));
+            for (int64_t y = Kb; y < K; ++y) xd[y] = static_cast<double>(x[y]);
+            sweep<double, LAB, false>(xd, g, gf, K, alpha, m, xd, rs);  // e over the copy
         } else {
             (void)fast;
             (void)g_absmax;
+            (void)xd;
             sweep<T, LAB, false>(x, g, gf, K, alpha, m, e, rs);
         }
     };
@@ -269,7 +308,17 @@ RowResult row_body(const T* __restrict x, const double* __restrict g,
         if (plan_row) std::fill(plan_row, plan_row + K, T(0));
         return res;
     }
-    add_row(e, K, r, colf, col, res.slack > 0);
+    if (std::is_same_v<T, float> && mode == kExact) {
+        // the float64 exponentials (in xd): float64 column sums, the plan rounded once
+        add_row<double>(xd, K, r, colf, col, false);
+        if (plan_row) {
+            const double q = r * plan_scale;
+            for (int64_t y = 0; y < K; ++y)
+                plan_row[y] = xd[y] > 4e-308 ? static_cast<T>(xd[y] * q) : T(0);
+        }
+        return res;
+    }
+    add_row(e, K, r, colf, col, mode == kFast);
     if (plan_row) {
         using E = typename Traits<T>::E;
         constexpr int B = Traits<T>::B;

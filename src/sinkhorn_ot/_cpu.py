@@ -11,8 +11,9 @@ class CPUBackend:
     xp = np
     device = "cpu"
     labels_per_pass = True  # the argmax rides along in the fused pass at no extra read
-    # float32 input: rows may be formed in float32 within a relative error the loop allows
-    # (fused_pass(fast=...)), the bound used is reported in `slack`
+    # float32 input: rows may be formed with float32 arithmetic within a relative error the
+    # loop allows (fused_pass(fast=...); 0: float64 rows, exponentials included), the bound
+    # used is reported in `slack`
     mixed_precision = True
 
     def __init__(self, n_threads=None):

@@ -132,11 +132,13 @@ def potential_bound(xp, loga, logb, s_max: float, n_rows: int, comm=None) -> flo
     return 4.0 * min(n_rows, K) * (s_max + lr + 1.0)
 
 
-# Mixed precision (CPU, float32 input): a pass may form rows in float32 when the bound on
-# their relative plan error (the backend's `slack`) is small against the error being
-# measured.  The next pass is allowed FAST_SHARE * err / mass (the first FIRST_FAST); a pass
-# whose bound could move its own err by more than HONEST_SHARE is redone in float64, so the
-# reported err always describes the plan of the returned potentials.
+# Mixed precision (CPU, float32 input): a pass may form rows with float32 arithmetic (t - m in
+# float32, or only the exponentials and row sums) when the bound on their relative plan
+# error (the backend's `slack`, covering the entries and the row sums) is small against the
+# error being measured; other rows run in float64 throughout.  The next pass is allowed
+# FAST_SHARE * err / mass (the first FIRST_FAST); a pass whose bound could move its own err
+# by more than HONEST_SHARE is redone in float64, so the reported err always describes the
+# plan of the returned potentials, whose rows hold to within as much.
 FIRST_FAST, FAST_SHARE, HONEST_SHARE = 1e-4, 2.5e-3, 0.05
 
 
