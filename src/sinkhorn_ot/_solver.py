@@ -73,17 +73,18 @@ class Anderson:
         """The next point to evaluate, from the evaluated ``g``, its plain step ``Tg``, the
         dual at ``g`` and its scale (``sum |a f| + sum |b g|``), and ``max |g|``."""
         xp = self.xp
-        g, Tg = g - g.mean(), Tg - Tg.mean()
         # A column of tiny mass leaves a direction the residual barely sees (its potential can
         # fall towards -inf for an err change of that mass), so extrapolation may run along it
         # to potentials far beyond any optimum's, where f + g loses its digits: such a point
-        # is rejected like one that lowers the dual.
+        # is rejected like one that lowers the dual (before its Tg, which may have
+        # overflowed, is looked at).
         if self.accepted is not None and (dual < self.accepted[0] - self.rel_slack * scale
                                           or not g_max <= self.bound):
             self.rejections += 1
             self.dg, self.dr, self.prev = [], [], None
             g_next, self.accepted = self.accepted[1], None
             return g_next
+        g, Tg = g - g.mean(), Tg - Tg.mean()
         self.accepted = (dual, Tg)
         r = Tg - g
         if self.prev is not None:
