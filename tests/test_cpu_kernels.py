@@ -164,7 +164,10 @@ def test_mixed_precision_err_is_honest_issue13_reproduction():
 
 def test_float32_pass_rows_float64_unless_allowed():
     """fast=0: float32 input gets float64 rows, exponentials included (slack 0, column sums
-    and f to float64 rounding); a pass allowed an error reports a bound it keeps."""
+    and f to float64 rounding); a pass allowed an error reports a bound it keeps: on each
+    row's sum, and on the L1 error of the column sums relative to their mass (the bound
+    weighs each entry's |t - m| by its share of the row, so a small entry alone may be off
+    by more)."""
     X, lam = _problem(40, 700, np.float32, seed=7, forbid=0.1)
     N, K = X.shape
     g = 5 * np.random.default_rng(8).standard_normal(K)
@@ -176,7 +179,9 @@ def test_float32_pass_rows_float64_unless_allowed():
             col, _, _, slack = _core.fused_pass(X, lam, g, loga, 1.0, f, lab, 1, fast=fast)
             assert slack <= fast
             tol = max(slack, 1e-12)  # float64 rounding of t (|t| ~ 1e3) and of the sums
-            np.testing.assert_allclose(col, col_ref, rtol=tol, atol=1e-30)
+            assert np.abs(col - col_ref).sum() <= tol * col_ref.sum()
+            if slack == 0:
+                np.testing.assert_allclose(col, col_ref, rtol=tol, atol=1e-30)
             np.testing.assert_allclose(np.exp(f - f_ref), 1.0, rtol=tol, atol=0)
 
 

@@ -34,11 +34,15 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // What a kernel row returns.  RowResult::qs = r_i (sum_y e_iy (t_iy - m_i) + m_i s_i) =
 // sum_y Q_iy (S_iy + g_y): the row's share of the cost before the column term (fused_pass).
-// RowResult::slack: the bound on the relative plan error of a row done in float32 (its
-// entries and its row sum; 0 for a row done in float64: see row_body).
+// RowResult::slack: for a row done in float32, the bound on its plan error relative to its
+// mass (the L1 error of its entries, and the error of its row sum; 0 for a row done in
+// float64: see row_body).  It bounds the change of a pass's L1 err by 2 slack mass.
+// RowResult::mixed_failed: the row tried the mixed form and its bound came out over the
+// allowance (the row was redone in float64; see fused_pass).
 struct RowResult {
     double qs = 0;
     double slack = 0;
+    bool mixed_failed = false;
 };
 struct LseRow {
     bool bad = false;      // a NaN or wrong-infinity entry in the row
@@ -84,7 +88,7 @@ template <class T>
 struct Kernels {
     RowResult (*row_nolab)(const T*, const double*, const float*, int64_t, double, double,
                            double, T*, double*, float*, double*, double&, int64_t*, T*, double,
-                           double, double, double, double&);
+                           double, bool, double, double, double&);
     decltype(row_nolab) row_lab;
     void (*flush_cols)(float*, double*, int64_t);
     void (*plan_row)(const T*, const double*, int64_t, double, T*);
@@ -323,6 +327,9 @@ bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
         row_range(N, nt, tid, lo, hi);
         double qs_t = 0, slack_t = 0;
         int64_t cursor = 0;
+        // Rows of one pass weigh their |t - m| alike: once one row's mixed bound exceeds the
+        // allowance, the thread's later rows go to float64 without trying (speed only).
+        bool try_mixed = true;
         const double pscale = plan ? plan->scale : 1.0;
         for (int64_t i = lo; i < hi; ++i) {
             if (intr.poll(i - lo)) break;
@@ -336,7 +343,8 @@ bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
             RowResult r = row(X + i * K, g, gf.data(), K, alpha, loga[i], rho_a, s.e.data(),
                               s.xd.data(), s.colf.data(), s.col.data(), out.f[i],
                               out.labels ? out.labels + i : nullptr, prow, pscale, fast,
-                              g_absmax, hint, lse_i);
+                              try_mixed, g_absmax, hint, lse_i);
+            try_mixed &= !r.mixed_failed;
             if (lse_out) lse_out[i] = lse_i;
             qs_t += r.qs;
             slack_t = std::max(slack_t, r.slack);

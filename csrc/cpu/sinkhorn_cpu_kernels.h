@@ -82,8 +82,9 @@ struct RowSums {
 };
 
 // Row sums run in SIMD lanes and move into float64 every kChunk entries, so their rounding
-// error does not grow with K.
-constexpr int64_t kChunk = 512;
+// error does not grow with K: a float32 lane adds at most kChunk / NF terms (the `lane` of
+// row_body's bounds).
+constexpr int64_t kChunk = 128;
 
 // FAST (float32 input only): t - m in float32 from float32 g, accurate to the bound the
 // caller computed (fast_error) instead of to float64.
@@ -217,7 +218,7 @@ RowResult row_body(const T* __restrict x, const double* __restrict g,
                         double rho_a, T* __restrict e, double* __restrict xd,
                         float* __restrict colf, double* __restrict col, double& f_i,
                         int64_t* label, T* __restrict plan_row, double plan_scale, double fast,
-                        double g_absmax, double m_hint, double& lse_i) {
+                        bool try_mixed, double g_absmax, double m_hint, double& lse_i) {
     RowResult res;
     auto empty = [&] {  // every pair forbidden (a row of zero mass): no plan row
         f_i = kNegInf;
@@ -262,7 +263,7 @@ RowResult row_body(const T* __restrict x, const double* __restrict g,
             // float32: |t - m| 2^-24 on each entry, which the row's entries weigh into
             // |sd| / s (sd = sum_y e_y (t_y - m); t_y - m <= 0 up to the shift's few ulps).
             const double floor_mixed = 0x1p-24 * (kExpUlps + lane + 1);
-            if (floor_mixed <= fast) {
+            if (floor_mixed <= fast && try_mixed) {
                 sweep<T, LAB, false>(x, g, gf, K, alpha, m, e, rs);
                 const double bound = floor_mixed + 0x1p-24 * std::abs(rs.sd) / rs.s +
                                      0x1p-52 * (2 * std::abs(m) + 3 * g_absmax + 180);
@@ -271,6 +272,7 @@ RowResult row_body(const T* __restrict x, const double* __restrict g,
                     mode = kMixed;
                     return;
                 }
+                res.mixed_failed = true;
                 rs = RowSums();
             }
             mode = kExact;
@@ -280,6 +282,7 @@ RowResult row_body(const T* __restrict x, const double* __restrict g,
             sweep<double, LAB, false>(xd, g, gf, K, alpha, m, xd, rs);  // e over the copy
         } else {
             (void)fast;
+            (void)try_mixed;
             (void)g_absmax;
             (void)xd;
             sweep<T, LAB, false>(x, g, gf, K, alpha, m, e, rs);

@@ -143,15 +143,17 @@ def potential_bound(xp, loga, logb, s_max: float, n_rows: int, comm=None) -> flo
 FIRST_FAST, FAST_SHARE, HONEST_SHARE = 1e-4, 2.5e-3, 0.05
 
 
-def _mixed_pass(backend, X, alpha, g, loga, rho_a, f_out, labels_out, kw, fast, col_args):
+def _mixed_pass(backend, X, alpha, g, loga, rho_a, f_out, labels_out, kw, fast, col_args,
+                reported=True):
     """A pass allowed a relative plan error ``fast``, redone in float64 when its bound could
-    move its err by more than HONEST_SHARE.  Returns the pass, its column update and the
-    next pass's allowance."""
+    move its err by more than HONEST_SHARE and that err is ``reported`` (a fixed ``n_iter``
+    reports only its last pass's; the others' only set the next allowance).  Returns the
+    pass, its column update and the next pass's allowance."""
     logb, log_n, rho_b = col_args
     out = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, labels_out, fast=fast, **kw)
     upd = backend.column_update(g, logb, out[0], out[1], log_n, rho_b)
     err, mass = float(upd[1]), float(out[0].sum())
-    if backend.slack > 0 and not 2 * backend.slack * mass <= HONEST_SHARE * err:
+    if reported and backend.slack > 0 and not 2 * backend.slack * mass <= HONEST_SHARE * err:
         out = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, labels_out, fast=0.0, **kw)
         upd = backend.column_update(g, logb, out[0], out[1], log_n, rho_b)
     return (*out, upd, FAST_SHARE * err / max(mass, 1e-300))
@@ -235,7 +237,7 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
         if mixed:
             col, colmax, qx, upd, fast = _mixed_pass(backend, X, alpha, g, loga, rho_a,
                                                      f_work, lab, kw, fast,
-                                                     (logb, log_n, rho_b))
+                                                     (logb, log_n, rho_b), not fixed or last)
         else:
             col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_work, lab, **kw)
         col, colmax, qx = comm.allreduce_pass(col, colmax, qx)
