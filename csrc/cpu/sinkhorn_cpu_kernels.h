@@ -102,7 +102,6 @@ SK_V void sweep(const T* x, const double* g, const float* gf, int64_t K, double 
             idx[l] = l;
             idxh[l] = l + ND;
         }
-    double s_acc = 0, sd_acc = 0;
     const float af = static_cast<float>(alpha), mf = static_cast<float>(m);
     auto block = [&](const T* xb, const double* gb, const float* gfb, T* eb, int64_t y) {
         vd lo, hi;
@@ -131,14 +130,24 @@ SK_V void sweep(const T* x, const double* g, const float* gf, int64_t K, double 
             }
         }
     };
+    // the chunk's lane sums into float64 lanes
+    vd s64 = splat<vd>(0.0), sd64 = s64;
+    auto flush = [&] {
+        if constexpr (B == NF) {
+            s64 += to_double(half_lo(s)) + to_double(half_hi(s));
+            sd64 += to_double(half_lo(sd)) + to_double(half_hi(sd));
+        } else {
+            s64 += s;
+            sd64 += sd;
+        }
+        s = splat<E>(T(0));
+        sd = splat<E>(T(0));
+    };
     const int64_t Kb = K - K % B;
     for (int64_t y0 = 0; y0 < Kb; y0 += kChunk) {
         const int64_t y1 = std::min(Kb, y0 + kChunk);
         for (int64_t y = y0; y < y1; y += B) block(x + y, g + y, gf + y, e + y, y);
-        s_acc += hsum(s);
-        sd_acc += hsum(sd);
-        s = splat<E>(T(0));
-        sd = splat<E>(T(0));
+        flush();
     }
     if (Kb < K) {
         Tail<T> t(x + Kb, g + Kb, K - Kb);
@@ -152,11 +161,10 @@ SK_V void sweep(const T* x, const double* g, const float* gf, int64_t K, double 
             s[l] = 0;
             sd[l] = 0;
         }
-        s_acc += hsum(s);
-        sd_acc += hsum(sd);
+        flush();
     }
-    out.s = s_acc;
-    out.sd = sd_acc;
+    out.s = hsum(s64);
+    out.sd = hsum(sd64);
     if constexpr (LAB) {
         double bv = kNegInf;
         int64_t bi = 0;
