@@ -184,18 +184,6 @@ Scratch<T>& scratch() {
     return s;
 }
 
-// Asks for a row of X in the cache ahead of its use, a cache line at a time.
-template <class T>
-void prefetch_row(const T* x, int64_t K) {
-    const char* p = reinterpret_cast<const char*>(x);
-    const int64_t bytes = K * static_cast<int64_t>(sizeof(T));
-#if defined(__GNUC__) || defined(__clang__)
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
-#else
-    (void)p;
-    (void)bytes;
-#endif
-}
 
 // Where a pass writes plan row i, or null.
 template <class T>
@@ -334,9 +322,6 @@ bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
         for (int64_t i = lo; i < hi; ++i) {
             if (intr.poll(i - lo)) break;
             T* prow = plan_row_ptr(plan, i, K, cursor);
-            // Without the maximum's sweep the exponentials' sweep is the row's first read:
-            // fetch the next row meanwhile, or that sweep waits on memory.
-            if (lse_prev && i + 1 < hi) prefetch_row(X + (i + 1) * K, K);
             double lse_i;
             const double hint =
                 lse_prev ? (lse_prev[i] > kNegInf ? lse_prev[i] + dg_max : kNegInf) : kNaN;
