@@ -50,6 +50,7 @@ BK_INLINE double row_exp(const T* x, const double* g, int64_t K, double alpha, d
     const int64_t Kb = K - K % BL;
     bvd mv = bvd{} + ninf;
     for (int64_t y = 0; y < Kb; y += BL) {
+        ahead(x + y);  // the multi-target pass streams X
         const bvd t = bload(x + y) * alpha + bload(g + y);
         bstore(e + y, t);
         mv = t > mv ? t : mv;

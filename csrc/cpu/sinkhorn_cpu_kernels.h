@@ -50,20 +50,6 @@ struct Tail {
     }
 };
 
-// Asks for the cache line kAhead bytes past p: the sweeps that stream X call it once per
-// 64 bytes they read, so that the memory system keeps a steady run of requests in flight
-// while the arithmetic runs (measured on a Xeon, 20_000 x 1_000 passes: float64 1.33 -> 0.88
-// ns/entry on one thread, 0.65 -> 0.45 on two).  Past the end of X it fetches nothing useful
-// and faults never.
-constexpr int64_t kAhead = 4096;
-SK_V void ahead(const void* p) {
-#if defined(__GNUC__) || defined(__clang__)
-    __builtin_prefetch(static_cast<const char*>(p) + kAhead, 0, 3);
-#else
-    (void)p;
-#endif
-}
-
 // The exponentials' shift: max_y (alpha x_y + g_y), in float32 for float32 input (within a
 // few ulps of |t|, checked by the caller), exact in float64.
 template <class T>
