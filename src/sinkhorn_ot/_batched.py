@@ -310,18 +310,25 @@ def _solve_kernel(batch, single, *, n_iter, max_iter, acceleration, want_labels)
     if n_iter is None:
         for p in np.nonzero(~(err <= batch.tol))[0]:
             _infeasible(batch, p)
-        for p in np.nonzero(stalled & ~(err <= batch.tol))[0]:
-            left = max_iter - int(it[p])
-            if left < 1:
-                continue
-            with _Collect():
-                r = single(p, left)
-            it[p] += int(r.n_iter)
-            if r.err <= err[p]:
-                f[p], g[p], err[p], cost[p] = r.f, r.g, r.err, r.cost
-                if labels is not None:
-                    labels[p] = r.labels
+        _resolve_stalled(stalled, batch.tol, max_iter, single, f, g, it, err, cost, labels)
     return f, g, it, err, cost, labels
+
+
+def _resolve_stalled(stalled, tols, max_iter, single, f, g, it, err, cost, labels=None):
+    """Solve again by ``single(p, passes_left)`` every problem the kernel stalled on short of
+    its tolerance; its result replaces the kernel's where its err is no worse (in place;
+    n_iter counts both)."""
+    for p in np.nonzero(stalled & ~(err <= tols))[0]:
+        left = max_iter - int(it[p])
+        if left < 1:
+            continue
+        with _Collect():
+            r = single(p, left)
+        it[p] += int(r.n_iter)
+        if r.err <= err[p]:
+            f[p], g[p], err[p], cost[p] = r.f, r.g, r.err, r.cost
+            if labels is not None:
+                labels[p] = r.labels
 
 
 # ---------------------------------------------------------------------------------------
@@ -632,18 +639,13 @@ def multi_target(C, a, b, *, reg, tol, max_iter, n_iter, init, acceleration, eps
             X, k, alpha, np.ascontiguousarray(p.a[1]), logk, g0, tols, math.inf,
             opts.max_iter, opts.n_iter or 0, memory, rel_slack, _STALL_WINDOW,
             _eps_stages(opts.eps_scaling), False, opts.n_threads or 0)
-        stalled = stalled.astype(bool)
         if opts.n_iter is None:
-            for t in np.nonzero(stalled & ~(err <= tols))[0]:
-                left = opts.max_iter - int(it[t])
-                if left < 1:
-                    continue
-                with _Collect():
-                    r = one(X, p.a[0], wk[t], init=None if g0 is None else g0[t],
-                            max_iter=left, **kw)
-                it[t] += int(r.n_iter)
-                if r.err <= err[t]:
-                    f[t], g[t], err[t], cost[t] = r.f, r.g, r.err, r.cost
+            def single_left(t, left):
+                return one(X, p.a[0], wk[t], init=None if g0 is None else g0[t],
+                           max_iter=left, **kw)
+
+            _resolve_stalled(stalled.astype(bool), tols, opts.max_iter, single_left, f, g,
+                             it, err, cost)
     else:
         f, g, it, err, cost = _multi_loop(X, alpha, p.a[1], logk, g0, tols, opts,
                                           acceleration, p.max_abs)
