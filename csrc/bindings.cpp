@@ -241,6 +241,21 @@ I64 near_ties(const py::array& X, double alpha, const F64& g, const I64& rows, d
     });
 }
 
+F64 row_hashes(const py::array& X, const F64& r0, const F64& r1, int n_threads) {
+    return dispatch(X, "row_hashes", [&](auto tag) {
+        using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+        const int64_t N = X.shape(0), K = X.shape(1);
+        require(r0.size() == K && r1.size() == K, "row_hashes: weights size mismatch");
+        F64 h(N);
+        {
+            py::gil_scoped_release nogil;
+            cpu::row_hashes<T>(static_cast<const T*>(X.data()), N, K, r0.data(), r1.data(),
+                               h.mutable_data(), n_threads);
+        }
+        return h;
+    });
+}
+
 }  // namespace
 
 void register_batched(py::module_& m);  // csrc/batched_bindings.cpp
@@ -278,6 +293,10 @@ PYBIND11_MODULE(_core, m) {
     m.def("near_ties", &near_ties, py::arg("X"), py::arg("alpha"), py::arg("g"),
           py::arg("rows"), py::arg("tau"), py::arg("n_threads") = 0,
           "Per listed row: entries whose score alpha X + g is within tau of the row's best.");
+    m.def("row_hashes", &row_hashes, py::arg("X"), py::arg("r0"), py::arg("r1"),
+          py::arg("n_threads") = 0,
+          "Per row: sum_y (X_iy > -inf ? X_iy r0_y : r1_y), in a fixed order (equal rows, "
+          "equal hashes).");
     m.def("max_threads", &cpu::max_threads, "Threads OpenMP would use by default.");
     m.def("isa", &cpu::isa_name, "Instruction set of the kernels in use.");
     register_batched(m);

@@ -62,13 +62,21 @@ def test_torch_marginals_that_require_grad_and_no_aliasing():
     torch.testing.assert_close(res.plan(), P0, rtol=0, atol=0)
 
 
+def _with_forbidden(rng, n, K):
+    X = rng.standard_normal((n, K))
+    X[np.arange(n), np.arange(n) % K] = -np.inf
+    return X
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(n_iter=3), dict(**PLAIN)])
 def test_ties_do_not_empty_clusters(kw):
     # constant logP: every row a tie; duplicated rows: one argmax per group
     rng = np.random.default_rng(1)
     for logP, b in [(np.zeros((12, 3)), None),
                     (np.zeros((12, 3)), np.array([0.25, 0.25, 0.5])),
-                    (np.repeat(rng.standard_normal((3, 4)), 5, axis=0), None)]:
+                    (np.repeat(rng.standard_normal((3, 4)), 5, axis=0), None),
+                    (np.repeat(_with_forbidden(rng, 4, 7), 6, axis=0)[rng.permutation(24)]
+                     .astype(np.float32), None)]:  # K = 7: equal rows at every alignment
         res = sinkhorn_ot.balanced_assign(logP, 25.0, b=b, **kw)
         mass = res.plan().sum(0) * logP.shape[0]
         if res.err < 1e-3:  # labels follow the (converged) plan: no empty cluster

@@ -517,6 +517,31 @@ void near_ties(const T* X, int64_t N, int64_t K, double alpha, const double* g,
     (void)N;
 }
 
+// h_i = sum_y (x_iy > -inf ? x_iy r0_y : r1_y) in float64, the terms added in a fixed
+// order (eight running sums by y mod 8): identical rows get identical hashes whatever their
+// alignment, which a BLAS product does not promise.
+template <class T>
+void row_hashes(const T* X, int64_t N, int64_t K, const double* r0, const double* r1,
+                double* h, int n_threads) {
+    const int nt = resolve_threads(n_threads, std::max<int64_t>(N, 1), K);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int64_t lo, hi;
+        row_range(N, nt, thread_id(), lo, hi);
+        for (int64_t i = lo; i < hi; ++i) {
+            const T* x = X + i * K;
+            double s[8] = {};
+            for (int64_t y0 = 0; y0 < K; y0 += 8)
+                for (int64_t l = 0; l < 8 && y0 + l < K; ++l) {
+                    const int64_t y = y0 + l;
+                    const double v = static_cast<double>(x[y]);
+                    s[l] += v > kNegInf ? v * r0[y] : r1[y];
+                }
+            h[i] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+        }
+    }
+}
+
 template <class T>
 bool plan(const T* X, int64_t N, int64_t K, double alpha, const double* f, const double* g,
           const PlanOut<T>& p, int n_threads, const Interrupted& interrupted) {
@@ -658,7 +683,9 @@ double column_update(const double* g, const double* logb, const double* col,
     template int scaling_codes<T>(const T*, int64_t, int64_t, double, bool, const double*,  \
                                   int, double, T*, int, const Interrupted&);                \
     template void near_ties<T>(const T*, int64_t, int64_t, double, const double*,           \
-                               const int64_t*, int64_t, double, int64_t*, int);
+                               const int64_t*, int64_t, double, int64_t*, int);            \
+    template void row_hashes<T>(const T*, int64_t, int64_t, const double*, const double*,   \
+                                double*, int);
 SK_INSTANTIATE(float)
 SK_INSTANTIATE(double)
 

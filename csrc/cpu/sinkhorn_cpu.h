@@ -96,6 +96,12 @@ template <class T>
 void near_ties(const T* X, int64_t N, int64_t K, double alpha, const double* g,
                const int64_t* rows, int64_t n, double tau, int64_t* count, int n_threads);
 
+// A float64 hash of each row (r0, r1: K random weights for allowed and forbidden entries):
+// equal rows hash equal, bit for bit.
+template <class T>
+void row_hashes(const T* X, int64_t N, int64_t K, const double* r0, const double* r1,
+                double* h, int n_threads);
+
 // One read of X for validation only.
 template <class T>
 CheckOut check_matrix(const T* X, int64_t N, int64_t K, double forbidden, int n_threads);

@@ -291,6 +291,21 @@ def tie_tolerance(err: float, tolerance_mode: bool, b_min: float) -> float:
     return min(1e-3, 2.0 * err / b_min)
 
 
+def _row_hashes(xp, X, bf16):
+    """A host float64 hash per row of X, equal for equal rows (see _core.row_hashes); read
+    on the device for a device array, so only N numbers come to the host."""
+    K = X.shape[1]
+    r = np.random.default_rng(0).standard_normal((2, K))
+    if xp is np and not bf16 and X.dtype in (np.float32, np.float64) and X.flags.c_contiguous:
+        return _core.row_hashes(X, r[0], r[1])
+    if bf16:
+        X = (X.astype(xp.uint32) << 16).view(xp.float32)
+    allowed = X > -xp.inf
+    r0, r1 = xp.asarray(r[0]), xp.asarray(r[1])
+    h = xp.where(allowed, X.astype(xp.float64), 0.0) @ r0 + (~allowed) @ r1
+    return np.asarray(to_host(h), dtype=np.float64)
+
+
 def _spread_duplicates(xp, X, lam, gh, labels, b_mass, empty=None, bf16=False):
     """(see tie_break; ``gh``: g on the host; ``empty``: whether a needed cluster is empty,
     when already known)"""
@@ -299,10 +314,7 @@ def _spread_duplicates(xp, X, lam, gh, labels, b_mass, empty=None, bf16=False):
         empty = bool(((xp.bincount(labels, minlength=K) == 0) & (b_mass >= 1.0)).any())
     if not empty:
         return labels
-    Xh = _host_values(X, bf16)
-    allowed = np.isfinite(Xh)
-    r = np.random.default_rng(0).standard_normal((2, K))
-    h = np.where(allowed, Xh, 0.0).astype(np.float64) @ r[0] + (~allowed) @ r[1]
+    h = _row_hashes(xp, X, bf16)
     order = np.argsort(h, kind="stable")
     hs = h[order]
     starts = np.nonzero(np.r_[True, hs[1:] != hs[:-1]])[0]
@@ -312,11 +324,12 @@ def _spread_duplicates(xp, X, lam, gh, labels, b_mass, empty=None, bf16=False):
         if hi - lo < 2:
             continue
         members = order[lo:hi]
-        members = members[np.all(Xh[members] == Xh[members[0]], axis=1)]  # not a collision
+        rows = _host_values(X[xp.asarray(members)], bf16)
+        members, first = members[np.all(rows == rows[0], axis=1)], rows[0]  # no collision
         if members.size < 2:
             continue
         with np.errstate(invalid="ignore", over="ignore"):
-            s = lam * Xh[members[0]] + gh
+            s = lam * first + gh
         p = np.exp(s - s.max())
         p /= p.sum()
         counts = target_sizes(members.size, p)
