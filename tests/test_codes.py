@@ -401,6 +401,37 @@ def test_scaling_passes_rows_of_a_large_matrix_use_the_log_domain(monkeypatch, r
 
 
 @pytest.mark.parametrize("dt", [np.float64, np.float32])
+def test_scaling_passes_take_probabilities_at_any_eps(monkeypatch, dt):
+    # SeLa's P ** lam (eps = 1 / lam) for a fixed n_iter: the log goes into the output, the
+    # kernel is formed over it in place; the log-domain path is not run, the input is kept
+    from sinkhorn_ot import _problem
+
+    P = C.softmax_probs(300, 25, seed=23).numpy().astype(dt)
+    P[7, 3] = 0.0                                            # a forbidden pair
+    P_in = P.copy()
+    with np.errstate(divide="ignore"):
+        ref = _log_domain(np.log(P).astype(np.float64), 0.1, 4)
+    real_run = _problem.run
+
+    def no_log_domain(*a, **k):
+        raise AssertionError("the log-domain passes ran")
+
+    monkeypatch.setattr(_problem, "run", no_log_domain)
+    for x in (P, torch.from_numpy(P)):
+        q = sinkhorn_ot.codes(x, eps=0.1, probabilities=True, n_iter=4)
+        assert q.dtype == x.dtype
+        q = np.asarray(q)
+        assert q[7, 3] == 0.0
+        np.testing.assert_allclose(q, ref, rtol=0, atol=1e-12 if dt == np.float64 else 2e-5)
+    np.testing.assert_array_equal(P, P_in)
+    # an invalid probability: the scaling passes give way and the log-domain scan names it
+    monkeypatch.setattr(_problem, "run", real_run)
+    P[11, 2] = -0.5
+    with pytest.raises(ValueError, match=r"negative, NaN or infinite probability at \(11, 2\)"):
+        sinkhorn_ot.codes(P, eps=0.1, probabilities=True, n_iter=4)
+
+
+@pytest.mark.parametrize("dt", [np.float64, np.float32])
 def test_scaling_passes_differential(dt):
     """Random shapes, scales, temperatures, forbidden pairs and cluster priors: the scaling
     passes (or the log-domain passes they give way to) against the log-domain passes in

@@ -171,7 +171,7 @@ template <class T>
 struct Scratch {
     std::vector<T> e;         // exp(t - m) of the current row
     std::vector<float> colf;  // float32 column accumulators (float32 input)
-    std::vector<double> xd;   // the current row in float64 (float32 input, float64 rows)
+    std::vector<double> xd;   // float64 exponentials of a float32 row
     std::vector<double> col;  // the thread's column sums
 };
 

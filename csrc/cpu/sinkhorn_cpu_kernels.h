@@ -15,6 +15,8 @@
 template <class T> struct Traits;
 
 template <> struct Traits<float> {
+    using In = float;
+    using Out = float;
     static constexpr int B = NF;
     using E = vf;
     static SK_V E diff(const float* x, const double* g, double alpha, double m, vd& lo,
@@ -26,11 +28,28 @@ template <> struct Traits<float> {
 };
 
 template <> struct Traits<double> {
+    using In = double;
+    using Out = double;
     static constexpr int B = ND;
     using E = vd;
     static SK_V E diff(const double* x, const double* g, double alpha, double m, vd& lo,
                        vd& hi) {
         lo = load<vd>(x) * alpha + (load<vd>(g) - m);
+        hi = lo;
+        return lo;
+    }
+};
+
+// float32 input with float64 arithmetic and exponentials: the exact rows of float32 input,
+// which read the row once instead of copying it to float64 first.
+struct Widened {
+    using In = float;
+    using Out = double;
+    static constexpr int B = ND;
+    using E = vd;
+    static SK_V E diff(const float* x, const double* g, double alpha, double m, vd& lo,
+                       vd& hi) {
+        lo = to_double(load<vfh>(x)) * alpha + (load<vd>(g) - m);
         hi = lo;
         return lo;
     }
@@ -91,14 +110,16 @@ struct RowSums {
 // row_body's bounds).
 constexpr int64_t kChunk = 128;
 
-// FAST (float32 input only): t - m in float32 from float32 g, accurate to the bound the
-// caller computed (fast_error) instead of to float64.
-template <class T, bool LAB, bool FAST>
-SK_V void sweep(const T* x, const double* g, const float* gf, int64_t K, double alpha,
-                double m, T* e, RowSums& out) {
-    using Tr = Traits<T>;
+// Tr: the traits of the row's input and arithmetic (Traits<T> or Widened).  FAST
+// (float32 arithmetic on float32 input only): t - m in float32 from float32 g, accurate to
+// the bound the caller computed (fast_error) instead of to float64.
+template <class Tr, bool LAB, bool FAST>
+SK_V void sweep(const typename Tr::In* x, const double* g, const float* gf, int64_t K,
+                double alpha, double m, typename Tr::Out* e, RowSums& out) {
+    using T = typename Tr::Out;
     using E = typename Tr::E;
     constexpr int B = Tr::B;
+    static_assert(!FAST || std::is_same_v<typename Tr::In, float>, "FAST: float32 rows");
     E s = splat<E>(T(0)), sd = splat<E>(T(0));
     vd best = splat<vd>(kNegInf), besth = best;
     vl bidx = splat<vl>(int64_t(0)), bidxh = bidx, idx = bidx, idxh = bidx;
@@ -108,7 +129,8 @@ SK_V void sweep(const T* x, const double* g, const float* gf, int64_t K, double 
             idxh[l] = l + ND;
         }
     const float af = static_cast<float>(alpha), mf = static_cast<float>(m);
-    auto block = [&](const T* xb, const double* gb, const float* gfb, T* eb, int64_t y) {
+    auto block = [&](const typename Tr::In* xb, const double* gb, const float* gfb, T* eb,
+                     int64_t y) {
         vd lo, hi;
         E d;
         if constexpr (FAST) {
@@ -153,12 +175,13 @@ SK_V void sweep(const T* x, const double* g, const float* gf, int64_t K, double 
         const int64_t y1 = std::min(Kb, y0 + kChunk);
         for (int64_t y = y0; y < y1; y += B) {
             ahead(x + y);
+            if constexpr (sizeof(x[0]) * B > 64) ahead(x + y + 64 / sizeof(x[0]));
             block(x + y, g + y, gf + y, e + y, y);
         }
         flush();
     }
     if (Kb < K) {
-        Tail<T> t(x + Kb, g + Kb, K - Kb);
+        Tail<typename Tr::In> t(x + Kb, g + Kb, K - Kb);
         float gft[NF];
         for (int l = 0; l < NF; ++l) gft[l] = static_cast<float>(t.g[l]);
         T eb[NF];
@@ -218,23 +241,26 @@ SK_V void add_row(const T* e, int64_t K, double r, float* colf, double* col, boo
 // One row of the fused pass: f_i, optionally the label, the row's share of the column sums
 // and of the cost, and optionally the plan row (scaled).
 //
-// float32 input has three ways to form a row, the cheapest whose bound on the row's relative
-// plan error (RowResult::slack) is within `fast` (the error the caller allows; 0: float64):
-//   fast (no labels): t - m in float32 from float32 g (sweep<float, ..., true>), float32
-//     column accumulation;
-//   mixed: t - m in float64, rounded to float32 for a float32 exponential and float32 row
-//     sums; its bound is known after the sweep (it weighs |t - m| by the row's entries);
-//   float64: the row converted to float64 (`xd`, K doubles of scratch), the float64 sweep
-//     and exponentials, float64 column sums (slack 0, as for float64 input).
+// A row is formed the cheapest way whose bound on the row's relative plan error
+// (RowResult::slack) is within `fast` (the error the caller allows; 0: float64):
+//   fast (float32 input, no labels): t - m in float32 from float32 g (sweep<Traits<float>,
+//     false, true>), float32 column accumulation;
+//   mixed (float32 input): t - m in float64, rounded to float32 for a float32 exponential
+//     and float32 row sums; its bound is known after the sweep (it weighs |t - m| by the
+//     row's entries);
+//   float64: float64 t - m, exponentials and column sums (slack 0); for float32 input the
+//     exponentials go to `xd` (Widened).
 // The bound covers the plan entries (hence the column sums measured) and the row sum s the
 // row potential comes from (hence the row marginal of the returned f).
 template <class T, bool LAB>
 RowResult row_body(const T* __restrict x, const double* __restrict g,
                         const float* __restrict gf, int64_t K, double alpha, double loga_i,
                         double rho_a, T* __restrict e, double* __restrict xd,
-                        float* __restrict colf, double* __restrict col, double& f_i,
-                        int64_t* label, T* __restrict plan_row, double plan_scale, double fast,
-                        bool try_mixed, double g_absmax, double m_hint, double& lse_i) {
+                        float* __restrict colf, double* __restrict col,
+                        double& f_i, int64_t* label, T* __restrict plan_row,
+                        double plan_scale, double fast, bool try_mixed, double g_absmax,
+                        double m_hint, double& lse_i) {
+    constexpr bool f32 = std::is_same_v<T, float>;
     RowResult res;
     auto empty = [&] {  // every pair forbidden (a row of zero mass): no plan row
         f_i = kNegInf;
@@ -245,42 +271,42 @@ RowResult row_body(const T* __restrict x, const double* __restrict g,
     };
     RowSums rs;
     enum { kFast, kMixed, kExact } mode = kExact;
+    // The float32 row sums: a lane adds up to kChunk / NF exponentials in float32 (relative
+    // error (n - 1) 2^-24) before they move into float64.
+    const double lane = static_cast<double>(std::min<int64_t>(K, kChunk) / NF + 1);
+    // float32 exp: 1.3 ulp (simd.h), with room for its range reduction
+    constexpr double kExpUlps = 3;
     auto run = [&](double& m) {
         // The float32 shift is within a few ulps of |t| of the true maximum; beyond 1e6 that
         // is more than exp's range can absorb, so take the exact float64 maximum.
-        if (std::is_same_v<T, float> && !(std::abs(m) < 1e6)) {
+        if (f32 && !(std::abs(m) < 1e6)) {
             m = kNegInf;
             for (int64_t y = 0; y < K; ++y)
                 m = std::max(m, static_cast<double>(x[y]) * alpha + g[y]);
         }
         res.slack = 0;
-        if constexpr (std::is_same_v<T, float>) {
-            m = static_cast<float>(m);  // any shift works: one float32 can hold it exactly
-            // The float32 row sums: a lane adds up to kChunk / NF exponentials in float32
-            // (relative error (n - 1) 2^-24) before they move into float64.
-            const double lane = static_cast<double>(std::min<int64_t>(K, kChunk) / NF + 1);
-            // float32 exp: 1.3 ulp (simd.h), with room for its range reduction
-            constexpr double kExpUlps = 3;
-            if constexpr (!LAB) {
-                // |error of t - m| over the entries that carry mass (t - m > -90, so |alpha
-                // x| <= |m| + |g| + 90): the roundings of alpha, g, g - m and alpha x + (g -
-                // m).  Plus the float32 column accumulation of such rows (8 terms per sum:
-                // see kFlushRows in sinkhorn_cpu.cpp), the exponential and the row sums.
-                const double bound =
-                    0x1p-24 * (2 * std::abs(m) + 3 * g_absmax + 180 + 8 + kExpUlps + lane);
-                if (bound <= fast) {
-                    res.slack = bound;
-                    mode = kFast;
-                    sweep<T, false, true>(x, g, gf, K, alpha, m, e, rs);
-                    return;
-                }
+        if (f32) m = static_cast<float>(m);  // any shift works: one float32 can hold it exactly
+        if constexpr (f32 && !LAB) {
+            // |error of t - m| over the entries that carry mass (t - m > -90, so |alpha x|
+            // <= |m| + |g| + 90): the roundings of alpha, g, g - m and alpha x + (g - m).
+            // Plus the float32 column accumulation of such rows (8 terms per sum: see
+            // kFlushRows in sinkhorn_cpu.cpp), the exponential and the row sums.
+            const double bound =
+                0x1p-24 * (2 * std::abs(m) + 3 * g_absmax + 180 + 8 + kExpUlps + lane);
+            if (bound <= fast) {
+                res.slack = bound;
+                mode = kFast;
+                sweep<Traits<float>, false, true>(x, g, gf, K, alpha, m, e, rs);
+                return;
             }
-            // mixed: t - m exact to 2^-52 (|alpha x| + |g| + |m|) in float64, then rounded to
-            // float32: |t - m| 2^-24 on each entry, which the row's entries weigh into
-            // |sd| / s (sd = sum_y e_y (t_y - m); t_y - m <= 0 up to the shift's few ulps).
+        }
+        // mixed: t - m exact to 2^-52 (|alpha x| + |g| + |m|) in float64, then rounded to
+        // float32: |t - m| 2^-24 on each entry, which the row's entries weigh into |sd| / s
+        // (sd = sum_y e_y (t_y - m); t_y - m <= 0 up to the shift's few ulps).
+        if constexpr (f32) {
             const double floor_mixed = 0x1p-24 * (kExpUlps + lane + 1);
             if (floor_mixed <= fast && try_mixed) {
-                sweep<T, LAB, false>(x, g, gf, K, alpha, m, e, rs);
+                sweep<Traits<float>, LAB, false>(x, g, gf, K, alpha, m, e, rs);
                 const double bound = floor_mixed + 0x1p-24 * std::abs(rs.sd) / rs.s +
                                      0x1p-52 * (2 * std::abs(m) + 3 * g_absmax + 180);
                 if (bound <= fast) {  // false when s is 0 or NaN
@@ -291,18 +317,12 @@ RowResult row_body(const T* __restrict x, const double* __restrict g,
                 res.mixed_failed = true;
                 rs = RowSums();
             }
-            mode = kExact;
-            const int64_t Kb = K - K % ND;
-            for (int64_t y = 0; y < Kb; y += ND) store(xd + y, to_double(load<vfh>(x + y)));
-            for (int64_t y = Kb; y < K; ++y) xd[y] = static_cast<double>(x[y]);
-            sweep<double, LAB, false>(xd, g, gf, K, alpha, m, xd, rs);  // e over the copy
-        } else {
-            (void)fast;
-            (void)try_mixed;
-            (void)g_absmax;
-            (void)xd;
-            sweep<T, LAB, false>(x, g, gf, K, alpha, m, e, rs);
         }
+        mode = kExact;
+        if constexpr (f32)
+            sweep<Widened, LAB, false>(x, g, gf, K, alpha, m, xd, rs);
+        else
+            sweep<Traits<double>, LAB, false>(x, g, gf, K, alpha, m, e, rs);
     };
     // m_hint (NaN: none) bounds the row's maximum from above, by at most 30 (see RowShifts):
     // the largest exponential is then at least exp(-30), far above the clamp; a row whose
@@ -327,31 +347,34 @@ RowResult row_body(const T* __restrict x, const double* __restrict g,
         if (plan_row) std::fill(plan_row, plan_row + K, T(0));
         return res;
     }
-    if (std::is_same_v<T, float> && mode == kExact) {
-        // the float64 exponentials (in xd): float64 column sums, the plan rounded once
-        add_row<double>(xd, K, r, colf, col, false);
-        if (plan_row) {
+    // The row's exponentials: e (in T) or xd (float64, exact rows of float32 input); an
+    // exponential is exp of the clamp (not 0) for a forbidden or underflowed entry: the plan
+    // gets 0 there.  FTZ is on, so products below the smallest normal number are 0 too.
+    auto finish = [&](const auto* ev, bool f32_cols) {
+        using V = std::remove_cv_t<std::remove_pointer_t<decltype(ev)>>;
+        add_row(ev, K, r, colf, col, f32_cols);
+        if (!plan_row) return;
+        const V tiny = std::is_same_v<V, float> ? V(2e-38) : V(4e-308);
+        if constexpr (std::is_same_v<V, T>) {
+            using E = typename Traits<T>::E;
+            constexpr int B = Traits<T>::B;
+            const T q = static_cast<T>(r * plan_scale);
+            const int64_t Kq = K - K % B;
+            for (int64_t y = 0; y < Kq; y += B) {
+                E v = load<E>(ev + y);
+                store(plan_row + y, select(v > tiny, v * q, splat<E>(T(0))));
+            }
+            for (int64_t y = Kq; y < K; ++y) plan_row[y] = ev[y] > tiny ? ev[y] * q : T(0);
+        } else {  // rounded once, from the product in float64
             const double q = r * plan_scale;
             for (int64_t y = 0; y < K; ++y)
-                plan_row[y] = xd[y] > 4e-308 ? static_cast<T>(xd[y] * q) : T(0);
+                plan_row[y] = ev[y] > tiny ? static_cast<T>(ev[y] * q) : T(0);
         }
-        return res;
-    }
-    add_row(e, K, r, colf, col, mode == kFast);
-    if (plan_row) {
-        using E = typename Traits<T>::E;
-        constexpr int B = Traits<T>::B;
-        // e is exp of the clamp (not 0) for a forbidden or underflowed entry: write 0 there.
-        // FTZ is on, so products below the smallest normal number are 0 too.
-        const T q = static_cast<T>(r * plan_scale);
-        const T tiny = std::is_same_v<T, float> ? T(2e-38) : T(4e-308);
-        const int64_t Kq = K - K % B;
-        for (int64_t y = 0; y < Kq; y += B) {
-            E v = load<E>(e + y);
-            store(plan_row + y, select(v > tiny, v * q, splat<E>(T(0))));
-        }
-        for (int64_t y = Kq; y < K; ++y) plan_row[y] = e[y] > tiny ? e[y] * q : T(0);
-    }
+    };
+    if (f32 && mode == kExact)
+        finish(xd, false);
+    else
+        finish(e, mode == kFast);
     return res;
 }
 

@@ -153,11 +153,10 @@ def _scaling(scores, alpha: float, probabilities: bool, b, n_iter: int, n_thread
     matrix by the core's scaling passes (the kernel exponentiated once with a per-row shift,
     then one read of it per iteration, in float64), or None where they do not apply or give
     up (an invalid entry, an empty row or column, a scaling beyond float64's safe range): the
-    log-domain path then runs and raises what it finds.  Probabilities qualify at eps = 1
-    only (the kernel is then the matrix itself).  With ``rows`` every row's codes are
-    computed (in an N x K buffer) and those rows returned."""
-    if probabilities and alpha != 1.0:
-        return None
+    log-domain path then runs and raises what it finds.  Probabilities at eps = 1 are the
+    kernel themselves; at another eps their log is written into the output, over which the
+    kernel is then formed in place (no copy of the input).  With ``rows`` every row's codes
+    are computed (in an N x K buffer) and those rows returned."""
     torch_in = _is_torch(scores)
     if torch_in:
         import torch
@@ -186,7 +185,14 @@ def _scaling(scores, alpha: float, probabilities: bool, b, n_iter: int, n_thread
             return None
         bw = mb[0]
     out = np.empty(arr.shape, arr.dtype)
-    if _core.scaling_codes(arr, alpha, bool(probabilities), bw, n_iter, float(arr.shape[0]),
+    src = arr
+    if probabilities and alpha != 1.0:
+        # log P: -inf at a zero (a forbidden pair); NaN or +inf where P is invalid, which
+        # the scaling passes refuse (the log-domain path then raises about P)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            src = np.log(arr, out=out)
+        probabilities = False
+    if _core.scaling_codes(src, alpha, bool(probabilities), bw, n_iter, float(arr.shape[0]),
                            out, 0 if n_threads is None else n_threads):
         return None
     if rows is not None:
