@@ -411,6 +411,9 @@ int scaling_codes(const T* X, int64_t N, int64_t K, double alpha, bool probs, co
         int64_t lo, hi;
         row_range(N, nt, tid, lo, hi);
         const int64_t y0 = K * tid / nt, y1 = K * (tid + 1) / nt;
+        // The thread's largest u and v, kept in registers: the threads' slots of umax and
+        // vmax share a cache line, and writing them per entry made the threads take turns.
+        double umax_t = 1.0, vmax_t = 0.0;
         // Column sums over the threads (a slice of columns each), then v = b / c.
         auto column_step = [&](bool rescale) {
             double M = kNegInf;
@@ -423,7 +426,7 @@ int scaling_codes(const T* X, int64_t N, int64_t K, double alpha, bool probs, co
                                  : cols[k][y];
                 if (!(c > kScalLo && c < kScalHi)) status.store(2);
                 v[y] = (b ? b[y] : 1.0 / static_cast<double>(K)) / c;
-                vmax[tid] = std::max(vmax[tid], v[y]);
+                vmax_t = std::max(vmax_t, v[y]);
             }
         };
         // The kernel and its column sums at u_i = exp(m_i - ref): ref is the thread's largest
@@ -477,7 +480,7 @@ int scaling_codes(const T* X, int64_t N, int64_t K, double alpha, bool probs, co
                     status.store(2);
                     break;
                 }
-                umax[tid] = std::max(umax[tid], a / rs);
+                umax_t = std::max(umax_t, a / rs);
                 if (last)
                     kern.scal_write(e, a * scale / rs, v.data(), K, out + i * K);
                 else
@@ -487,6 +490,8 @@ int scaling_codes(const T* X, int64_t N, int64_t K, double alpha, bool probs, co
 #pragma omp barrier
             column_step(false);
         }
+        umax[tid] = umax_t;
+        vmax[tid] = vmax_t;
     }
     if (intr.stopped()) return -1;
     if (status.load()) return status.load();
@@ -587,7 +592,7 @@ bool column_lse(const T* X, int64_t N, int64_t K, double alpha, const double* f,
         M[tid].assign(K, kNoMax);
         Z[tid].assign(K, 0.0);
         std::vector<double> bm(K);
-        CheckOut& pc = part[tid];
+        CheckOut pc;  // the thread's own (the slots of `part` share cache lines)
         int64_t lo, hi;
         row_range(N, nt, tid, lo, hi);
         for (int64_t i0 = lo; i0 < hi; i0 += R) {
@@ -609,6 +614,7 @@ bool column_lse(const T* X, int64_t N, int64_t K, double alpha, const double* f,
                 kern.lse_sum_row(X + i * K, K, alpha, f ? f[i] : 0.0, M[tid].data(),
                                  Z[tid].data());
         }
+        part[tid] = pc;
     }
     if (intr.stopped()) return false;
     for (int64_t y = 0; y < K; ++y) {  // M = -nM per thread; nM = kNoMax: no entry
@@ -646,10 +652,12 @@ CheckOut check_matrix(const T* X, int64_t N, int64_t K, double forbidden, int n_
         bm[tid].assign(K, -kNoMax);
         int64_t lo, hi;
         row_range(N, nt, tid, lo, hi);
+        CheckOut pc;  // the thread's own (the slots of `part` share cache lines)
         for (int64_t i = lo; i < hi; ++i)
-            note_row(part[tid], kernels<T>().lse_max_row_check(X + i * K, K, sgn, 0.0, sgn,
-                                                               bm[tid].data()),
+            note_row(pc, kernels<T>().lse_max_row_check(X + i * K, K, sgn, 0.0, sgn,
+                                                        bm[tid].data()),
                      X + i * K, i, K, sgn);
+        part[tid] = pc;
     }
     CheckOut out = combine_checks(part);
     for (int64_t y = 0; y < K && out.first_empty_col < 0; ++y) {

@@ -560,25 +560,30 @@ void scal_exp_row(const T* x, int64_t K, double alpha, T mx, T* e) {
     for (int64_t y = Kb; y < K; ++y) e[y] = static_cast<T>(std::exp(static_cast<double>((x[y] - mx) * a)));
 }
 
-// sum_y e_y v_y in float64.
+// sum_y e_y v_y in float64, in four sums (a chain of fused multiply-adds waits on each one's
+// latency: two sums left the pass bound by it).
 template <class T>
 double scal_dot(const T* e, const double* v, int64_t K) {
-    vd s0 = splat<vd>(0.0), s1 = s0;
-    const int64_t K2 = K - K % (2 * ND);
+    vd s0 = splat<vd>(0.0), s1 = s0, s2 = s0, s3 = s0;
+    const int64_t K4 = K - K % (4 * ND);
     auto ld = [&](int64_t y) {
         if constexpr (std::is_same_v<T, float>)
             return to_double(load<vfh>(e + y));
         else
             return load<vd>(e + y);
     };
-    for (int64_t y = 0; y < K2; y += 2 * ND) {
-        ahead(e + y);
-        if constexpr (sizeof(T) == 8) ahead(e + y + ND);
+    for (int64_t y = 0; y < K4; y += 4 * ND) {
+        for (int64_t o = 0; o < 4 * ND; o += 64 / static_cast<int64_t>(sizeof(T)))
+            ahead(e + y + o);  // each cache line of the block
         s0 = s0 + ld(y) * load<vd>(v + y);
         s1 = s1 + ld(y + ND) * load<vd>(v + y + ND);
+        s2 = s2 + ld(y + 2 * ND) * load<vd>(v + y + 2 * ND);
+        s3 = s3 + ld(y + 3 * ND) * load<vd>(v + y + 3 * ND);
     }
-    double s = hsum(s0 + s1);
-    for (int64_t y = K2; y < K; ++y) s += static_cast<double>(e[y]) * v[y];
+    int64_t y = K4;
+    for (; y + ND <= K; y += ND) s0 = s0 + ld(y) * load<vd>(v + y);
+    double s = hsum((s0 + s1) + (s2 + s3));
+    for (; y < K; ++y) s += static_cast<double>(e[y]) * v[y];
     return s;
 }
 
