@@ -242,9 +242,9 @@ SK_V vf vexp_clamped(vf x, vf& xc) {
 #if SK_W == 64 && defined(SK_X86)
     return (vf)_mm512_scalef_ps((__m512)p, (__m512)n);
 #else
-    // 2^n from the low bits of nm: (nm - magic) as an integer, plus the exponent bias
-    vi scale = (bits<vi>(nm) - (0x4B400000 - 127)) << 23;  // 0x4B400000: the bits of magic
-    return p * bits<vf>(scale);
+    // times 2^n: n, the low bits of nm (those of magic shift out), added to p's exponent.
+    // p * 2^n stays normal: n = -126 only where r > 0.33, so p > 1.
+    return bits<vf>(bits<vi>(p) + (bits<vi>(nm) << 23));
 #endif
 }
 
@@ -279,18 +279,21 @@ SK_V vd vexp_clamped(vd x, vd& xc) {
     vd n = nm - magic;
     vd r = xc - n * 6.93145751953125e-1;
     r = r - n * 1.42860682030941723212e-6;
-    // Estrin's scheme: Horner's chain of 12 dependent products kept so many of them waiting
-    // in the scheduler that the pass ran at half the multipliers' throughput.
-    const vd r2 = r * r, r4 = r2 * r2, r8 = r4 * r4;
-    const vd q0 = r + 1.0, q1 = r * (1.0 / 6.0) + 0.5;
-    const vd q2 = r * (1.0 / 120.0) + 1.0 / 24.0, q3 = r * (1.0 / 5040.0) + 1.0 / 720.0;
-    const vd q4 = r * (1.0 / 362880.0) + 1.0 / 40320.0;
-    const vd q5 = r * (1.0 / 39916800.0) + 1.0 / 3628800.0;
-    const vd s0 = q1 * r2 + q0, s1 = q3 * r2 + q2, s2 = r2 * (1.0 / 479001600.0) + q5;
-    const vd t0 = s1 * r4 + s0, t1 = s2 * r2 + q4;
-    const vd p = t1 * r8 + t0;
-    vl scale = (bits<vl>(nm) - (int64_t(0x4338000000000000) - 1023)) << 52;  // bits of magic
-    return p * bits<vd>(scale);
+    // The terms from r^4 on by Estrin's scheme, the last four by Horner's: a chain of 12
+    // dependent products kept so many of them waiting in the scheduler that the pass ran
+    // below the multipliers' throughput; Horner's last steps keep the rounding of the sum
+    // (about half an ulp) where a full Estrin tree would add one at each level.
+    const vd r2 = r * r, r4 = r2 * r2;
+    const vd a0 = r * (1.0 / 120.0) + 1.0 / 24.0, a1 = r * (1.0 / 5040.0) + 1.0 / 720.0;
+    const vd a2 = r * (1.0 / 362880.0) + 1.0 / 40320.0;
+    const vd a3 = r * (1.0 / 39916800.0) + 1.0 / 3628800.0;
+    const vd b0 = a1 * r2 + a0, b1 = r4 * (1.0 / 479001600.0) + (a3 * r2 + a2);
+    vd p = b1 * r4 + b0;  // sum_{k >= 4} r^(k - 4) / k!
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    return bits<vd>(bits<vl>(p) + (bits<vl>(nm) << 52));  // times 2^n, as for float32
 #endif
 }
 
