@@ -81,6 +81,23 @@ def test_plan_kernel_rows_and_scale(dtype):
                                rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_plan_exponential_over_its_whole_range(dtype):
+    """The kernels' exponential against np.exp from the underflow clamp to the largest
+    finite result (exp(88.7) in float32, exp(709.7) in float64, whose 2^n alone overflows):
+    finite where np.exp is, 0 below the clamp, inf above."""
+    top = 88.7 if dtype == np.float32 else 709.7
+    bottom = -87.0 if dtype == np.float32 else -708.0
+    x = np.concatenate([np.linspace(bottom, top, 100_001), [top, -2 * top]]).astype(dtype)
+    P = CPUBackend().plan(x[None, :], 1.0, np.zeros(1), np.zeros(x.size))[0]
+    ref = np.exp(x.astype(np.float64))
+    assert np.isfinite(P[:-1]).all() and P[-1] == 0
+    rtol = 8e-16 if dtype == np.float64 else 2.5e-7           # the polynomial and rounding
+    np.testing.assert_allclose(P[:-1], ref[:-1], rtol=rtol, atol=0)
+    hi = CPUBackend().plan(np.array([[top * 1.001]], dtype), 1.0, np.zeros(1), np.zeros(1))
+    assert np.isinf(hi).all()
+
+
 def test_pass_written_plan_is_the_plan_of_the_returned_potentials():
     S = np.random.default_rng(3).uniform(-1, 1, (300, 50)).astype(np.float32)
     q = sinkhorn_ot.codes(S, eps=0.05, n_iter=3)               # written by the last pass
