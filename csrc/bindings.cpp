@@ -223,6 +223,19 @@ int scaling_codes(const py::array& X, double alpha, bool probs, py::object b, in
     });
 }
 
+void labels(const py::array& X, double alpha, const F64& g, I64& out, int n_threads) {
+    dispatch(X, "labels", [&](auto tag) {
+        using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+        const int64_t N = X.shape(0), K = X.shape(1);
+        require(g.size() == K, "labels: g size mismatch");
+        require(out.size() == N, "labels: out size mismatch");
+        int64_t* o = out.mutable_data();
+        py::gil_scoped_release nogil;
+        cpu::labels<T>(static_cast<const T*>(X.data()), N, K, alpha, g.data(), o, n_threads);
+        return 0;
+    });
+}
+
 I64 near_ties(const py::array& X, double alpha, const F64& g, const I64& rows, double tau,
               int n_threads) {
     return dispatch(X, "near_ties", [&](auto tag) {
@@ -290,6 +303,9 @@ PYBIND11_MODULE(_core, m) {
           py::arg("n_threads"),
           "The plan times scale of n_iter fixed iterations by scaling passes, into out; "
           "returns 0 (done), 1 (invalid entry or empty row) or 2 (out of float64 range).");
+    m.def("labels", &labels, py::arg("X"), py::arg("alpha"), py::arg("g"),
+          py::arg("out").noconvert(), py::arg("n_threads") = 0,
+          "Writes into out the first argmax over y of alpha X_iy + g_y of every row.");
     m.def("near_ties", &near_ties, py::arg("X"), py::arg("alpha"), py::arg("g"),
           py::arg("rows"), py::arg("tau"), py::arg("n_threads") = 0,
           "Per listed row: entries whose score alpha X + g is within tau of the row's best.");

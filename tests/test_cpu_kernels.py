@@ -98,6 +98,34 @@ def test_plan_exponential_over_its_whole_range(dtype):
     assert np.isinf(hi).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K", [1, 7, 16, 37])
+def test_labels_read_after_the_loop(dtype, K):
+    """_core.labels: the first argmax of alpha X + g in float64 (forbidden pairs never win,
+    a row with none allowed gets 0, exact ties go to the smallest index), as the pass's own
+    argmax gives it, at every tail length."""
+    rng = np.random.default_rng(K)
+    X = rng.standard_normal((203, K)).astype(dtype)
+    X[rng.random(X.shape) < 0.2] = -np.inf
+    X[5] = -np.inf                                              # no allowed entry
+    X[6] = 0.5                                                  # every entry tied
+    g = rng.standard_normal(K)
+    g[-1] = 0.0
+    X[7, :] = -np.inf
+    X[7, [K // 2, K - 1]] = 1.0                                 # a tie between two entries
+    g[K // 2] = 0.0
+    t = 3.0 * X.astype(np.float64) + g
+    ref = np.argmax(t, axis=1)
+    ref[np.isneginf(t).all(axis=1)] = 0
+    for nt in (1, 2):
+        out = np.full(X.shape[0], -1, np.int64)
+        _core.labels(X, 3.0, g, out, nt)
+        np.testing.assert_array_equal(out, ref)
+    lab = np.empty(X.shape[0], np.int64)
+    _core.fused_pass(X, 3.0, g, np.zeros(X.shape[0]), 1.0, np.empty(X.shape[0]), lab, 1)
+    np.testing.assert_array_equal(lab, ref)
+
+
 def test_pass_written_plan_is_the_plan_of_the_returned_potentials():
     S = np.random.default_rng(3).uniform(-1, 1, (300, 50)).astype(np.float32)
     q = sinkhorn_ot.codes(S, eps=0.05, n_iter=3)               # written by the last pass

@@ -104,6 +104,7 @@ struct Kernels {
     void (*scal_axpy)(const T*, double, int64_t, double*);
     void (*scal_write)(const T*, double, const double*, int64_t, T*);
     int64_t (*row_ties)(const T*, const double*, int64_t, double, double);
+    int64_t (*row_argmax)(const T*, const double*, int64_t, double);
 };
 
 #define SK_TABLE(ns, T)                                                                    \
@@ -112,7 +113,7 @@ struct Kernels {
             &ns::colmax_row<T>, &ns::lse_max_row<T, true>, &ns::lse_max_row<T, false>,     \
             &ns::lse_rescale, &ns::lse_sum_row<T>, &ns::scal_row_facts<T, false>,          \
             &ns::scal_row_facts<T, true>, &ns::scal_exp_row<T>, &ns::scal_dot<T>,          \
-            &ns::scal_axpy<T>, &ns::scal_write<T>, &ns::row_ties<T>                        \
+            &ns::scal_axpy<T>, &ns::scal_write<T>, &ns::row_ties<T>, &ns::row_argmax<T>    \
     }
 
 // The widest instruction set this CPU has, capped by SINKHORN_OT_CPU_ISA ("avx512", "avx2"
@@ -508,6 +509,18 @@ int scaling_codes(const T* X, int64_t N, int64_t K, double alpha, bool probs, co
 }
 
 template <class T>
+void labels(const T* X, int64_t N, int64_t K, double alpha, const double* g, int64_t* out,
+            int n_threads) {
+    const int nt = resolve_threads(n_threads, N, K);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int64_t lo, hi;
+        row_range(N, nt, thread_id(), lo, hi);
+        for (int64_t i = lo; i < hi; ++i) out[i] = kernels<T>().row_argmax(X + i * K, g, K, alpha);
+    }
+}
+
+template <class T>
 void near_ties(const T* X, int64_t N, int64_t K, double alpha, const double* g,
                const int64_t* rows, int64_t n, double tau, int64_t* count, int n_threads) {
     const int nt = resolve_threads(n_threads, std::max<int64_t>(n, 1), K);
@@ -690,6 +703,8 @@ double column_update(const double* g, const double* logb, const double* col,
                                 CheckOut*, double, int, const Interrupted&);                \
     template int scaling_codes<T>(const T*, int64_t, int64_t, double, bool, const double*,  \
                                   int, double, T*, int, const Interrupted&);                \
+    template void labels<T>(const T*, int64_t, int64_t, double, const double*, int64_t*,    \
+                            int);                                                          \
     template void near_ties<T>(const T*, int64_t, int64_t, double, const double*,           \
                                const int64_t*, int64_t, double, int64_t*, int);            \
     template void row_hashes<T>(const T*, int64_t, int64_t, const double*, const double*,   \

@@ -90,6 +90,12 @@ int scaling_codes(const T* X, int64_t N, int64_t K, double alpha, bool probs, co
                   int n_iter, double scale, T* out, int n_threads,
                   const Interrupted& interrupted);
 
+// out_i = the first argmax over y of alpha X_iy + g_y, in float64 (0 for a row with no
+// allowed entry).
+template <class T>
+void labels(const T* X, int64_t N, int64_t K, double alpha, const double* g, int64_t* out,
+            int n_threads);
+
 // For each listed row, the number of entries whose score alpha X_iy + g_y is within tau (and
 // a rounding margin of 1e-12 relative) of the row's best score: a count above 1 is a tie.
 template <class T>

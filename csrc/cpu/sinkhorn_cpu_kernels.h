@@ -644,4 +644,53 @@ int64_t row_ties(const T* x, const double* g, int64_t K, double alpha, double ta
     return count;
 }
 
+// The first argmax over y of alpha x_y + g_y in float64 (0 for a row with no allowed
+// entry): a solve's labels, read once after its loop, the expression near_ties counts.
+template <class T>
+int64_t row_argmax(const T* x, const double* g, int64_t K, double alpha) {
+    using Tr = Traits<T>;
+    constexpr int B = Tr::B;
+    vd best = splat<vd>(kNegInf), besth = best;
+    vl bidx = splat<vl>(int64_t(0)), bidxh = bidx, idx = bidx, idxh = bidx;
+    for (int l = 0; l < ND; ++l) {
+        idx[l] = l;
+        idxh[l] = l + ND;
+    }
+    auto block = [&](const T* xb, const double* gb, int64_t y) {
+        vd lo, hi;
+        Tr::diff(xb, gb, alpha, 0.0, lo, hi);
+        const vl yv = splat<vl>(y);
+        const auto up = lo > best;
+        best = select(up, lo, best);
+        bidx = select(up, idx + yv, bidx);
+        if constexpr (B == NF) {
+            const auto uph = hi > besth;
+            besth = select(uph, hi, besth);
+            bidxh = select(uph, idxh + yv, bidxh);
+        }
+    };
+    const int64_t Kb = K - K % B;
+    for (int64_t y = 0; y < Kb; y += B) {
+        ahead(x + y);
+        if constexpr (sizeof(T) * B > 64) ahead(x + y + 64 / sizeof(T));
+        block(x + y, g + y, y);
+    }
+    if (Kb < K) {
+        Tail<T> t(x + Kb, g + Kb, K - Kb);
+        block(t.x, t.g, Kb);
+    }
+    double bv = kNegInf;
+    int64_t bi = 0;
+    for (int l = 0; l < ND; ++l)  // the first maximiser: smallest index among ties
+        for (int h = 0; h < (B == NF ? 2 : 1); ++h) {
+            const double v = h ? besth[l] : best[l];
+            const int64_t i = h ? bidxh[l] : bidx[l];
+            if (v > bv || (v == bv && i < bi)) {
+                bv = v;
+                bi = i;
+            }
+        }
+    return bi;
+}
+
 #undef SK_V

@@ -215,8 +215,8 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     if translate and not fixed and (rho_a != 1.0 or rho_b != 1.0) and not symmetric:
         ti = _translation(xp, loga, logb, rho_a, rho_b, comm)
     # Two buffers for f and the labels: the best solution seen so far is kept without copies.
-    # A backend whose passes pay for the argmax (labels_per_pass False: the GPU) computes the
-    # labels once, at the best g, after the loop.
+    # A backend whose passes pay for the argmax (labels_per_pass False: the CPU and the GPU)
+    # computes the labels once, at the best g, after the loop.
     per_pass = want_labels and backend.labels_per_pass
     f_work, f_best = xp.empty(N), xp.empty(N)
     lab_work = xp.empty(N, dtype=xp.int64) if per_pass else None
