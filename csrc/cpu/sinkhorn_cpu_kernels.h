@@ -98,6 +98,46 @@ SK_V double row_shift(const T* x, const float* gf, const double* g, int64_t K, d
     }
 }
 
+// The first maximiser of t over a row, B entries (the float64 lanes lo, and hi when B is
+// two float64 vectors wide) at a time: the labels of sweep and row_argmax.
+template <int B>
+struct ArgMax {
+    vd best = splat<vd>(kNegInf), besth = best;
+    vl bidx = splat<vl>(int64_t(0)), bidxh = bidx, idx = bidx, idxh = bidx;
+    ArgMax() {
+        for (int l = 0; l < ND; ++l) {
+            idx[l] = l;
+            idxh[l] = l + ND;
+        }
+    }
+    SK_V void update(vd lo, vd hi, int64_t y) {
+        const vl yv = splat<vl>(y);
+        const auto up = lo > best;
+        best = select(up, lo, best);
+        bidx = select(up, idx + yv, bidx);
+        if constexpr (B == NF) {
+            const auto uph = hi > besth;
+            besth = select(uph, hi, besth);
+            bidxh = select(uph, idxh + yv, bidxh);
+        }
+    }
+    // the smallest index among ties; 0 when every t is -inf
+    int64_t first() const {
+        double bv = kNegInf;
+        int64_t bi = 0;
+        for (int l = 0; l < ND; ++l)
+            for (int h = 0; h < (B == NF ? 2 : 1); ++h) {
+                const double v = h ? besth[l] : best[l];
+                const int64_t i = h ? bidxh[l] : bidx[l];
+                if (v > bv || (v == bv && i < bi)) {
+                    bv = v;
+                    bi = i;
+                }
+            }
+        return bi;
+    }
+};
+
 // The main sweep of a row: e_y = exp(t_y - m) (stored), s = sum_y e_y, sd = sum_y e_y
 // (t_y - m) for the transport cost, and the first argmax of t when LAB.
 struct RowSums {
@@ -121,13 +161,7 @@ SK_V void sweep(const typename Tr::In* x, const double* g, const float* gf, int6
     constexpr int B = Tr::B;
     static_assert(!FAST || std::is_same_v<typename Tr::In, float>, "FAST: float32 rows");
     E s = splat<E>(T(0)), sd = splat<E>(T(0));
-    vd best = splat<vd>(kNegInf), besth = best;
-    vl bidx = splat<vl>(int64_t(0)), bidxh = bidx, idx = bidx, idxh = bidx;
-    if constexpr (LAB)
-        for (int l = 0; l < ND; ++l) {
-            idx[l] = l;
-            idxh[l] = l + ND;
-        }
+    ArgMax<B> am;
     const float af = static_cast<float>(alpha), mf = static_cast<float>(m);
     auto block = [&](const typename Tr::In* xb, const double* gb, const float* gfb, T* eb,
                      int64_t y) {
@@ -145,17 +179,7 @@ SK_V void sweep(const typename Tr::In* x, const double* g, const float* gf, int6
         store(eb, v);
         s += v;
         sd += v * dc;  // dc, not d: a forbidden pair has d = -inf and e of the clamp
-        if constexpr (LAB) {
-            vl yv = splat<vl>(y);
-            auto up = lo > best;
-            best = select(up, lo, best);
-            bidx = select(up, idx + yv, bidx);
-            if constexpr (B == NF) {
-                auto uph = hi > besth;
-                besth = select(uph, hi, besth);
-                bidxh = select(uph, idxh + yv, bidxh);
-            }
-        }
+        if constexpr (LAB) am.update(lo, hi, y);
     };
     // the chunk's lane sums into float64 lanes
     vd s64 = splat<vd>(0.0), sd64 = s64;
@@ -196,20 +220,7 @@ SK_V void sweep(const typename Tr::In* x, const double* g, const float* gf, int6
     }
     out.s = hsum(s64);
     out.sd = hsum(sd64);
-    if constexpr (LAB) {
-        double bv = kNegInf;
-        int64_t bi = 0;
-        for (int l = 0; l < ND; ++l)  // the first maximiser: smallest index among ties
-            for (int h = 0; h < (B == NF ? 2 : 1); ++h) {
-                double v = h ? besth[l] : best[l];
-                int64_t i = h ? bidxh[l] : bidx[l];
-                if (v > bv || (v == bv && i < bi)) {
-                    bv = v;
-                    bi = i;
-                }
-            }
-        out.arg = bi;
-    }
+    if constexpr (LAB) out.arg = am.first();
 }
 
 // Adds r e_y to the column sums: for a float32 row (`f32`) into float32 accumulators `colf`
@@ -650,24 +661,11 @@ template <class T>
 int64_t row_argmax(const T* x, const double* g, int64_t K, double alpha) {
     using Tr = Traits<T>;
     constexpr int B = Tr::B;
-    vd best = splat<vd>(kNegInf), besth = best;
-    vl bidx = splat<vl>(int64_t(0)), bidxh = bidx, idx = bidx, idxh = bidx;
-    for (int l = 0; l < ND; ++l) {
-        idx[l] = l;
-        idxh[l] = l + ND;
-    }
+    ArgMax<B> am;
     auto block = [&](const T* xb, const double* gb, int64_t y) {
         vd lo, hi;
         Tr::diff(xb, gb, alpha, 0.0, lo, hi);
-        const vl yv = splat<vl>(y);
-        const auto up = lo > best;
-        best = select(up, lo, best);
-        bidx = select(up, idx + yv, bidx);
-        if constexpr (B == NF) {
-            const auto uph = hi > besth;
-            besth = select(uph, hi, besth);
-            bidxh = select(uph, idxh + yv, bidxh);
-        }
+        am.update(lo, hi, y);
     };
     const int64_t Kb = K - K % B;
     for (int64_t y = 0; y < Kb; y += B) {
@@ -679,18 +677,7 @@ int64_t row_argmax(const T* x, const double* g, int64_t K, double alpha) {
         Tail<T> t(x + Kb, g + Kb, K - Kb);
         block(t.x, t.g, Kb);
     }
-    double bv = kNegInf;
-    int64_t bi = 0;
-    for (int l = 0; l < ND; ++l)  // the first maximiser: smallest index among ties
-        for (int h = 0; h < (B == NF ? 2 : 1); ++h) {
-            const double v = h ? besth[l] : best[l];
-            const int64_t i = h ? bidxh[l] : bidx[l];
-            if (v > bv || (v == bv && i < bi)) {
-                bv = v;
-                bi = i;
-            }
-        }
-    return bi;
+    return am.first();
 }
 
 #undef SK_V

@@ -13,10 +13,6 @@ from typing import Any, Protocol
 class Backend(Protocol):
     xp: Any                 # the array module: numpy or cupy
     device: str             # "cpu" or "cuda"
-    # True: the fused pass computes the row argmax at no extra read of the matrix, so the
-    # loop asks for labels every pass; False: the argmax costs a pass, so the loop calls
-    # labels() once, at the best g.
-    labels_per_pass: bool
     # True: a float32 pass may form rows in float32 within a relative plan error the loop
     # allows (fused_pass(fast=...)), the bound it used reported in ``slack``
     mixed_precision: bool

@@ -10,9 +10,6 @@ from ._solver import sinkhorn_loop
 class CPUBackend:
     xp = np
     device = "cpu"
-    # the argmax costs a pass about a fifth of its time (float64, AVX2) and keeps float32
-    # rows from float32 arithmetic: the labels are one read of X after the loop instead
-    labels_per_pass = False
     # float32 input: rows may be formed with float32 arithmetic within a relative error the
     # loop allows (fused_pass(fast=...); 0: float64 rows, exponentials included), the bound
     # used is reported in `slack`
@@ -64,7 +61,7 @@ class CPUBackend:
 
     def labels(self, X, alpha, g, out):
         """The first argmax over y of ``alpha X_iy + g_y`` of every row, in ``out``."""
-        _core.labels(X, alpha, np.ascontiguousarray(g, dtype=np.float64), out, self.n_threads)
+        _core.labels(X, alpha, g, out, self.n_threads)
         return out
 
     def solve(self, X, alpha, loga, logb, **kw):

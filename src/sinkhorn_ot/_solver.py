@@ -143,18 +143,17 @@ def potential_bound(xp, loga, logb, s_max: float, n_rows: int, comm=None) -> flo
 FIRST_FAST, FAST_SHARE, HONEST_SHARE = 1e-4, 2.5e-3, 0.05
 
 
-def _mixed_pass(backend, X, alpha, g, loga, rho_a, f_out, labels_out, kw, fast, col_args,
-                reported=True):
+def _mixed_pass(backend, X, alpha, g, loga, rho_a, f_out, kw, fast, col_args, reported=True):
     """A pass allowed a relative plan error ``fast``, redone in float64 when its bound could
     move its err by more than HONEST_SHARE and that err is ``reported`` (a fixed ``n_iter``
     reports only its last pass's; the others' only set the next allowance).  Returns the
     pass, its column update and the next pass's allowance."""
     logb, log_n, rho_b = col_args
-    out = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, labels_out, fast=fast, **kw)
+    out = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, None, fast=fast, **kw)
     upd = backend.column_update(g, logb, out[0], out[1], log_n, rho_b)
     err, mass = float(upd[1]), float(out[0].sum())
     if reported and backend.slack > 0 and not 2 * backend.slack * mass <= HONEST_SHARE * err:
-        out = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, labels_out, fast=0.0, **kw)
+        out = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, None, fast=0.0, **kw)
         upd = backend.column_update(g, logb, out[0], out[1], log_n, rho_b)
     return (*out, upd, FAST_SHARE * err / max(mass, 1e-300))
 
@@ -214,13 +213,10 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     ti = None
     if translate and not fixed and (rho_a != 1.0 or rho_b != 1.0) and not symmetric:
         ti = _translation(xp, loga, logb, rho_a, rho_b, comm)
-    # Two buffers for f and the labels: the best solution seen so far is kept without copies.
-    # A backend whose passes pay for the argmax (labels_per_pass False: the CPU and the GPU)
-    # computes the labels once, at the best g, after the loop.
-    per_pass = want_labels and backend.labels_per_pass
+    # Two buffers for f: the best solution seen so far is kept without copies.  The argmax
+    # costs a pass a good share of its time (and keeps float32 rows from float32 arithmetic
+    # on the CPU): the labels are one read of X after the loop, at the best g.
     f_work, f_best = xp.empty(N), xp.empty(N)
-    lab_work = xp.empty(N, dtype=xp.int64) if per_pass else None
-    lab_best = xp.empty(N, dtype=xp.int64) if per_pass else None
     best = None
     history = []       # best err after each pass, for stall_window
     stalled = False
@@ -231,15 +227,14 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
         plan = plan_buffer(xp, X, plan)
     for it in range(1, iters + 1):
         last = fixed and it == iters
-        lab = lab_work if not fixed or last else None
         kw = {} if plan is None or not last else {"plan": plan}
         upd = None  # (g_next, err) when the pass computed them already
         if mixed:
             col, colmax, qx, upd, fast = _mixed_pass(backend, X, alpha, g, loga, rho_a,
-                                                     f_work, lab, kw, fast,
+                                                     f_work, kw, fast,
                                                      (logb, log_n, rho_b), not fixed or last)
         else:
-            col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_work, lab, **kw)
+            col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_work, None, **kw)
         col, colmax, qx = comm.allreduce_pass(col, colmax, qx)
         g_next, err = upd or backend.column_update(g, logb, col, colmax, log_n, rho_b)
         if accel is None:
@@ -256,7 +251,6 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
         if best is None or ((err <= best[1] or fixed) and (accel is None or
                                                            g_max <= accel.bound)):
             f_work, f_best = f_best, f_work
-            lab_work, lab_best = lab_best, lab_work
             best = (g, err, qx, it)
         if (not fixed and err <= tol and best[3] == it) or not math.isfinite(err):
             break
@@ -274,9 +268,10 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
         g = accel.step(g, g_next, dual, scale, g_max)
     g, err, qx, _ = best
     converged = err <= tol
-    if want_labels and not per_pass and math.isfinite(err):
-        lab_best = backend.labels(X, alpha, g, xp.empty(N, dtype=xp.int64))
-    return Solution(f_best, g, lab_best, it, float(err), float(qx), converged,  # it: passes
+    labels = None
+    if want_labels and math.isfinite(err):
+        labels = backend.labels(X, alpha, g, xp.empty(N, dtype=xp.int64))
+    return Solution(f_best, g, labels, it, float(err), float(qx), converged,  # it: passes
                     None if plan is None or not fixed else plan[0], stalled)
 
 

@@ -411,7 +411,6 @@ class _EmptyBlock:
     def __init__(self, backend):
         self._b = backend
         self.xp = backend.xp
-        self.labels_per_pass = True   # no rows: no labels to compute after the loop
         self.mixed_precision = False
 
     def column_lse(self, X, alpha, f):
@@ -423,6 +422,9 @@ class _EmptyBlock:
 
     def column_update(self, *args):
         return self._b.column_update(*args)
+
+    def labels(self, X, alpha, g, out):
+        return out
 
 
 def _agree_on_errors(comm: Comm, exc, flags_max):

@@ -56,9 +56,6 @@ class CUDABackend:
     """Backend primitives and the device-side loop on CuPy arrays (see module docstring)."""
 
     device = "cuda"
-    # A pass with labels pays for the argmax (comparisons, a wider block reduction): the
-    # generic loop asks labels() once, at the best g, instead (_solver.sinkhorn_loop).
-    labels_per_pass = False
     mixed_precision = False  # (see _backend.Backend)
 
     def __init__(self, dtype: str, stream=None, layout_override=None, accurate=None):
