@@ -340,7 +340,7 @@ BK_INLINE uint8_t scan_entries(const T* x, int64_t n, double forbidden, double& 
         const bvd av = v < 0 ? -v : v;
         const bvm fin = av < inf;  // false for +-inf and NaN
         const bvm isf = v == forbidden;
-        mv = (fin & (av > mv)) ? av : mv;
+        mv = mv > (fin ? av : bvd{}) ? mv : (fin ? av : bvd{});
         badv |= (bvu)(~fin & ~isf);
         forbv |= (bvu)isf;
     }
@@ -385,19 +385,56 @@ BK_INLINE double dot(const double* u, const double* v, int64_t n) {
     return s;
 }
 
+// e_j = exp(x_j - shift) (0 below -708 and for x_j = -inf)
+BK_INLINE void exp_shifted(const double* x, double shift, int64_t n, double* e) {
+    int64_t nb = 0;
+#if defined(__GNUC__)
+    nb = n - n % BL;
+    for (int64_t j = 0; j < nb; j += BL) bstore(e + j, vexp(bload(x + j) - shift));
+#endif
+    for (int64_t j = nb; j < n; ++j) e[j] = bexp(x[j] - shift);
+}
+
 // The scaling form of sf's matrix at alpha (Scaled in batched.cpp): k_iy = exp(alpha x_iy +
 // gate_y - mx_i), mx_i the row's largest alpha x_iy + gate_y (-inf: none, the row of k all
 // zero), into sf.k (N x Kp, zero padded).  gate_y = 0 on the columns of positive mass, -inf
 // on the others: a row's shift must be one of its live entries (see pass).
 template <class T>
 BK_INLINE void scaled_rows(const T* X, double alpha, const double* gate, Scaled& sf) {
-    const int64_t K = sf.K, Kp = sf.Kp;
-    for (int64_t i = 0; i < sf.N; ++i) {
-        double s;
-        double* ki = sf.k.data() + i * Kp;
-        sf.mx[i] = row_exp(X + i * K, gate, K, alpha, ki, s);
-        const int64_t lo = sf.mx[i] > -std::numeric_limits<double>::infinity() ? K : 0;
-        for (int64_t y = lo; y < Kp; ++y) ki[y] = 0;
+    const double ninf = -std::numeric_limits<double>::infinity();
+    const int64_t N = sf.N, K = sf.K, Kp = sf.Kp;
+    double* k = sf.k.data();
+    // every row's exponents and shift first, then the exponentials of all the rows in one
+    // sweep: no row's exponentials wait for its own maximum (a reduction across the row)
+    for (int64_t i = 0; i < N; ++i) {
+        const T* x = X + i * K;
+        double* t = k + i * Kp;
+        double m = ninf;
+        int64_t y = 0;
+#if defined(__GNUC__)
+        bvd mv = bvd{} + ninf;
+        for (; y + BL <= K; y += BL) {
+            const bvd v = bload(x + y) * alpha + bload(gate + y);
+            bstore(t + y, v);
+            mv = v > mv ? v : mv;
+        }
+        m = bmax(mv);
+#endif
+        for (; y < K; ++y) {
+            t[y] = alpha * static_cast<double>(x[y]) + gate[y];
+            m = t[y] > m ? t[y] : m;
+        }
+        for (y = K; y < Kp; ++y) t[y] = ninf;  // exp: 0
+        sf.mx[i] = m;
+    }
+    for (int64_t i = 0; i < N; ++i) {
+        double* t = k + i * Kp;
+        const double m = sf.mx[i];
+        if (!(m > ninf)) {  // no allowed entry in a live column: the row of k all zero
+            for (int64_t y = 0; y < Kp; ++y) t[y] = 0;
+            continue;
+        }
+        exp_shifted(t, m, Kp, t);
     }
 }
 
@@ -456,16 +493,6 @@ BK_INLINE void gemv_rows(const double* M, int64_t rows, int64_t cols, const doub
 #endif
 }
 
-// e_j = exp(x_j - shift) (0 below -708 and for x_j = -inf)
-BK_INLINE void exp_shifted(const double* x, double shift, int64_t n, double* e) {
-    int64_t nb = 0;
-#if defined(__GNUC__)
-    nb = n - n % BL;
-    for (int64_t j = 0; j < nb; j += BL) bstore(e + j, vexp(bload(x + j) - shift));
-#endif
-    for (int64_t j = nb; j < n; ++j) e[j] = bexp(x[j] - shift);
-}
-
 // pass_rows at g in the scaling form, no exponential per entry: v_y = exp(g_y - gmax),
 // r = k v, then m_i = mx_i + gmax and s_i = r_i (the same row sum exp(m_i) s_i as
 // pass_rows), col = v * (k^T w) with w_i = a_i / r_i.  Scratch: v and c (Kp), r and w (N).
@@ -515,18 +542,39 @@ BK_INLINE double scaled_cost(const Scaled& sf, const T* X, const double* f, cons
     for (int64_t i = 0; i < N; ++i) rho[i] = sf.mx[i] + f[i];
     exp_shifted(rho, -gmax, N, rho);
     double cost = 0;
+#if defined(__GNUC__)
+    // one vector sum over all the rows (two, so that the additions overlap), reduced once
+    bvd acc0 = bvd{}, acc1 = bvd{};
+    const int64_t Kb = K - K % BL;
+#else
+    const int64_t Kb = 0;
+#endif
     for (int64_t i = 0; i < N; ++i) {
         if (!(rho[i] > 0)) continue;
         const double* ki = sf.k.data() + i * sf.Kp;
         const T* x = X + i * K;
-        double c = 0;
-#pragma omp simd reduction(+ : c)
-        for (int64_t y = 0; y < K; ++y) {
-            const double q = ki[y] * v[y];
-            c += q > 0 ? q * static_cast<double>(x[y]) : 0.0;
+        const double ri = rho[i];
+        int64_t y = 0;
+#if defined(__GNUC__)
+        for (; y + 2 * BL <= Kb; y += 2 * BL) {
+            const bvd q0 = bload(ki + y) * bload(v + y), x0 = bload(x + y);
+            const bvd q1 = bload(ki + y + BL) * bload(v + y + BL), x1 = bload(x + y + BL);
+            acc0 += q0 > 0 ? (ri * q0) * x0 : bvd{};  // (a forbidden pair's x is infinite)
+            acc1 += q1 > 0 ? (ri * q1) * x1 : bvd{};
         }
-        cost += rho[i] * c;
+        for (; y < Kb; y += BL) {
+            const bvd q = bload(ki + y) * bload(v + y), xv = bload(x + y);
+            acc0 += q > 0 ? (ri * q) * xv : bvd{};
+        }
+#endif
+        for (; y < K; ++y) {
+            const double q = ki[y] * v[y];
+            cost += q > 0 ? (ri * q) * static_cast<double>(x[y]) : 0.0;
+        }
     }
+#if defined(__GNUC__)
+    cost += bsum(acc0 + acc1);
+#endif
     return cost;
 }
 
