@@ -121,6 +121,9 @@ struct Kernels {
     double (*scaled_cost)(const Scaled&, const T*, const double*, const double*, double,
                           double*, double*);
     void (*col_logs)(const double*, int64_t, double*);
+    double (*l1_diff)(const double*, const double*, int64_t);
+    double (*gated_sum)(const double*, const double*, int64_t);
+    void (*weighted_sums)(const double*, const double*, int64_t, double*);
 };
 
 #define BK_ENTRIES(ns)                                                                      \
@@ -189,6 +192,15 @@ struct Kernels {
         return ns::scaled_cost<T>(sf, X, f, g, gmax, rho, v);                               \
     }                                                                                       \
     inline void col_logs(const double* col, int64_t K, double* l) { ns::col_logs(col, K, l); } \
+    inline double l1_diff(const double* c, const double* b, int64_t n) {                   \
+        return ns::l1_diff(c, b, n);                                                        \
+    }                                                                                       \
+    inline double gated_sum(const double* v, const double* gate, int64_t n) {              \
+        return ns::gated_sum(v, gate, n);                                                   \
+    }                                                                                       \
+    inline void weighted_sums(const double* w, const double* v, int64_t n, double* o) {    \
+        ns::weighted_sums(w, v, n, o);                                                      \
+    }                                                                                       \
     }
 
 #ifdef BK_MULTI_ISA
@@ -212,7 +224,8 @@ BK_ENTRIES(base)
             &ns##_entry::pass_rows<T>, &ns##_entry::row_potentials,                        \
             &ns##_entry::scan_entries<T>, &ns##_entry::dot, &ns##_entry::scaled_rows<T>,   \
             &ns##_entry::scaled_pass, &ns##_entry::scaled_pow4, &ns##_entry::scaled_colsums, \
-            &ns##_entry::scaled_cost<T>, &ns##_entry::col_logs                             \
+            &ns##_entry::scaled_cost<T>, &ns##_entry::col_logs, &ns##_entry::l1_diff,      \
+            &ns##_entry::gated_sum, &ns##_entry::weighted_sums                             \
     }
 
 // The same choice of instruction set as the single solve's kernels (isa_name honours
@@ -261,19 +274,21 @@ bool solve_small(std::vector<double>& A, std::vector<double>& rhs, int m) {
 
 // Anderson mixing of the column potential, the algorithm of _solver.Anderson (type II,
 // guarded by the dual objective, in the quotient space of centred potentials), over the
-// columns of positive mass (`live`; the others stay at -inf).
+// columns of positive mass (`gate` 0 there and -inf elsewhere; g stays -inf on the others).
 class Anderson {
   public:
     using Dot = double (*)(const double*, const double*, int64_t);
+    using GatedSum = double (*)(const double*, const double*, int64_t);
 
-    Anderson(int64_t K, int memory, double rel_slack, double bound, const uint8_t* live,
-             Dot dot)
-        : K_(K), mem_(memory), rel_slack_(rel_slack), bound_(bound), live_(live), dot_(dot),
+    Anderson(int64_t K, int memory, double rel_slack, double bound, const double* gate, Dot dot,
+             GatedSum gated_sum)
+        : K_(K), mem_(memory), rel_slack_(rel_slack), bound_(bound), gate_(gate),
+          dot_(dot), gated_sum_(gated_sum),
           dg_(static_cast<size_t>(memory) * K), dr_(static_cast<size_t>(memory) * K),
           gram_(static_cast<size_t>(memory) * memory), pg_(K), pr_(K), acc_tg_(K), gc_(K),
           r_(K) {
         int64_t n = 0;
-        for (int64_t y = 0; y < K; ++y) n += live[y] ? 1 : 0;
+        for (int64_t y = 0; y < K; ++y) n += gate[y] == 0 ? 1 : 0;
         n_live_ = std::max<int64_t>(n, 1);
     }
 
@@ -287,10 +302,13 @@ class Anderson {
             return;
         }
         const double mg = mean(g), mt = mean(Tg);
-        for (int64_t y = 0; y < K_; ++y) {
-            gc_[y] = live_[y] ? g[y] - mg : 0.0;
-            acc_tg_[y] = live_[y] ? Tg[y] - mt : kNegInf;
-            r_[y] = live_[y] ? (Tg[y] - mt) - gc_[y] : 0.0;
+        const double* gate = gate_;
+        double *gc = gc_.data(), *atg = acc_tg_.data(), *r = r_.data();
+        for (int64_t y = 0; y < K_; ++y) {  // (selects on gate: no branch, vectorised)
+            const bool l = gate[y] == 0;
+            gc[y] = l ? g[y] - mg : 0.0;
+            atg[y] = l ? Tg[y] - mt : kNegInf;
+            r[y] = l ? (Tg[y] - mt) - gc[y] : 0.0;
         }
         has_acc_ = true;
         acc_dual_ = dual;
@@ -346,15 +364,12 @@ class Anderson {
             for (int64_t y = 0; y < K_; ++y) g[y] -= (dgp[y] + drp[y]) * c;
         }
         const double mo = mean(g);
-        for (int64_t y = 0; y < K_; ++y) g[y] = live_[y] ? g[y] - mo : kNegInf;
+        for (int64_t y = 0; y < K_; ++y) g[y] = gate_[y] == 0 ? g[y] - mo : kNegInf;
     }
 
   private:
     double mean(const double* v) const {
-        double s = 0;
-        for (int64_t y = 0; y < K_; ++y)
-            if (live_[y]) s += v[y];
-        return s / static_cast<double>(n_live_);
+        return gated_sum_(v, gate_, K_) / static_cast<double>(n_live_);
     }
     const double* col_r(int p) const { return &dr_[static_cast<size_t>((head_ + p) % mem_) * K_]; }
     const double* col_g(int p) const { return &dg_[static_cast<size_t>((head_ + p) % mem_) * K_]; }
@@ -362,8 +377,9 @@ class Anderson {
     int64_t K_, n_live_ = 1;
     int mem_;
     double rel_slack_, bound_;
-    const uint8_t* live_;
+    const double* gate_;
     Dot dot_;
+    GatedSum gated_sum_;
     std::vector<double> dg_, dr_, gram_, pg_, pr_, acc_tg_, gc_, r_, A_, rhs_;
     int head_ = 0, count_ = 0;
     bool has_prev_ = false, has_acc_ = false;
@@ -524,7 +540,10 @@ OneResult run_stage(const Kernels<T>& kern, const T* X, int64_t N, int64_t K, do
                           std::log(std::max<double>(static_cast<double>(N) * K, 2.0));
         bound = 4.0 * static_cast<double>(std::min(N, K)) * (s_max + lr + 1.0);
     }
-    Anderson anderson(K, std::max(A.memory, 1), A.rel_slack, bound, w.live.data(), kern.dot);
+    Anderson anderson(K, std::max(A.memory, 1), A.rel_slack, bound, w.gate.data(), kern.dot,
+                      kern.gated_sum);
+    int64_t n_live = 0;
+    for (int64_t y = 0; y < K; ++y) n_live += w.live[y] ? 1 : 0;
     double best_err = std::numeric_limits<double>::infinity();
     int64_t best_it = 0;
     std::vector<double> history;
@@ -535,11 +554,10 @@ OneResult run_stage(const Kernels<T>& kern, const T* X, int64_t N, int64_t K, do
         bool f_ready;
         pass(kern, X, N, K, alpha, g, loga, w, f_ready);
         const double* f_work = w.f.data();
-        double err = 0;
+        const double err = kern.l1_diff(w.col.data(), w.eb.data(), K);
         double* lc = w.g_next.data();  // log col, then the next g in place
         kern.col_logs(w.col.data(), K, lc);
         for (int64_t y = 0; y < K; ++y) {
-            err += std::abs(w.col[y] - w.eb[y]);
             lc[y] = w.live[y] ? next_g_of_log(g[y], logb[y], w.col[y], lc[y], w.colmax[y],
                                               log_n, 1.0)
                               : kNegInf;
@@ -548,21 +566,13 @@ OneResult run_stage(const Kernels<T>& kern, const T* X, int64_t N, int64_t K, do
         if (accel) {
             if (!f_ready)
                 kern.row_potentials(loga, w.m_work.data(), w.s_work.data(), N, w.f.data());
-            for (int64_t i = 0; i < N; ++i)
-                if (w.ea[i] > 0 && f_work[i] > kNegInf) {
-                    dual += w.ea[i] * f_work[i];
-                    scale += std::abs(w.ea[i] * f_work[i]);
-                }
-            double gs = 0;
-            int64_t nl = 0;
-            for (int64_t y = 0; y < K; ++y)
-                if (w.live[y]) {
-                    dual += w.eb[y] * g[y];
-                    scale += std::abs(w.eb[y] * g[y]);
-                    gs += g[y];
-                    ++nl;
-                }
-            const double gm = nl ? gs / nl : 0.0;
+            // (b_y > 0 exactly on the live columns, g_y > -inf there)
+            double rows[2], cols[2];
+            kern.weighted_sums(w.ea.data(), f_work, N, rows);
+            kern.weighted_sums(w.eb.data(), g, K, cols);
+            dual = rows[0] + cols[0];
+            scale = rows[1] + cols[1];
+            const double gm = n_live ? kern.gated_sum(g, w.gate.data(), K) / n_live : 0.0;
             for (int64_t y = 0; y < K; ++y)
                 if (w.live[y]) g_max = std::max(g_max, std::abs(g[y] - gm));
         }

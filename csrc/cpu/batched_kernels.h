@@ -395,6 +395,85 @@ BK_INLINE void exp_shifted(const double* x, double shift, int64_t n, double* e) 
     for (int64_t j = nb; j < n; ++j) e[j] = bexp(x[j] - shift);
 }
 
+// The reductions of the loop over one problem's rows and columns (its err, the dual of
+// Anderson's guard, the means of the centred potentials), in four vector accumulators:
+// a single running sum would wait on every addition before the next.
+#if defined(__GNUC__)
+#define BK_REDUCE(body)                                                                    \
+    bvd acc[4] = {};                                                                      \
+    int64_t y = 0;                                                                        \
+    for (; y + 4 * BL <= n; y += 4 * BL)                                                  \
+        for (int64_t q = 0; q < 4; ++q) {                                                 \
+            const int64_t j = y + q * BL;                                                 \
+            acc[q] += (body);                                                             \
+        }                                                                                 \
+    for (; y + BL <= n; y += BL) {                                                        \
+        const int64_t j = y;                                                              \
+        acc[0] += (body);                                                                 \
+    }
+#endif
+
+// sum_y |c_y - b_y|
+BK_INLINE double l1_diff(const double* c, const double* b, int64_t n) {
+    double s = 0;
+    int64_t y0 = 0;
+#if defined(__GNUC__)
+    {
+        BK_REDUCE(bload(c + j) - bload(b + j) < 0 ? bload(b + j) - bload(c + j)
+                                                  : bload(c + j) - bload(b + j))
+        s = bsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+        y0 = y;
+    }
+#endif
+    for (int64_t y = y0; y < n; ++y) s += std::abs(c[y] - b[y]);
+    return s;
+}
+
+// sum_y v_y over the y with gate_y == 0 (the columns of positive mass; v may be -inf on the
+// others)
+BK_INLINE double gated_sum(const double* v, const double* gate, int64_t n) {
+    double s = 0;
+    int64_t y0 = 0;
+#if defined(__GNUC__)
+    {
+        BK_REDUCE(bload(gate + j) == 0 ? bload(v + j) : bvd{})
+        s = bsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+        y0 = y;
+    }
+#endif
+    for (int64_t y = y0; y < n; ++y) s += gate[y] == 0 ? v[y] : 0.0;
+    return s;
+}
+
+// out = (sum_i w_i v_i, sum_i |w_i v_i|) over the i with w_i > 0 and v_i > -inf
+BK_INLINE void weighted_sums(const double* w, const double* v, int64_t n, double* out) {
+    const double ninf = -std::numeric_limits<double>::infinity();
+    double s = 0, a = 0;
+    int64_t y = 0;
+#if defined(__GNUC__)
+    bvd s0 = bvd{}, s1 = bvd{}, a0 = bvd{}, a1 = bvd{};
+    for (; y + 2 * BL <= n; y += 2 * BL) {
+        const bvd w0 = bload(w + y), v0 = bload(v + y);
+        const bvd w1 = bload(w + y + BL), v1 = bload(v + y + BL);
+        const bvd t0 = (w0 > 0) & (v0 > ninf) ? w0 * v0 : bvd{};
+        const bvd t1 = (w1 > 0) & (v1 > ninf) ? w1 * v1 : bvd{};
+        s0 += t0;
+        s1 += t1;
+        a0 += t0 < 0 ? -t0 : t0;
+        a1 += t1 < 0 ? -t1 : t1;
+    }
+    s = bsum(s0 + s1);
+    a = bsum(a0 + a1);
+#endif
+    for (; y < n; ++y) {
+        const double t = w[y] > 0 && v[y] > ninf ? w[y] * v[y] : 0.0;
+        s += t;
+        a += std::abs(t);
+    }
+    out[0] = s;
+    out[1] = a;
+}
+
 // The scaling form of sf's matrix at alpha (Scaled in batched.cpp): k_iy = exp(alpha x_iy +
 // gate_y - mx_i), mx_i the row's largest alpha x_iy + gate_y (-inf: none, the row of k all
 // zero), into sf.k (N x Kp, zero padded).  gate_y = 0 on the columns of positive mass, -inf
