@@ -304,7 +304,7 @@ class Anderson {
         const double mg = mean(g), mt = mean(Tg);
         const double* gate = gate_;
         double *gc = gc_.data(), *atg = acc_tg_.data(), *r = r_.data();
-        for (int64_t y = 0; y < K_; ++y) {  // (selects on gate: no branch, vectorised)
+        for (int64_t y = 0; y < K_; ++y) {  // selects on the gate, not branches
             const bool l = gate[y] == 0;
             gc[y] = l ? g[y] - mg : 0.0;
             atg[y] = l ? Tg[y] - mt : kNegInf;

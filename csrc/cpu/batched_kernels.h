@@ -444,6 +444,9 @@ BK_INLINE double gated_sum(const double* v, const double* gate, int64_t n) {
     for (int64_t y = y0; y < n; ++y) s += gate[y] == 0 ? v[y] : 0.0;
     return s;
 }
+#if defined(__GNUC__)
+#undef BK_REDUCE
+#endif
 
 // out = (sum_i w_i v_i, sum_i |w_i v_i|) over the i with w_i > 0 and v_i > -inf
 BK_INLINE void weighted_sums(const double* w, const double* v, int64_t n, double* out) {
