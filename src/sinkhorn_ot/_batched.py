@@ -128,8 +128,18 @@ def _rows_of(w, B):
     return np.broadcast_to(w, (B, w.shape[-1]))
 
 
+def _row_sums(w, B):
+    """The total of each problem's marginal (a shared one's summed once)."""
+    return np.full(B, w.sum()) if w.ndim == 1 else w.sum(axis=1)
+
+
+def _zero_mass(w, B):
+    """Whether each problem's marginal has an entry of zero mass."""
+    return np.full(B, bool((w == 0).any())) if w.ndim == 1 else (w == 0).any(axis=1)
+
+
 def _balanced(wa, wb, B):
-    sa, sb = _rows_of(wa, B).sum(axis=1), _rows_of(wb, B).sum(axis=1)
+    sa, sb = _row_sums(wa, B), _row_sums(wb, B)
     for p in np.nonzero(np.abs(sa - sb) > 1e-6 * np.maximum(sa, sb))[0][:1]:
         raise ValueError(f"problem {p} of the batch: balanced marginals must have equal "
                          f"totals: sum(a) = {sa[p]!r}, sum(b) = {sb[p]!r}")
@@ -189,7 +199,7 @@ def _check_values(batch, flags, max_abs):
                          f"({i}, {j}); only finite values and "
                          f"{'-inf' if forbidden < 0 else '+inf'} (a forbidden pair) are allowed")
     wa, wb = _rows_of(batch.wa, B), _rows_of(batch.wb, B)
-    look = (flags & 2).astype(bool) | (wa == 0).any(axis=1) | (wb == 0).any(axis=1)
+    look = (flags & 2).astype(bool) | _zero_mass(batch.wa, B) | _zero_mass(batch.wb, B)
     for p in np.nonzero(look)[0]:  # (a few problems, or every problem of a ragged batch)
         allowed = X[p] != forbidden
         row_bad = (wa[p] > 0) & ~(allowed & (wb[p] > 0)[None, :]).any(axis=1)
