@@ -40,63 +40,56 @@ BK_INLINE double bmax(bvd v) {
     for (int64_t l = 1; l < BL; ++l) s = v[l] > s ? v[l] : s;
     return s;
 }
+#endif
+
+// t_y = alpha x_y + g_y into t; returns max_y t_y (-inf when the row has no allowed entry)
+template <class T>
+BK_INLINE double row_exponents(const T* x, const double* g, int64_t K, double alpha,
+                               double* t) {
+    double m = -std::numeric_limits<double>::infinity();
+    int64_t y = 0;
+#if defined(__GNUC__)
+    bvd mv = bvd{} + m;
+    for (; y + BL <= K; y += BL) {
+        ahead(x + y);  // the multi-target pass streams X
+        const bvd v = bload(x + y) * alpha + bload(g + y);
+        bstore(t + y, v);
+        mv = v > mv ? v : mv;
+    }
+    m = bmax(mv);
+#endif
+    for (; y < K; ++y) {
+        t[y] = alpha * static_cast<double>(x[y]) + g[y];
+        m = t[y] > m ? t[y] : m;
+    }
+    return m;
+}
 
 // One row of the balanced pass at g: t_y = alpha x_y + g_y, m = max t, e_y = exp(t_y - m)
 // into `e`, s = sum e.  Returns m (-inf when the row has no allowed entry).
 template <class T>
 BK_INLINE double row_exp(const T* x, const double* g, int64_t K, double alpha, double* e,
                          double& s) {
-    const double ninf = -std::numeric_limits<double>::infinity();
-    const int64_t Kb = K - K % BL;
-    bvd mv = bvd{} + ninf;
-    for (int64_t y = 0; y < Kb; y += BL) {
-        ahead(x + y);  // the multi-target pass streams X
-        const bvd t = bload(x + y) * alpha + bload(g + y);
-        bstore(e + y, t);
-        mv = t > mv ? t : mv;
-    }
-    double m = bmax(mv);
-    for (int64_t y = Kb; y < K; ++y) {
-        const double t = alpha * static_cast<double>(x[y]) + g[y];
-        e[y] = t;
-        m = t > m ? t : m;
-    }
+    const double m = row_exponents(x, g, K, alpha, e);
     s = 0;
-    if (!(m > ninf)) return m;
+    if (!(m > -std::numeric_limits<double>::infinity())) return m;
+    int64_t y = 0;
+#if defined(__GNUC__)
     bvd sv = bvd{};
-    for (int64_t y = 0; y < Kb; y += BL) {
+    for (; y + BL <= K; y += BL) {
         const bvd v = vexp(bload(e + y) - m);
         bstore(e + y, v);
         sv += v;
     }
     s = bsum(sv);
-    for (int64_t y = Kb; y < K; ++y) {
-        const double v = bexp(e[y] - m);
-        e[y] = v;
-        s += v;
-    }
-    return m;
-}
-#else
-template <class T>
-BK_INLINE double row_exp(const T* x, const double* g, int64_t K, double alpha, double* e,
-                         double& s) {
-    double m = -std::numeric_limits<double>::infinity();
-    for (int64_t y = 0; y < K; ++y) {
-        const double t = alpha * static_cast<double>(x[y]) + g[y];
-        e[y] = t;
-        m = t > m ? t : m;
-    }
-    s = 0;
-    if (!(m > -std::numeric_limits<double>::infinity())) return m;
-    for (int64_t y = 0; y < K; ++y) {
-        const double v = bexp(e[y] - m);
-        e[y] = v;
-        s += v;
-    }
-    return m;
-}
 #endif
+    for (; y < K; ++y) {
+        const double v = bexp(e[y] - m);
+        e[y] = v;
+        s += v;
+    }
+    return m;
+}
 
 // col_y += r e_y
 BK_INLINE void axpy(double* col, const double* e, double r, int64_t K) {
@@ -489,25 +482,9 @@ BK_INLINE void scaled_rows(const T* X, double alpha, const double* gate, Scaled&
     // every row's exponents and shift first, then the exponentials of all the rows in one
     // sweep: no row's exponentials wait for its own maximum (a reduction across the row)
     for (int64_t i = 0; i < N; ++i) {
-        const T* x = X + i * K;
         double* t = k + i * Kp;
-        double m = ninf;
-        int64_t y = 0;
-#if defined(__GNUC__)
-        bvd mv = bvd{} + ninf;
-        for (; y + BL <= K; y += BL) {
-            const bvd v = bload(x + y) * alpha + bload(gate + y);
-            bstore(t + y, v);
-            mv = v > mv ? v : mv;
-        }
-        m = bmax(mv);
-#endif
-        for (; y < K; ++y) {
-            t[y] = alpha * static_cast<double>(x[y]) + gate[y];
-            m = t[y] > m ? t[y] : m;
-        }
-        for (y = K; y < Kp; ++y) t[y] = ninf;  // exp: 0
-        sf.mx[i] = m;
+        sf.mx[i] = row_exponents(X + i * K, gate, K, alpha, t);
+        for (int64_t y = K; y < Kp; ++y) t[y] = ninf;  // exp: 0
     }
     for (int64_t i = 0; i < N; ++i) {
         double* t = k + i * Kp;
