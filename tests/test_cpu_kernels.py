@@ -207,13 +207,14 @@ def test_mixed_precision_err_is_honest_issue13_reproduction():
             assert rows <= 0.05 * err + 1e-12, (kw, rows, err)
 
 
-def test_float32_pass_rows_float64_unless_allowed():
-    """fast=0: float32 input gets float64 rows, exponentials included (slack 0, column sums
-    and f to float64 rounding); a pass allowed an error reports a bound it keeps: on each
-    row's sum, and on the L1 error of the column sums relative to their mass (the bound
-    weighs each entry's |t - m| by its share of the row, so a small entry alone may be off
-    by more)."""
-    X, lam = _problem(40, 700, np.float32, seed=7, forbid=0.1)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pass_rows_full_precision_unless_allowed(dtype):
+    """fast=0: float64 rows, exponentials included (slack 0, column sums and f to float64
+    rounding); a pass allowed an error (float32 rows or exponentials, short float64
+    exponentials) reports a bound it keeps: on each row's sum, and on the L1 error of the
+    column sums relative to their mass (the bound weighs each entry's |t - m| by its share
+    of the row, so a small entry alone may be off by more)."""
+    X, lam = _problem(40, 700, dtype, seed=7, forbid=0.1)
     N, K = X.shape
     g = 5 * np.random.default_rng(8).standard_normal(K)
     loga = np.full(N, -np.log(N))
@@ -223,6 +224,7 @@ def test_float32_pass_rows_float64_unless_allowed():
             f = np.empty(N)
             col, _, _, slack = _core.fused_pass(X, lam, g, loga, 1.0, f, lab, 1, fast=fast)
             assert slack <= fast
+            assert fast < 1e-4 or slack > 1e-7  # float32 exponentials are used
             tol = max(slack, 1e-12)  # float64 rounding of t (|t| ~ 1e3) and of the sums
             assert np.abs(col - col_ref).sum() <= tol * col_ref.sum()
             if slack == 0:
@@ -240,6 +242,62 @@ def test_mixed_precision_rows_are_used_and_bounded():
     assert 0 < slack <= 1e-3
     np.testing.assert_allclose(col, col_ref, rtol=slack + 1e-6)
     np.testing.assert_allclose(f, f_ref, rtol=0, atol=slack + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_short_exponentials_within_their_bound(dtype):
+    """A pass allowed the short float64 exponential's error (3e-10) but not float32's forms
+    float64 rows with it and reports that bound, which its column sums and f keep; allowed
+    less, its rows are at full precision (slack 0)."""
+    X, lam = _problem(40, 700, dtype, seed=9, forbid=0.1)
+    N, K = X.shape
+    g = 5 * np.random.default_rng(10).standard_normal(K)
+    loga = np.full(N, -np.log(N))
+    f_ref, col_ref, *_ = _ref_pass(X, lam, g, loga)
+    for fast in (1e-10, 1e-9, 1e-7):
+        f = np.empty(N)
+        col, _, _, slack = _core.fused_pass(X, lam, g, loga, 1.0, f, None, 1, fast=fast)
+        if fast < 3e-10:
+            assert slack == 0
+            np.testing.assert_allclose(f, f_ref, rtol=0, atol=1e-12 * np.abs(f_ref).max())
+            continue
+        assert 1e-10 <= slack <= fast  # the short exponential, not float32 arithmetic
+        assert np.abs(col - col_ref).sum() <= (slack + 1e-12) * col_ref.sum()
+        np.testing.assert_allclose(np.exp(f - f_ref), 1.0, rtol=slack + 1e-12, atol=0)
+        assert np.abs(f - f_ref).max() > 1e-14  # (it is not the full-precision pass)
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-6, 1e-9])
+def test_float64_solve_returns_a_full_precision_pass(tol):
+    """float64 to a tolerance: the passes before the last run with the short exponentials,
+    the pass returned at full precision (its rows hold to float64 rounding) and its err the
+    independent float64 err; a fixed n_iter runs every pass at full precision."""
+    X, lam = _problem(3000, 80, np.float64, seed=11)
+    N, K = X.shape
+    slacks = []
+    orig = CPUBackend.fused_pass
+
+    def recorded(self, *a, **kw):
+        out = orig(self, *a, **kw)
+        slacks.append(self.slack)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        mp.setattr(CPUBackend, "fused_pass", recorded)
+        for kw in (dict(tol=tol), dict(tol=tol, acceleration=None, eps_scaling=False,
+                                       max_iter=20_000), dict(n_iter=20)):
+            slacks.clear()
+            r = sinkhorn_ot.sinkhorn(-X, reg=1 / lam, **kw)
+            Q = np.exp(lam * X + np.asarray(r.f)[:, None] + np.asarray(r.g))
+            err = np.abs(Q.sum(0) - 1 / K).sum()
+            assert np.abs(Q.sum(1) - 1 / N).sum() <= 1e-14, kw
+            assert abs(r.err - err) <= 1e-4 * err + 1e-15, (kw, r.err, err)
+            if "n_iter" in kw:
+                assert max(slacks) == 0
+            else:
+                assert r.converged and err <= tol, (kw, err)
+                assert slacks[-1] == 0 and max(slacks) > 0, (kw, slacks)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -321,8 +379,10 @@ def test_every_instruction_set_copy(isa):
         "    r = sinkhorn_ot.balanced_assign(X, 5.0, n_iter=7)\n"
         "    q = sinkhorn_ot.codes(X, eps=0.2, n_iter=3)\n"
         "    t = _core.near_ties(np.round(X, 1), 5.0, np.zeros(37), np.arange(301), 0.0)\n"
+        "    f = np.empty(301)\n"  # a pass allowed the short exponentials
+        "    c = _core.fused_pass(X, 5.0, r.g, np.zeros(301), 1.0, f, None, 1, fast=1e-7)[0]\n"
         "    np.save(sys.argv[1] + dt.__name__ + '.npy', np.concatenate([r.f, r.g, q.ravel(),"
-        " r.labels.astype(float), [r.err, r.cost], t]))\n")
+        " r.labels.astype(float), [r.err, r.cost], t, f, c]))\n")
     tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sk_isa_{os.getpid()}_")
     outs = {}
     for which in (isa, widest):

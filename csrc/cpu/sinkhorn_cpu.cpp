@@ -171,7 +171,9 @@ void row_range(int64_t N, int nt, int tid, int64_t& lo, int64_t& hi) {
 template <class T>
 struct Scratch {
     std::vector<T> e;         // exp(t - m) of the current row
-    std::vector<float> colf;  // float32 column accumulators (float32 input)
+    // float32 column accumulators (float32 input) or the float32 exponentials of a mixed
+    // row (float64 input)
+    std::vector<float> colf;
     std::vector<double> xd;   // float64 exponentials of a float32 row
     std::vector<double> col;  // the thread's column sums
 };
@@ -290,12 +292,10 @@ bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
     double* lse_out = shifts ? shifts->lse : nullptr;
     std::vector<float> gf;  // float32 g for the float32 row shift and float32 rows
     double g_absmax = 0;
+    for (int64_t y = 0; y < K; ++y) g_absmax = std::max(g_absmax, std::abs(g[y]));
     if constexpr (std::is_same_v<T, float>) {
         gf.resize(K);
-        for (int64_t y = 0; y < K; ++y) {
-            gf[y] = static_cast<float>(g[y]);
-            g_absmax = std::max(g_absmax, std::abs(g[y]));
-        }
+        for (int64_t y = 0; y < K; ++y) gf[y] = static_cast<float>(g[y]);
     }
     std::vector<double*> cols(nt);
     std::vector<double> qs(nt, 0.0), slack(nt, 0.0);
@@ -310,7 +310,10 @@ bool fused_pass(const T* X, int64_t N, int64_t K, double alpha, const double* g,
         if (static_cast<int64_t>(s.e.size()) < K) s.e.resize(K);
         if (std::is_same_v<T, float> && static_cast<int64_t>(s.xd.size()) < K) s.xd.resize(K);
         s.col.assign(K, 0.0);
-        if constexpr (std::is_same_v<T, float>) s.colf.assign(K, 0.0f);
+        if constexpr (std::is_same_v<T, float>)
+            s.colf.assign(K, 0.0f);
+        else if (static_cast<int64_t>(s.colf.size()) < K)
+            s.colf.resize(K);
         cols[tid] = s.col.data();
         int64_t lo, hi;
         row_range(N, nt, tid, lo, hi);

@@ -8,51 +8,59 @@
 // ----------------------------------------------------------------------------------------
 // t - m = alpha x + (g_y - m) is formed in float64 for every input type: |alpha x| and |g|
 // reach 1e7 at lam = 1e4 while t - m must be exact to about 1e-7 for the plan the kernels
-// measure to be the plan the float64 potentials define.  For float32 input exp(t - m), at
-// most about 1, runs in float32 only where the pass allows its error (see row_body).
-// Traits<T>::diff gives t - m for a block of B entries as a vector of T (E), and its float64
+// measure to be the plan the float64 potentials define.  exp(t - m), at most about 1, runs
+// in float32 only where the pass allows its error (see row_body).  A row type's diff gives
+// t - m for a block of B entries as a vector of its arithmetic's type (E), and its float64
 // lanes (lo, hi) for the labels.
-template <class T> struct Traits;
 
-template <> struct Traits<float> {
-    using In = float;
+// x as float64 lanes (exact for float32 input)
+SK_V vd widen(const float* x) { return to_double(load<vfh>(x)); }
+SK_V vd widen(const double* x) { return load<vd>(x); }
+
+// Rows of input I with float32 exponentials: t - m in float64, rounded to float32.
+template <class I>
+struct Float32Rows {
+    using In = I;
     using Out = float;
     static constexpr int B = NF;
     using E = vf;
-    static SK_V E diff(const float* x, const double* g, double alpha, double m, vd& lo,
-                       vd& hi) {
-        lo = to_double(load<vfh>(x)) * alpha + (load<vd>(g) - m);
-        hi = to_double(load<vfh>(x + ND)) * alpha + (load<vd>(g + ND) - m);
+    static SK_V E diff(const I* x, const double* g, double alpha, double m, vd& lo, vd& hi) {
+        lo = widen(x) * alpha + (load<vd>(g) - m);
+        hi = widen(x + ND) * alpha + (load<vd>(g + ND) - m);
         return concat(to_float(lo), to_float(hi));
     }
+    static SK_V E exp(E d, E& dc) { return vexp_clamped(d, dc); }
 };
 
-template <> struct Traits<double> {
-    using In = double;
+// Rows of input I in float64 throughout (float32 input read once, not copied to float64).
+template <class I>
+struct Float64Rows {
+    using In = I;
     using Out = double;
     static constexpr int B = ND;
     using E = vd;
-    static SK_V E diff(const double* x, const double* g, double alpha, double m, vd& lo,
-                       vd& hi) {
-        lo = load<vd>(x) * alpha + (load<vd>(g) - m);
+    static SK_V E diff(const I* x, const double* g, double alpha, double m, vd& lo, vd& hi) {
+        lo = widen(x) * alpha + (load<vd>(g) - m);
         hi = lo;
         return lo;
     }
+    static SK_V E exp(E d, E& dc) { return vexp_clamped(d, dc); }
 };
 
-// float32 input with float64 arithmetic and exponentials: the exact rows of float32 input,
-// which read the row once instead of copying it to float64 first.
-struct Widened {
-    using In = float;
-    using Out = double;
-    static constexpr int B = ND;
-    using E = vd;
-    static SK_V E diff(const float* x, const double* g, double alpha, double m, vd& lo,
-                       vd& hi) {
-        lo = to_double(load<vfh>(x)) * alpha + (load<vd>(g) - m);
-        hi = lo;
-        return lo;
-    }
+// Each input's own precision (the plan of a row of T is written in T); Widened: the
+// float64 rows of float32 input; Narrowed: the mixed rows of float64 input, whose
+// exponentials go to a float32 buffer.
+template <class T> struct Traits;
+template <> struct Traits<float> : Float32Rows<float> {};
+template <> struct Traits<double> : Float64Rows<double> {};
+using Widened = Float64Rows<float>;
+using Narrowed = Float32Rows<double>;
+
+// Float64 rows (Traits<double> or Widened) with the short exponential: a row error of
+// kShortExpErr, for the passes allowed it (see row_body).
+template <class Base>
+struct ShortExp : Base {
+    static SK_V vd exp(vd d, vd& dc) { return vexp_short(d, dc); }
 };
 
 // The tail of a row (fewer than B entries) as a full block, padded with entries that
@@ -175,7 +183,7 @@ SK_V void sweep(const typename Tr::In* x, const double* g, const float* gf, int6
             d = Tr::diff(xb, gb, alpha, m, lo, hi);
         }
         E dc;
-        E v = vexp_clamped(d, dc);
+        E v = Tr::exp(d, dc);
         store(eb, v);
         s += v;
         sd += v * dc;  // dc, not d: a forbidden pair has d = -inf and e of the clamp
@@ -256,11 +264,13 @@ SK_V void add_row(const T* e, int64_t K, double r, float* colf, double* col, boo
 // (RowResult::slack) is within `fast` (the error the caller allows; 0: float64):
 //   fast (float32 input, no labels): t - m in float32 from float32 g (sweep<Traits<float>,
 //     false, true>), float32 column accumulation;
-//   mixed (float32 input): t - m in float64, rounded to float32 for a float32 exponential
-//     and float32 row sums; its bound is known after the sweep (it weighs |t - m| by the
-//     row's entries);
-//   float64: float64 t - m, exponentials and column sums (slack 0); for float32 input the
-//     exponentials go to `xd` (Widened).
+//   mixed: t - m in float64, rounded to float32 for a float32 exponential and float32 row
+//     sums; its bound is known after the sweep (it weighs |t - m| by the row's entries);
+//     for float64 input the exponentials go to `colf` (Narrowed), and the column sums are
+//     float64;
+//   float64: float64 t - m, exponentials and column sums (slack 0, or kShortExpErr with the
+//     short exponential, vexp_short); for float32 input the exponentials go to `xd`
+//     (Widened).
 // The bound covers the plan entries (hence the column sums measured) and the row sum s the
 // row potential comes from (hence the row marginal of the returned f).
 template <class T, bool LAB>
@@ -313,11 +323,23 @@ RowResult row_body(const T* __restrict x, const double* __restrict g,
         }
         // mixed: t - m exact to 2^-52 (|alpha x| + |g| + |m|) in float64, then rounded to
         // float32: |t - m| 2^-24 on each entry, which the row's entries weigh into |sd| / s
-        // (sd = sum_y e_y (t_y - m); t_y - m <= 0 up to the shift's few ulps).
-        if constexpr (f32) {
+        // (sd = sum_y e_y (t_y - m); t_y - m <= 0 up to the shift's few ulps).  The
+        // exponentials of float64 input go to `colf` (Narrowed).
+        {
             const double floor_mixed = 0x1p-24 * (kExpUlps + lane + 1);
-            if (floor_mixed <= fast && try_mixed) {
-                sweep<Traits<float>, LAB, false>(x, g, gf, K, alpha, m, e, rs);
+            // Float64 input tries only rows whose bound holds whatever their entries, so that
+            // which rows are mixed does not depend on the rows before them (threads and
+            // ranks give the same pass): the weighted |t - m| is at most log K + 30 (an
+            // entropy, plus m's distance above the maximum).
+            const double need =
+                f32 ? floor_mixed
+                    : floor_mixed + 0x1p-24 * (std::log(static_cast<double>(K)) + 30) +
+                          0x1p-52 * (2 * std::abs(m) + 3 * g_absmax + 180);
+            if (need <= fast && (try_mixed || !f32)) {
+                if constexpr (f32)
+                    sweep<Traits<float>, LAB, false>(x, g, gf, K, alpha, m, e, rs);
+                else
+                    sweep<Narrowed, LAB, false>(x, g, gf, K, alpha, m, colf, rs);
                 const double bound = floor_mixed + 0x1p-24 * std::abs(rs.sd) / rs.s +
                                      0x1p-52 * (2 * std::abs(m) + 3 * g_absmax + 180);
                 if (bound <= fast) {  // false when s is 0 or NaN
@@ -329,11 +351,21 @@ RowResult row_body(const T* __restrict x, const double* __restrict g,
                 rs = RowSums();
             }
         }
+        // float64 rows (kExact), with the short exponential where its error is allowed
         mode = kExact;
-        if constexpr (f32)
-            sweep<Widened, LAB, false>(x, g, gf, K, alpha, m, xd, rs);
-        else
-            sweep<Traits<double>, LAB, false>(x, g, gf, K, alpha, m, e, rs);
+        const bool short_exp = kShortExpErr <= fast;
+        if (short_exp) res.slack = kShortExpErr;
+        if constexpr (f32) {
+            if (short_exp)
+                sweep<ShortExp<Widened>, LAB, false>(x, g, gf, K, alpha, m, xd, rs);
+            else
+                sweep<Widened, LAB, false>(x, g, gf, K, alpha, m, xd, rs);
+        } else {
+            if (short_exp)
+                sweep<ShortExp<Traits<double>>, LAB, false>(x, g, gf, K, alpha, m, e, rs);
+            else
+                sweep<Traits<double>, LAB, false>(x, g, gf, K, alpha, m, e, rs);
+        }
     };
     // m_hint (NaN: none) bounds the row's maximum from above, by at most 30 (see RowShifts):
     // the largest exponential is then at least exp(-30), far above the clamp; a row whose
@@ -384,6 +416,8 @@ RowResult row_body(const T* __restrict x, const double* __restrict g,
     };
     if (f32 && mode == kExact)
         finish(xd, false);
+    else if (!f32 && mode == kMixed)
+        finish(colf, false);
     else
         finish(e, mode == kFast);
     return res;

@@ -13,8 +13,9 @@ from typing import Any, Protocol
 class Backend(Protocol):
     xp: Any                 # the array module: numpy or cupy
     device: str             # "cpu" or "cuda"
-    # True: a float32 pass may form rows in float32 within a relative plan error the loop
-    # allows (fused_pass(fast=...)), the bound it used reported in ``slack``
+    # True: a pass may form rows in float32 (float32 input) or with short float64
+    # exponentials within a relative plan error the loop allows (fused_pass(fast=...)), the
+    # bound it used reported in ``slack``
     mixed_precision: bool
 
     def check(self, X, forbidden: float, alpha=None) -> dict:

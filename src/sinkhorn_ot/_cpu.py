@@ -10,9 +10,9 @@ from ._solver import sinkhorn_loop
 class CPUBackend:
     xp = np
     device = "cpu"
-    # float32 input: rows may be formed with float32 arithmetic within a relative error the
-    # loop allows (fused_pass(fast=...); 0: float64 rows, exponentials included), the bound
-    # used is reported in `slack`
+    # rows may be formed with float32 arithmetic (float32 input) or short float64
+    # exponentials within a relative error the loop allows (fused_pass(fast=...); 0: float64
+    # rows at full precision), the bound used is reported in `slack`
     mixed_precision = True
 
     def __init__(self, n_threads=None):

@@ -133,28 +133,44 @@ def potential_bound(xp, loga, logb, s_max: float, n_rows: int, comm=None) -> flo
     return 4.0 * min(n_rows, K) * (s_max + lr + 1.0)
 
 
-# Mixed precision (CPU, float32 input): a pass may form rows with float32 arithmetic (t - m in
-# float32, or only the exponentials and row sums) when the bound on their relative plan
-# error (the backend's `slack`, covering the entries and the row sums) is small against the
-# error being measured; other rows run in float64 throughout.  The next pass is allowed
+# Mixed precision (CPU): a pass may form rows with float32 arithmetic (t - m in float32, for
+# float32 input, or only the exponentials and row sums) or with float64 exponentials of a
+# relative error near 2e-10 (vexp_short in csrc/cpu/simd.h), when the bound on their
+# relative plan error (the backend's `slack`, covering the entries and the row sums) is
+# small against the error being measured; other rows run in float64 throughout at full
+# precision.  A float64 solve with a fixed n_iter keeps every pass at full precision (its
+# potentials are float64 Sinkhorn's to rounding).  The next pass is allowed
 # FAST_SHARE * err / mass (the first FIRST_FAST); a pass whose bound could move its own err
 # by more than HONEST_SHARE is redone in float64, so the reported err always describes the
 # plan of the returned potentials, whose rows hold to within as much.
 FIRST_FAST, FAST_SHARE, HONEST_SHARE = 1e-4, 2.5e-3, 0.05
 
 
-def _mixed_pass(backend, X, alpha, g, loga, rho_a, f_out, kw, fast, col_args, reported=True):
-    """A pass allowed a relative plan error ``fast``, redone in float64 when its bound could
-    move its err by more than HONEST_SHARE and that err is ``reported`` (a fixed ``n_iter``
-    reports only its last pass's; the others' only set the next allowance).  Returns the
-    pass, its column update and the next pass's allowance."""
+def _mixed_pass(backend, comm, X, alpha, g, loga, rho_a, f_out, kw, fast, col_args,
+                reported=True, exact_at=-math.inf):
+    """A pass allowed a relative plan error ``fast``, redone at full precision when its
+    bound could move its err by more than HONEST_SHARE and that err is ``reported`` (a fixed
+    ``n_iter`` reports only its last pass's; the others' only set the next allowance), or
+    when its err is at most ``exact_at`` (the pass that meets the tolerance, whose f is
+    returned).  The column quantities and the bound are combined over ``comm``'s ranks, so
+    every rank decides alike.  Returns the combined pass, its column update and the next
+    pass's allowance."""
     logb, log_n, rho_b = col_args
-    out = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, None, fast=fast, **kw)
-    upd = backend.column_update(g, logb, out[0], out[1], log_n, rho_b)
+
+    def run(fast):
+        col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, None, fast=fast,
+                                             **kw)
+        slack = backend.slack
+        if not comm.local:
+            col, colmax, qx = comm.allreduce_pass(col, colmax, qx)
+            slack = float(comm.allreduce_max(np.asarray([slack]))[0])
+        return (col, colmax, qx), backend.column_update(g, logb, col, colmax, log_n, rho_b), slack
+
+    out, upd, slack = run(fast)
     err, mass = float(upd[1]), float(out[0].sum())
-    if reported and backend.slack > 0 and not 2 * backend.slack * mass <= HONEST_SHARE * err:
-        out = backend.fused_pass(X, alpha, g, loga, rho_a, f_out, None, fast=0.0, **kw)
-        upd = backend.column_update(g, logb, out[0], out[1], log_n, rho_b)
+    if slack > 0 and (err <= exact_at or (
+            reported and not 2 * slack * mass <= HONEST_SHARE * err)):
+        out, upd, _ = run(0.0)
     return (*out, upd, FAST_SHARE * err / max(mass, 1e-300))
 
 
@@ -162,7 +178,8 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
                   rho_b: float = 1.0, g0=None, L0=None, tol: float, max_iter: int,
                   n_iter=None, want_labels: bool = False, comm=None,
                   acceleration: str | None = "anderson", plan=None, s_max: float = math.inf, stall_window: int | None = None,
-                  translate: bool = True, symmetric: bool = False) -> Solution:
+                  translate: bool = True, symmetric: bool = False,
+                  full_precision: bool = True) -> Solution:
     """Run Sinkhorn passes until ``err <= tol`` (or exactly ``n_iter`` passes).
 
     Without ``g0`` the first half-iteration is a column normalisation of ``exp(S)``
@@ -187,7 +204,11 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     agree at the optimum: the next ``g`` is the average of ``g`` and the pass's ``f``
     (Feydy et al. 2019), which removes the oscillation that slows the alternating updates
     on such problems (31 passes to 1e-12 instead of more than 20,000 on a 20-point cloud at
-    reg 0.05); no acceleration or translation step then.
+    reg 0.05); no acceleration or translation step then.  ``full_precision``: on float64
+    input, the pass that meets ``tol`` is at full precision (short exponentials may serve
+    the passes before it, see the note on mixed precision above), so the returned ``f`` is
+    float64 Sinkhorn's row update at the returned ``g``; the epsilon-scaling stages, whose
+    potentials only warm-start the next stage, skip it.
     """
     xp = backend.xp
     N = X.shape[0]
@@ -221,8 +242,14 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
     history = []       # best err after each pass, for stall_window
     stalled = False
     it = 0
-    mixed = comm.local and backend.mixed_precision and X.dtype == np.float32
+    mixed = backend.mixed_precision and (X.dtype == np.float32 or not fixed)
+    if not comm.local:
+        # Alike on every rank (one without rows has no kernels of its own); a sharded fixed
+        # n_iter (sharded codes) keeps full-precision rows: its codes are the single
+        # process's scaling passes to float32 rounding.
+        mixed = not fixed and bool(comm.allreduce_max(np.asarray([float(mixed)]))[0])
     fast = FIRST_FAST if mixed else 0.0
+    exact_at = tol if full_precision and X.dtype == np.float64 else -math.inf
     if plan is not None:
         plan = plan_buffer(xp, X, plan)
     for it in range(1, iters + 1):
@@ -230,12 +257,13 @@ def sinkhorn_loop(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0,
         kw = {} if plan is None or not last else {"plan": plan}
         upd = None  # (g_next, err) when the pass computed them already
         if mixed:
-            col, colmax, qx, upd, fast = _mixed_pass(backend, X, alpha, g, loga, rho_a,
+            col, colmax, qx, upd, fast = _mixed_pass(backend, comm, X, alpha, g, loga, rho_a,
                                                      f_work, kw, fast,
-                                                     (logb, log_n, rho_b), not fixed or last)
+                                                     (logb, log_n, rho_b), not fixed or last,
+                                                     exact_at)
         else:
             col, colmax, qx = backend.fused_pass(X, alpha, g, loga, rho_a, f_work, None, **kw)
-        col, colmax, qx = comm.allreduce_pass(col, colmax, qx)
+            col, colmax, qx = comm.allreduce_pass(col, colmax, qx)
         g_next, err = upd or backend.column_update(g, logb, col, colmax, log_n, rho_b)
         if accel is None:
             err = float(err)
@@ -434,7 +462,8 @@ def solve(backend, X, alpha: float, loga, logb, *, rho_a: float = 1.0, rho_b: fl
                                g0=None if a_g is None else g0 * (a_k / a_g),
                                tol=max(tol, 1e-2 * mass), comm=comm,
                                acceleration=acceleration,
-                               max_iter=max_iter - passes - 1, s_max=abs(a_k) * max_abs, **kw)
+                               max_iter=max_iter - passes - 1, s_max=abs(a_k) * max_abs,
+                               full_precision=False, **{**kw, "want_labels": False})
             passes += st.n_iter
             if not math.isfinite(st.err):  # reported by the caller
                 return st

@@ -411,12 +411,13 @@ class _EmptyBlock:
     def __init__(self, backend):
         self._b = backend
         self.xp = backend.xp
-        self.mixed_precision = False
+        self.mixed_precision = backend.mixed_precision
+        self.slack = 0.0  # no rows: no error
 
     def column_lse(self, X, alpha, f):
         return self.xp.full(X.shape[1], -math.inf)
 
-    def fused_pass(self, X, alpha, g, loga, rho_a, f_out, labels_out):
+    def fused_pass(self, X, alpha, g, loga, rho_a, f_out, labels_out, plan=None, fast=0.0):
         K = X.shape[1]
         return self.xp.zeros(K), self.xp.full(K, -math.inf), 0.0
 
