@@ -273,13 +273,19 @@ def swav_shape(args, out, B=1024, K=3000, eps=0.05):
                                         "tests"))
         import clients  # the SwAV loop as the tests re-implement it
 
+        # torch's thread count is OpenMP's default, which the core also takes: restored
+        # after, or the sizes after this one would run our solves on one thread
+        threads = torch.get_num_threads()
         torch.set_num_threads(1)
         St = torch.from_numpy(S)
 
         def swav_loop():
             return clients.swav(St.clone(), epsilon=eps)
 
-        tl = best(swav_loop)
+        try:
+            tl = best(swav_loop)
+        finally:
+            torch.set_num_threads(threads)
         rows.append(("PyTorch loop like SwAV's, one thread", f"{tl * 1e3:.2f} ms",
                      f"loop / codes = {tl / t3:.2f}x"))
     except ImportError:
