@@ -367,10 +367,12 @@ class Anderson {
         for (int64_t y = 0; y < K_; ++y) g[y] = gate_[y] == 0 ? g[y] - mo : kNegInf;
     }
 
-  private:
+    // the mean of v over the columns of positive mass (0 when there are none)
     double mean(const double* v) const {
         return gated_sum_(v, gate_, K_) / static_cast<double>(n_live_);
     }
+
+  private:
     const double* col_r(int p) const { return &dr_[static_cast<size_t>((head_ + p) % mem_) * K_]; }
     const double* col_g(int p) const { return &dg_[static_cast<size_t>((head_ + p) % mem_) * K_]; }
 
@@ -542,8 +544,6 @@ OneResult run_stage(const Kernels<T>& kern, const T* X, int64_t N, int64_t K, do
     }
     Anderson anderson(K, std::max(A.memory, 1), A.rel_slack, bound, w.gate.data(), kern.dot,
                       kern.gated_sum);
-    int64_t n_live = 0;
-    for (int64_t y = 0; y < K; ++y) n_live += w.live[y] ? 1 : 0;
     double best_err = std::numeric_limits<double>::infinity();
     int64_t best_it = 0;
     std::vector<double> history;
@@ -572,7 +572,7 @@ OneResult run_stage(const Kernels<T>& kern, const T* X, int64_t N, int64_t K, do
             kern.weighted_sums(w.eb.data(), g, K, cols);
             dual = rows[0] + cols[0];
             scale = rows[1] + cols[1];
-            const double gm = n_live ? kern.gated_sum(g, w.gate.data(), K) / n_live : 0.0;
+            const double gm = anderson.mean(g);
             for (int64_t y = 0; y < K; ++y)
                 if (w.live[y]) g_max = std::max(g_max, std::abs(g[y] - gm));
         }

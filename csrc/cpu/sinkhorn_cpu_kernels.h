@@ -327,21 +327,20 @@ RowResult row_body(const T* __restrict x, const double* __restrict g,
         // exponentials of float64 input go to `colf` (Narrowed).
         {
             const double floor_mixed = 0x1p-24 * (kExpUlps + lane + 1);
+            const double t_err = 0x1p-52 * (2 * std::abs(m) + 3 * g_absmax + 180);
             // Float64 input tries only rows whose bound holds whatever their entries, so that
             // which rows are mixed does not depend on the rows before them (threads and
             // ranks give the same pass): the weighted |t - m| is at most log K + 30 (an
             // entropy, plus m's distance above the maximum).
             const double need =
                 f32 ? floor_mixed
-                    : floor_mixed + 0x1p-24 * (std::log(static_cast<double>(K)) + 30) +
-                          0x1p-52 * (2 * std::abs(m) + 3 * g_absmax + 180);
+                    : floor_mixed + 0x1p-24 * (std::log(static_cast<double>(K)) + 30) + t_err;
             if (need <= fast && (try_mixed || !f32)) {
                 if constexpr (f32)
                     sweep<Traits<float>, LAB, false>(x, g, gf, K, alpha, m, e, rs);
                 else
                     sweep<Narrowed, LAB, false>(x, g, gf, K, alpha, m, colf, rs);
-                const double bound = floor_mixed + 0x1p-24 * std::abs(rs.sd) / rs.s +
-                                     0x1p-52 * (2 * std::abs(m) + 3 * g_absmax + 180);
+                const double bound = floor_mixed + 0x1p-24 * std::abs(rs.sd) / rs.s + t_err;
                 if (bound <= fast) {  // false when s is 0 or NaN
                     res.slack = bound;
                     mode = kMixed;
@@ -353,18 +352,17 @@ RowResult row_body(const T* __restrict x, const double* __restrict g,
         }
         // float64 rows (kExact), with the short exponential where its error is allowed
         mode = kExact;
-        const bool short_exp = kShortExpErr <= fast;
-        if (short_exp) res.slack = kShortExpErr;
-        if constexpr (f32) {
-            if (short_exp)
-                sweep<ShortExp<Widened>, LAB, false>(x, g, gf, K, alpha, m, xd, rs);
-            else
-                sweep<Widened, LAB, false>(x, g, gf, K, alpha, m, xd, rs);
+        using Full = std::conditional_t<f32, Widened, Traits<double>>;
+        double* out;  // (for float32 input the float64 exponentials go to xd)
+        if constexpr (f32)
+            out = xd;
+        else
+            out = e;
+        if (kShortExpErr <= fast) {
+            res.slack = kShortExpErr;
+            sweep<ShortExp<Full>, LAB, false>(x, g, gf, K, alpha, m, out, rs);
         } else {
-            if (short_exp)
-                sweep<ShortExp<Traits<double>>, LAB, false>(x, g, gf, K, alpha, m, e, rs);
-            else
-                sweep<Traits<double>, LAB, false>(x, g, gf, K, alpha, m, e, rs);
+            sweep<Full, LAB, false>(x, g, gf, K, alpha, m, out, rs);
         }
     };
     // m_hint (NaN: none) bounds the row's maximum from above, by at most 30 (see RowShifts):

@@ -141,8 +141,8 @@ def potential_bound(xp, loga, logb, s_max: float, n_rows: int, comm=None) -> flo
 # precision.  A float64 solve with a fixed n_iter keeps every pass at full precision (its
 # potentials are float64 Sinkhorn's to rounding).  The next pass is allowed
 # FAST_SHARE * err / mass (the first FIRST_FAST); a pass whose bound could move its own err
-# by more than HONEST_SHARE is redone in float64, so the reported err always describes the
-# plan of the returned potentials, whose rows hold to within as much.
+# by more than HONEST_SHARE is redone at full precision, so the reported err always
+# describes the plan of the returned potentials, whose rows hold to within as much.
 FIRST_FAST, FAST_SHARE, HONEST_SHARE = 1e-4, 2.5e-3, 0.05
 
 
